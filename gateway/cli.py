@@ -1,0 +1,212 @@
+"""`gateway serve | check | keys new`: the only module that prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Config, ConfigError, load_config
+from gateway.keys import append_key, new_secret
+from gateway.settings import Settings, from_env
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def files(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--routes", dest="routes_path", help="routes file (default ./routes.yaml)")
+        p.add_argument("--keys", dest="keys_path", help="keys file (default ./keys.yaml)")
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    files(serve)
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes (default 1)")
+    serve.add_argument(
+        "--max-body-bytes", dest="max_body_bytes", type=int, help="request body limit"
+    )
+    serve.add_argument(
+        "--drain-seconds", dest="drain_seconds", type=float, help="SIGTERM drain bound"
+    )
+    serve.add_argument(
+        "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
+    )
+
+    check = sub.add_parser("check", help="validate routes and keys files")
+    files(check)
+
+    keys = sub.add_parser("keys", help="manage access keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="create a key; prints the secret once")
+    new.add_argument("name")
+    new.add_argument("--keys", dest="keys_path", help="keys file (default ./keys.yaml)")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"gateway: {message}", file=sys.stderr)
+    return 1
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    names = (
+        "routes_path",
+        "keys_path",
+        "host",
+        "port",
+        "workers",
+        "max_body_bytes",
+        "drain_seconds",
+        "log_level",
+    )
+    return from_env(**{n: getattr(args, n, None) for n in names})
+
+
+def _load(settings: Settings) -> Config | None:
+    try:
+        return load_config(settings.routes_path, settings.keys_path, settings.keys_explicit)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def cmd_check(settings: Settings) -> int:
+    config = _load(settings)
+    if config is None:
+        return 1
+    routes = config.routes
+    keys = len(config.keys.entries)
+    print(
+        f"{settings.routes_path}: {len(routes.providers)} providers, "
+        f"{len(routes.models)} models, {len(routes.wildcards)} wildcard patterns"
+    )
+    print(f"{settings.keys_path}: {keys} keys" + ("" if keys else " (no auth: loopback only)"))
+    print(f"config version {config.version}: OK")
+    return 0
+
+
+def cmd_keys_new(name: str, settings: Settings) -> int:
+    path = Path(settings.keys_path)
+    secret = new_secret()
+    try:
+        append_key(path, name, secret)
+    except ValueError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot write {path}: {exc.strerror}")
+    print(secret)
+    print(
+        f"gateway: key {name!r} added to {path}; the secret is shown only this once",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _bind(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host.strip("[]"), settings.port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def cmd_serve(settings: Settings) -> int:
+    import uvicorn
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    config = _load(settings)
+    if config is None:
+        return 1
+    if config.keys.open:
+        if not settings.loopback:
+            return _fail(
+                f"refusing to listen on {settings.host} with no access keys configured; "
+                "create one with `gateway keys new NAME` or bind 127.0.0.1"
+            )
+        print(
+            "gateway: warning: no access keys configured; anyone on this machine can use the gateway",
+            file=sys.stderr,
+        )
+    try:
+        sock = _bind(settings)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return _fail(
+                f"port {settings.port} on {settings.host} is already in use; stop the other process or pass --port"
+            )
+        return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}")
+    common: dict[str, Any] = {
+        "lifespan": "on",
+        "log_level": settings.log_level,
+        "access_log": False,
+        "server_header": False,
+        "date_header": False,
+        "timeout_graceful_shutdown": settings.drain_seconds,
+        "http": "httptools",
+        "loop": "uvloop",
+    }
+    print(
+        f"gateway: serving {len(config.routes.models) + len(config.routes.wildcards)} models on "
+        f"http://{settings.host}:{sock.getsockname()[1]}/v1 (config {config.version})",
+        file=sys.stderr,
+    )
+    if settings.workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        _export(settings)
+        uv_config = uvicorn.Config(
+            "gateway.app:app_from_env", factory=True, workers=settings.workers, **common
+        )
+        Multiprocess(uv_config, sockets=[sock]).run()
+        return 0
+    from gateway.app import create_app
+
+    uv_config = uvicorn.Config(create_app(settings, config), **common)
+    uvicorn.Server(uv_config).run(sockets=[sock])
+    return 0
+
+
+def _export(settings: Settings) -> None:
+    """Worker processes rebuild their settings from the environment."""
+    os.environ.update(
+        GATEWAY_ROUTES=settings.routes_path,
+        GATEWAY_KEYS=settings.keys_path,
+        GATEWAY_HOST=settings.host,
+        GATEWAY_PORT=str(settings.port),
+        GATEWAY_MAX_BODY_BYTES=str(settings.max_body_bytes),
+        GATEWAY_DRAIN_SECONDS=str(settings.drain_seconds),
+    )
+    if not settings.keys_explicit:
+        os.environ.pop("GATEWAY_KEYS")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        return _fail(f"bad setting: {exc}")
+    if args.command == "check":
+        return cmd_check(settings)
+    if args.command == "keys":
+        return cmd_keys_new(args.name, settings)
+    return cmd_serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""HTTP handlers. The relaying ones are plain ASGI callables: no Request/Response objects."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from typing import Any
+
+import orjson
+
+from gateway.auth import authenticate, bearer
+from gateway.body import ClientGone, parse_body, read_body
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    MethodNotAllowed,
+    ModelNotListed,
+    NotFound,
+)
+from gateway.keys import Key
+from gateway.plan import build_plan
+from gateway.relay import Exchange
+from gateway.respond import Receive, Scope, Send, send_bytes, send_error
+from gateway.runtime import Runtime
+
+log = logging.getLogger("gateway")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+
+
+class Incoming:
+    """The few request headers the gateway reads, found in one pass."""
+
+    __slots__ = ("authorization", "content_length", "request_id", "session_id")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.authorization: bytes | None = None
+        self.content_length: bytes | None = None
+        self.session_id: bytes | None = None
+        request_id: bytes | None = None
+        for name, value in headers:
+            if name == b"authorization":
+                self.authorization = value
+            elif name == b"content-length":
+                self.content_length = value
+            elif name == b"x-request-id":
+                request_id = value
+            elif name == b"x-session-id":
+                self.session_id = value
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+            request_id = os.urandom(12).hex().encode()
+        self.request_id = request_id
+
+    def token(self) -> bytes | None:
+        if self.authorization is None:
+            return None
+        return bearer([(b"authorization", self.authorization)])
+
+    def declared_length(self) -> int | None:
+        if self.content_length is None:
+            return None
+        try:
+            return int(self.content_length)
+        except ValueError:
+            raise BadRequest("Content-Length is not a number") from None
+
+
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchange) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            ex.client_gone = True
+            task.cancel()
+            return
+
+
+class ProxyEndpoint:
+    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+
+    def __init__(self, runtime: Runtime, path: str) -> None:
+        self.runtime = runtime
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        incoming = Incoming(scope["headers"])
+        rid = incoming.request_id
+        runtime = self.runtime
+        config = runtime.config
+        if scope["method"] != "POST":
+            await send_error(send, MethodNotAllowed("use POST"), rid, [(b"allow", b"POST")])
+            return
+        try:
+            key = authenticate(config.keys, incoming.token())
+            raw = await read_body(
+                receive, runtime.settings.max_body_bytes, incoming.declared_length()
+            )
+            session = incoming.session_id.decode("latin-1") if incoming.session_id else None
+            parsed = parse_body(raw, self.path, session)
+            plan = build_plan(config.routes, parsed, key, runtime.health, runtime.strategies)
+        except GatewayError as exc:
+            await send_error(send, exc, rid)
+            return
+        except ClientGone:
+            return
+        ex = Exchange(send, rid, self.path, scope["headers"], parsed)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, task, ex))
+        try:
+            await runtime.relay.run(ex, plan)
+        except asyncio.CancelledError:
+            if not ex.client_gone:
+                raise
+            # The client left: the relay's finally blocks closed the upstream already.
+            task.uncancel()
+        except Exception:
+            log.exception("request %s failed inside the gateway", rid.decode())
+            if not ex.started:
+                await send_error(send, GatewayError("internal gateway error"), rid)
+        finally:
+            watcher.cancel()
+
+
+class JsonEndpoint:
+    """GET endpoints answering small JSON documents; errors in the same envelope."""
+
+    auth = True
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        incoming = Incoming(scope["headers"])
+        rid = incoming.request_id
+        if scope["method"] not in ("GET", "HEAD"):
+            await send_error(send, MethodNotAllowed("use GET"), rid, [(b"allow", b"GET")])
+            return
+        try:
+            key = authenticate(self.runtime.config.keys, incoming.token()) if self.auth else None
+            body = orjson.dumps(self.answer(key, scope.get("path_params", {})))
+        except GatewayError as exc:
+            await send_error(send, exc, rid)
+            return
+        await send_bytes(send, 200, body, [(b"x-request-id", rid)])
+
+    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+
+class ModelList(JsonEndpoint):
+    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
+        routes = self.runtime.config.routes
+        created = self.runtime.started_at
+        data = [
+            _model_object(slug, model.targets[0].provider.name, created)
+            for slug, model in routes.models.items()
+            if key is None or key.allows(slug)
+        ]
+        return {"object": "list", "data": data}
+
+
+class ModelRetrieve(JsonEndpoint):
+    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
+        slug = params["slug"]
+        model = self.runtime.config.routes.resolve(slug)
+        if model is None or (key is not None and not key.allows(slug)):
+            raise ModelNotListed(f"model {slug!r} does not exist", {"model": slug})
+        return _model_object(slug, model.targets[0].provider.name, self.runtime.started_at)
+
+
+def _model_object(slug: str, owner: str, created: int) -> dict[str, Any]:
+    return {"id": slug, "object": "model", "created": created, "owned_by": owner}
+
+
+def _visible(key: Key | None, slug: str) -> bool:
+    """Catalog entries a key may see: slugs it may use, patterns its globs cover."""
+    return key is None or key.allows(slug)
+
+
+class RouterModels(JsonEndpoint):
+    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
+        data = [
+            {"id": m.id, "slug": m.slug, "name": m.name}
+            for m in self.runtime.config.routes.catalog()
+            if _visible(key, m.slug)
+        ]
+        return {"object": "list", "data": data}
+
+
+class RouterProviders(JsonEndpoint):
+    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
+        model_id = params["model_id"]
+        routes = self.runtime.config.routes
+        model = routes.by_id(model_id) or routes.models.get(model_id)
+        if model is None or not _visible(key, model.slug):
+            raise ModelNotListed(f"model {model_id!r} does not exist", {"model": model_id})
+        data = [
+            {"provider": t.provider.name, "model": t.model if t.model is not None else model.slug}
+            for t in model.targets
+        ]
+        return {"object": "list", "data": data}
+
+
+class Healthz(JsonEndpoint):
+    auth = False
+
+    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
+        return {"status": "ok", "config_version": self.runtime.config.version}
+
+
+class NotFoundEndpoint:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        rid = Incoming(scope["headers"]).request_id
+        await send_error(send, NotFound(f"no such endpoint: {scope['path']}"), rid)

@@ -1,0 +1,129 @@
+"""One exception tree; each class knows its HTTP status, error type and code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.details)
+
+
+def error_body(message: str, type_: str, code: str, details: dict[str, Any] | None = None) -> bytes:
+    return orjson.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": type_,
+                "code": code,
+                "param": None,
+                "details": details or {},
+            }
+        }
+    )
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "unauthorized"
+
+
+class ModelNotAllowed(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "bad_request"
+
+
+class ValidationFailed(GatewayError):
+    status = 422
+    type = "invalid_request_error"
+    code = "validation_error"
+
+
+class ModelNotFound(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class ModelNotListed(ModelNotFound):
+    status = 404
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
+class QuotaExhausted(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "subscription_limit"
+
+
+class NoProviderAvailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "no_provider_available"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    type = "server_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
+class UpstreamDisconnected(GatewayError):
+    status = 502
+    type = "server_error"
+    code = "upstream_disconnected"

@@ -1,0 +1,79 @@
+"""Per provider-entry health from live traffic: failures, cooldown, in-flight, latency.
+
+Entries are keyed by (provider name, upstream model), so the state carries over a
+config reload for every entry that still exists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.routes import Cooldown
+
+EntryKey = tuple[str, str]
+EWMA_ALPHA = 0.2
+
+
+@dataclass(slots=True)
+class EntryState:
+    failures: int = 0  # consecutive
+    open_until: float = 0.0  # cooling down until this clock value
+    probing: bool = False  # half-open: one live request is testing the entry
+    in_flight: int = 0
+    latency: float | None = None  # moving average of time to first byte, seconds
+
+
+class Health:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.entries: dict[EntryKey, EntryState] = {}
+
+    def state(self, key: EntryKey) -> EntryState:
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = EntryState()
+        return entry
+
+    def available(self, key: EntryKey) -> bool:
+        """Closed, or cooled down and nobody probing it yet."""
+        entry = self.entries.get(key)
+        if entry is None or entry.open_until == 0.0:
+            return True
+        return not entry.probing and self.clock() >= entry.open_until
+
+    def retry_at(self, key: EntryKey) -> float:
+        entry = self.entries.get(key)
+        return entry.open_until if entry else 0.0
+
+    def begin(self, key: EntryKey) -> None:
+        entry = self.state(key)
+        entry.in_flight += 1
+        if entry.open_until and self.clock() >= entry.open_until:
+            entry.probing = True
+
+    def end(self, key: EntryKey) -> None:
+        entry = self.state(key)
+        entry.in_flight -= 1
+
+    def succeeded(self, key: EntryKey, latency: float | None = None) -> None:
+        entry = self.state(key)
+        entry.failures = 0
+        entry.open_until = 0.0
+        entry.probing = False
+        if latency is not None:
+            entry.latency = (
+                latency
+                if entry.latency is None
+                else entry.latency + EWMA_ALPHA * (latency - entry.latency)
+            )
+
+    def failed(self, key: EntryKey, cooldown: Cooldown, retry_after: float | None = None) -> None:
+        entry = self.state(key)
+        entry.failures += 1
+        # A failed half-open probe reopens at once; otherwise wait for the threshold.
+        if entry.probing or entry.failures >= cooldown.failures:
+            seconds = max(cooldown.seconds, retry_after or 0.0)
+            entry.open_until = self.clock() + seconds
+            entry.probing = False

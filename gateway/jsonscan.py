@@ -1,0 +1,139 @@
+"""Find and splice top-level members of a JSON object in place, without re-encoding it.
+
+Re-serialising (`dumps(loads(x))`) would change whitespace, escapes and number spelling;
+the gateway promises the bytes it relays are the upstream's own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import orjson
+
+# Strings are one token (so braces inside them are skipped in C); scalars are not tokens:
+# they end at the next `,` or `}` on their level.
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\],:]', re.S)
+_WS = b" \t\r\n"
+_QUOTE, _COLON, _COMMA = ord('"'), ord(":"), ord(",")
+_OPEN = (ord("{"), ord("["))
+_CLOSE = (ord("}"), ord("]"))
+_RBRACE = ord("}")
+
+
+def iter_members(data: bytes, start: int = 0) -> Iterator[tuple[bytes, int, int, int]]:
+    """Yield (raw key, key start, value start, value end) for each top-level member.
+
+    `data[start:]` must begin (after whitespace) with `{`. Malformed input stops the
+    iteration early; it never raises and never loops.
+    """
+    tokens = _TOKEN.finditer(data, start)
+    first = next(tokens, None)
+    if first is None or data[first.start()] != ord("{") or data[start : first.start()].strip(_WS):
+        return
+    depth = 1
+    state = 0  # 0 key, 1 colon, 2 value, 3 after value
+    key = b""
+    key_start = value_start = 0
+    for tok in tokens:
+        s = tok.start()
+        c = data[s]
+        if depth > 1:
+            if c in _OPEN:
+                depth += 1
+            elif c in _CLOSE:
+                depth -= 1
+                if depth == 1:
+                    yield key, key_start, value_start, tok.end()
+                    state = 3
+            continue
+        if state == 0:
+            if c != _QUOTE:
+                return
+            key, key_start, state = tok.group(), s, 1
+        elif state == 1:
+            if c != _COLON:
+                return
+            value_start = tok.end()
+            while value_start < len(data) and data[value_start] in _WS:
+                value_start += 1
+            state = 2
+        elif state == 2:
+            if c == _QUOTE:
+                if s != value_start:
+                    return
+                yield key, key_start, value_start, tok.end()
+                state = 3
+            elif c in _OPEN:
+                if s != value_start:
+                    return
+                depth += 1
+            elif c in (_COMMA, _RBRACE):
+                end = s
+                while end > value_start and data[end - 1] in _WS:
+                    end -= 1
+                if end == value_start:
+                    return
+                yield key, key_start, value_start, end
+                if c == _RBRACE:
+                    return
+                state = 0
+            else:
+                return
+        else:
+            if c == _COMMA:
+                state = 0
+            elif c == _RBRACE:
+                return
+            else:
+                return
+
+
+def key_name(raw: bytes) -> str:
+    if b"\\" in raw:
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return ""
+        return value if isinstance(value, str) else ""
+    return raw[1:-1].decode("utf-8", "replace")
+
+
+def replace_value(data: bytes, key: bytes, value: bytes, start: int = 0) -> bytes:
+    """Replace the value of the first top-level member whose raw key is `key` (b'"model"')."""
+    for raw, _, vstart, vend in iter_members(data, start):
+        if raw == key:
+            return data[:vstart] + value + data[vend:]
+    return data
+
+
+def rewrite_members(
+    data: bytes, replace: dict[str, bytes], drop: frozenset[str], insert: bytes = b""
+) -> bytes:
+    """Drop members named in `drop`, replace values of those in `replace`, keep the rest.
+
+    `insert` (a serialised `"k":v` member) goes first when given. Bytes between kept
+    members stay as they were.
+    """
+    members = list(iter_members(data))
+    if not members:
+        if insert:
+            brace = data.index(b"{")
+            inner = data[brace + 1 :].strip(_WS)
+            sep = b"" if inner.startswith(b"}") else b","
+            return data[: brace + 1] + insert + sep + data[brace + 1 :]
+        return data
+    names = [key_name(m[0]) for m in members]
+    kept = [i for i, n in enumerate(names) if n not in drop]
+    out = [data[: members[0][1]]]
+    if insert:
+        out.append(insert + (b"," if kept else b""))
+    for pos, i in enumerate(kept):
+        _, kstart, vstart, vend = members[i]
+        value = replace.get(names[i])
+        out.append(data[kstart:vend] if value is None else data[kstart:vstart] + value)
+        if pos + 1 < len(kept):
+            # This member's own separator: its comma and the spacing after it.
+            out.append(data[vend : members[i + 1][1]])
+    out.append(data[members[-1][3] :])
+    return b"".join(out)

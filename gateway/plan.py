@@ -1,0 +1,92 @@
+"""A parsed body -> the ordered list of upstream attempts to make."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.auth import check_allowed
+from gateway.body import ParsedBody, ProviderPrefs
+from gateway.errors import ModelNotFound, NoProviderAvailable
+from gateway.health import EntryKey, Health
+from gateway.keys import Key
+from gateway.routes import Model, Routes, Target
+from gateway.strategies import Strategies
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    slug: str  # what the client asked for; the response's `model`
+    model: Model
+    target: Target
+    upstream_model: str
+
+    @property
+    def key(self) -> EntryKey:
+        return (self.target.provider.name, self.upstream_model)
+
+
+def _apply_prefs(order: list[int], model: Model, prefs: ProviderPrefs | None) -> list[int]:
+    if prefs is None:
+        return order
+    names = [model.targets[i].provider.name for i in order]
+    keep = [
+        i
+        for i, name in zip(order, names, strict=True)
+        if (prefs.only is None or name in prefs.only) and name not in prefs.ignore
+    ]
+    if not prefs.order:
+        return keep
+    rank = {name: r for r, name in enumerate(prefs.order)}
+    first = sorted(
+        (i for i in keep if model.targets[i].provider.name in rank),
+        key=lambda i: rank[model.targets[i].provider.name],
+    )
+    if not prefs.allow_fallbacks:
+        return first
+    return first + [i for i in keep if i not in first]
+
+
+def build_plan(
+    routes: Routes,
+    parsed: ParsedBody,
+    key: Key | None,
+    health: Health,
+    strategies: Strategies,
+) -> list[Candidate]:
+    models: list[tuple[str, Model]] = []
+    for slug in parsed.slugs:
+        model = routes.resolve(slug)
+        if model is None:
+            raise ModelNotFound(f"model {slug!r} is not in the catalog", {"model": slug})
+        check_allowed(key, slug)
+        models.append((slug, model))
+
+    plan: list[Candidate] = []
+    cooling: list[float] = []
+    for slug, model in models:
+        cands = [Candidate(slug, model, t, model.upstream_model(t, slug)) for t in model.targets]
+        order = strategies.order(model, slug, [c.key for c in cands])
+        order = _apply_prefs(order, model, parsed.prefs)
+        picked = 0
+        limit = model.max_attempts or len(order)
+        for i in order:
+            cand = cands[i]
+            if not health.available(cand.key):
+                cooling.append(health.retry_at(cand.key))
+                continue
+            if picked < limit:
+                plan.append(cand)
+                picked += 1
+    if not plan:
+        if cooling:
+            wait = max(0.0, min(cooling) - health.clock())
+            raise NoProviderAvailable(
+                "every provider of this model is cooling down after failures",
+                {"retry_after_seconds": round(wait, 3), "models": list(parsed.slugs)},
+                headers={"retry-after": str(max(1, int(-(-wait // 1))))},
+            )
+        raise NoProviderAvailable(
+            "no provider is left after the request's provider preferences",
+            {"models": list(parsed.slugs)},
+        )
+    return plan

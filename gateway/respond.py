@@ -1,0 +1,38 @@
+"""Sending whole responses over plain ASGI: JSON bodies and the error envelope."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from gateway.errors import GatewayError
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Scope = MutableMapping[str, Any]
+JSON = b"application/json"
+
+
+async def send_bytes(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]],
+    content_type: bytes | None = JSON,
+) -> None:
+    head = [*headers, (b"content-length", str(len(body)).encode())]
+    if content_type is not None:
+        head.append((b"content-type", content_type))
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(
+    send: Send,
+    exc: GatewayError,
+    request_id: bytes,
+    extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+) -> None:
+    headers = [(b"x-request-id", request_id), *extra]
+    headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
+    await send_bytes(send, exc.status, exc.body(), headers)

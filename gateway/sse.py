@@ -1,0 +1,76 @@
+"""Server-sent events on raw bytes: split at blank lines, splice `model` in data lines.
+
+Splitting is done here rather than by a line iterator: `str.splitlines` also breaks on
+U+2028 and friends, which would corrupt JSON, and every byte (including `\\r\\n`) must
+reach the client as the upstream sent it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gateway.jsonscan import replace_value
+
+# A line ending followed by another one ends an event. `\r` directly followed by `\n` is
+# one ending (`\r\n`), never two.
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
+_DATA_LINE = re.compile(rb"(?:^|(?<=[\r\n]))data:[ ]?", re.M)
+MODEL_KEY = b'"model"'
+
+
+class EventSplitter:
+    """Feed raw chunks; get back whole events, each with its own terminating blank line."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf + chunk if self._buf else chunk
+        events: list[bytes] = []
+        pos = 0
+        while True:
+            match = _EVENT_END.search(buf, pos)
+            if match is None:
+                break
+            # A `\r` ending the buffer may be half of a `\r\n`: the event is complete
+            # either way, and the `\n` goes out, unchanged, with the next bytes.
+            end = match.end()
+            events.append(buf[pos:end])
+            pos = end
+        self._buf = buf[pos:]
+        return events
+
+    def rest(self) -> bytes:
+        """Bytes of an unfinished event, for a stream that ended without a blank line."""
+        rest, self._buf = self._buf, b""
+        return rest
+
+
+def data_payloads(event: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each `data:` field value in the event, without its line ending."""
+    spans = []
+    for match in _DATA_LINE.finditer(event):
+        start = match.end()
+        end = start
+        length = len(event)
+        while end < length and event[end] not in (10, 13):
+            end += 1
+        spans.append((start, end))
+    return spans
+
+
+def splice_model(event: bytes, model_json: bytes) -> bytes:
+    """Replace the top-level `model` value in each JSON `data:` line of the event."""
+    if MODEL_KEY not in event:
+        return event
+    out = event
+    # Work backwards so earlier spans stay valid after a splice changes the length.
+    for start, end in reversed(data_payloads(event)):
+        if start < end and event[start] == 123:  # '{'
+            line = out[start:end]
+            new = replace_value(line, MODEL_KEY, model_json)
+            if new is not line:
+                out = out[:start] + new + out[end:]
+    return out

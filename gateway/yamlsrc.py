@@ -1,0 +1,112 @@
+"""YAML with line numbers: mappings and sequences remember where each entry stood."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.message}"
+
+
+class LineMap(dict[str, Any]):
+    """A mapping that knows its own line and the line of each key."""
+
+    line: int = 1
+    lines: dict[str, int]
+
+
+class LineList(list[Any]):
+    line: int = 1
+    lines: list[int]
+
+
+@dataclass(slots=True)
+class Source:
+    """One file being read; collects every problem instead of stopping at the first."""
+
+    path: str
+    problems: list[Problem] = field(default_factory=list)
+
+    def problem(self, line: int, message: str) -> None:
+        self.problems.append(Problem(self.path, line, message))
+
+
+class _Loader(yaml.SafeLoader):
+    duplicates: list[tuple[int, str]]
+
+
+def _construct_map(loader: _Loader, node: yaml.MappingNode) -> LineMap:
+    loader.flatten_mapping(node)
+    out = LineMap()
+    out.line = node.start_mark.line + 1
+    out.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, str):
+            key = str(key)
+        if key in out:
+            loader.duplicates.append((line, f"duplicate key {key!r}"))
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.lines[key] = line
+    return out
+
+
+def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> LineList:
+    out = LineList(loader.construct_object(child, deep=True) for child in node.value)
+    out.line = node.start_mark.line + 1
+    out.lines = [child.start_mark.line + 1 for child in node.value]
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+
+
+def parse_yaml(text: str, src: Source) -> Any:
+    """Parse one YAML document; a syntax error becomes a problem and None."""
+    loader = _Loader(text)
+    loader.duplicates = []
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        src.problem(line, f"invalid YAML: {exc.problem or exc.context}")
+        return None
+    except yaml.YAMLError as exc:
+        src.problem(1, f"invalid YAML: {exc}")
+        return None
+    finally:
+        loader.dispose()
+    for line, message in loader.duplicates:
+        src.problem(line, message)
+    return data
+
+
+def line_of(container: Any, key: str | int, default: int = 1) -> int:
+    lines = getattr(container, "lines", None)
+    if isinstance(lines, dict) and isinstance(key, str):
+        return int(lines.get(key, getattr(container, "line", default)))
+    if isinstance(lines, list) and isinstance(key, int) and 0 <= key < len(lines):
+        return int(lines[key])
+    return int(getattr(container, "line", default))
+
+
+def check_keys(src: Source, mapping: LineMap, allowed: frozenset[str], where: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            choices = ", ".join(sorted(allowed))
+            src.problem(
+                line_of(mapping, key), f"unknown key {key!r} in {where} (allowed: {choices})"
+            )
