@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import load_config
+from gateway.settings import Settings
+from tests.upstream import Upstream
+
+
+class RunningGateway:
+    def __init__(self, server: uvicorn.Server, task: asyncio.Task[None], port: int, app: Any) -> None:
+        self.server = server
+        self.task = task
+        self.port = port
+        self.app = app
+        self.runtime = app.state
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await asyncio.wait_for(self.task, 10)
+
+
+async def start_gateway(
+    tmp_path: Path, routes: str, keys: str | None = None, **settings: Any
+) -> RunningGateway:
+    routes_path = tmp_path / "routes.yaml"
+    routes_path.write_text(routes)
+    keys_path = tmp_path / "keys.yaml"
+    if keys is not None:
+        keys_path.write_text(keys)
+    s = Settings(routes_path=str(routes_path), keys_path=str(keys_path), port=0, **settings)
+    app = create_app(s, load_config(s.routes_path, s.keys_path))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, lifespan="on", log_level="warning", access_log=False, server_header=False, date_header=False
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    for _ in range(500):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.01)
+    if task.done():
+        task.result()
+    assert server.started, "gateway did not start within 5 s"
+    return RunningGateway(server, task, port, app)
+
+
+GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+@pytest.fixture
+async def make_upstream() -> AsyncIterator[Callable[[], Awaitable[Upstream]]]:
+    made: list[Upstream] = []
+
+    async def make() -> Upstream:
+        up = Upstream()
+        await up.start()
+        made.append(up)
+        return up
+
+    yield make
+    for up in made:
+        await up.stop()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """gateway(routes_yaml, keys_yaml=None, **settings) -> a RunningGateway on 127.0.0.1."""
+    running: list[RunningGateway] = []
+
+    async def make(routes: str, keys: str | None = None, **settings: Any) -> RunningGateway:
+        gw = await start_gateway(tmp_path, routes, keys, **settings)
+        running.append(gw)
+        return gw
+
+    yield make
+    for gw in running:
+        await gw.stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10) as c:
+        yield c
+
+
+def one_provider(upstream: Upstream, slug: str = "m", **model: Any) -> str:
+    """routes.yaml text: one provider `p` at the upstream, one model `slug` on it."""
+    extra = "".join(f"    {k}: {v}\n" for k, v in model.items())
+    return (
+        f"providers:\n  p:\n    base_url: {upstream.url}\n    api_key: sk-upstream-secret\n"
+        f"models:\n  {slug}:\n{extra}    providers:\n      - provider: p\n        model: upstream-model\n"
+    )
