@@ -18,6 +18,7 @@ from gateway.endpoints import (
     RouterModels,
     RouterProviders,
 )
+from gateway.reload import Reloader
 from gateway.runtime import Runtime
 from gateway.settings import Settings
 
@@ -41,9 +42,12 @@ def create_app(settings: Settings, config: Config) -> Router:
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         await runtime.start()
+        reloader = Reloader(runtime, settings.reload_interval)
+        reloader.start()
         try:
             yield
         finally:
+            await reloader.stop()
             await runtime.stop()
 
     router = Router(routes, default=NotFoundEndpoint(), lifespan=lifespan)

@@ -38,11 +38,32 @@ class ParsedBody:
     prefs: ProviderPrefs | None
     needs_rewrite: bool  # any gateway field present: members must be dropped
 
-    def for_upstream(self, upstream_model: str) -> bytes:
-        model = orjson.dumps(upstream_model)
-        if "model" in self.data:
-            return rewrite_members(self.raw, {"model": model}, GATEWAY_FIELDS)
-        return rewrite_members(self.raw, {}, GATEWAY_FIELDS, b'"model":' + model)
+    def for_upstream(self, upstream_model: str, inject_usage: bool = False) -> bytes:
+        """The client's bytes with `model` replaced and the gateway's own fields removed.
+
+        `inject_usage` asks the upstream for a final usage chunk (the gateway counts
+        tokens from it and hides it from a client that did not ask).
+        """
+        replace = {"model": orjson.dumps(upstream_model)}
+        inserts = [] if "model" in self.data else [b'"model":' + replace["model"]]
+        if inject_usage:
+            options = self.data.get("stream_options")
+            merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            if "stream_options" in self.data:
+                replace["stream_options"] = orjson.dumps(merged)
+            else:
+                inserts.append(b'"stream_options":' + orjson.dumps(merged))
+        return rewrite_members(self.raw, replace, GATEWAY_FIELDS, b",".join(inserts))
+
+    @property
+    def asked_usage(self) -> bool:
+        options = self.data.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
+    def prompt_chars(self) -> int:
+        """Characters of the prompt, for a token estimate when no usage came back."""
+        value = self.data.get("messages", self.data.get("prompt", self.data.get("input")))
+        return _text_length(value)
 
 
 async def read_body(receive: Any, limit: int, declared: int | None) -> bytes:
@@ -157,3 +178,13 @@ def parse_body(raw: bytes, path: str, header_session: str | None = None) -> Pars
         prefs=_prefs(data.get("provider")),
         needs_rewrite=not GATEWAY_FIELDS.isdisjoint(data),
     )
+
+
+def _text_length(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_length(v) for v in value)
+    if isinstance(value, dict):
+        return _text_length(value.get("content")) + _text_length(value.get("text"))
+    return 0

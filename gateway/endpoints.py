@@ -90,6 +90,8 @@ class ProxyEndpoint:
         if scope["method"] != "POST":
             await send_error(send, MethodNotAllowed("use POST"), rid, [(b"allow", b"POST")])
             return
+        key: Key | None = None
+        limiter = runtime.limiter
         try:
             key = authenticate(config.keys, incoming.token())
             raw = await read_body(
@@ -98,12 +100,18 @@ class ProxyEndpoint:
             session = incoming.session_id.decode("latin-1") if incoming.session_id else None
             parsed = parse_body(raw, self.path, session)
             plan = build_plan(config.routes, parsed, key, runtime.health, runtime.strategies)
+            limited = key is not None and limiter.limited(key)
+            rate_headers = limiter.admit(key) if key is not None and limited else []
         except GatewayError as exc:
-            await send_error(send, exc, rid)
+            extra = limiter.headers(key) if key is not None and limiter.limited(key) else []
+            await send_error(send, exc, rid, extra)
             return
         except ClientGone:
             return
-        ex = Exchange(send, rid, self.path, scope["headers"], parsed)
+        ex = Exchange(send, rid, self.path, scope["headers"], parsed, extra_headers=rate_headers)
+        if key is not None and limiter.counts_tokens(key):
+            ex.count_tokens = True
+            ex.inject_usage = parsed.stream and not parsed.asked_usage
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.ensure_future(_watch_disconnect(receive, task, ex))
@@ -120,6 +128,8 @@ class ProxyEndpoint:
                 await send_error(send, GatewayError("internal gateway error"), rid)
         finally:
             watcher.cancel()
+            if ex.count_tokens and key is not None:
+                limiter.charge(key, ex.tokens())
 
 
 class JsonEndpoint:

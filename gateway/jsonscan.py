@@ -107,6 +107,14 @@ def replace_value(data: bytes, key: bytes, value: bytes, start: int = 0) -> byte
     return data
 
 
+def member_value(data: bytes, key: bytes) -> bytes | None:
+    """The raw value of the first top-level member whose raw key is `key`."""
+    for raw, _, vstart, vend in iter_members(data):
+        if raw == key:
+            return data[vstart:vend]
+    return None
+
+
 def rewrite_members(
     data: bytes, replace: dict[str, bytes], drop: frozenset[str], insert: bytes = b""
 ) -> bytes:

@@ -18,7 +18,7 @@ import orjson
 from gateway.body import ParsedBody
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.health import Health
-from gateway.jsonscan import replace_value
+from gateway.jsonscan import member_value, replace_value
 from gateway.plan import Candidate
 from gateway.respond import Send, send_bytes, send_error
 from gateway.sse import MODEL_KEY, EventSplitter, data_payloads, splice_model
@@ -103,6 +103,68 @@ class Exchange:
     client_gone: bool = False
     usage: dict[str, Any] | None = None
     last_attempt: bool = False  # no candidate left after this one
+    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # rate limits
+    count_tokens: bool = False  # the key has token limits: read `usage` from the answer
+    inject_usage: bool = False  # ask streams for usage the client did not ask for
+    injected: bool = False  # this attempt asked: hide the usage-only chunk
+    content_chars: int = 0  # relayed content, for an estimate when no usage came
+
+    def tokens(self) -> int:
+        """Tokens to charge: the upstream's usage, else a quarter of the characters."""
+        usage = self.usage
+        if usage is not None:
+            total = usage.get("total_tokens")
+            if isinstance(total, int) and total >= 0:
+                return total
+            parts = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            return sum(p for p in parts if isinstance(p, int) and p > 0)
+        if self.provider is None and not self.client_gone:
+            return 0  # nothing was served
+        return max(1, (self.parsed.prompt_chars() + self.content_chars) // 4)
+
+
+def _usage_of(raw: bytes | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        usage = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def _content_length(choices: Any) -> int:
+    total = 0
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict):
+                delta = choice.get("delta")
+                if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                    total += len(delta["content"])
+                if isinstance(choice.get("text"), str):
+                    total += len(choice["text"])
+    return total
+
+
+def _account(ex: Exchange, events: list[bytes]) -> list[bytes]:
+    """Note usage and content size; drop the usage-only chunk the gateway asked for."""
+    kept = []
+    for event in events:
+        spans = data_payloads(event)
+        if spans:
+            try:
+                obj = orjson.loads(b"\n".join(event[s:e] for s, e in spans))
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict):
+                usage = obj.get("usage")
+                if isinstance(usage, dict):
+                    ex.usage = usage
+                    if ex.injected and not obj.get("choices"):
+                        continue
+                ex.content_chars += _content_length(obj.get("choices"))
+        kept.append(event)
+    return kept
 
 
 def _retry_after(headers: Headers) -> float | None:
@@ -143,7 +205,7 @@ class Relay:
         ex.provider = None
         if last is not None and last.error is None:
             ex.status = last.status
-            headers = [*last.headers, (b"x-request-id", ex.request_id), NO_RETRY]
+            headers = [*last.headers, *ex.extra_headers, (b"x-request-id", ex.request_id), NO_RETRY]
             headers.append((b"x-gateway-attempts", str(ex.attempts).encode()))
             ex.started = True
             await send_bytes(ex.send, last.status, last.body, headers, content_type=None)
@@ -163,7 +225,7 @@ class Relay:
             ex.send,
             exc,
             ex.request_id,
-            [NO_RETRY, (b"x-gateway-attempts", str(ex.attempts).encode())],
+            [NO_RETRY, (b"x-gateway-attempts", str(ex.attempts).encode()), *ex.extra_headers],
         )
 
     def _headers(
@@ -171,6 +233,7 @@ class Relay:
     ) -> list[tuple[bytes, bytes]]:
         return [
             *upstream,
+            *ex.extra_headers,
             (b"x-request-id", ex.request_id),
             (b"x-gateway-provider", cand.target.provider.name.encode()),
             (b"x-upstream-model", cand.upstream_model.encode()),
@@ -184,7 +247,8 @@ class Relay:
         t0 = time.monotonic()
         resp: UpstreamResponse | None = None
         try:
-            body = ex.parsed.for_upstream(cand.upstream_model)
+            ex.injected = ex.inject_usage and cand.target.provider.stream_usage
+            body = ex.parsed.for_upstream(cand.upstream_model, ex.injected)
             try:
                 resp = await self.upstream.send(
                     cand.target.provider, ex.path, body, ex.client_headers
@@ -225,6 +289,8 @@ class Relay:
             return Failure(error=exc)
         if resp.status < 300:
             body = replace_value(body, MODEL_KEY, orjson.dumps(cand.slug))
+            if ex.count_tokens:
+                ex.usage = _usage_of(member_value(body, b'"usage"'))
         ex.status = resp.status
         ex.provider, ex.upstream_model = cand.target.provider.name, cand.upstream_model
         ex.started = True
@@ -305,6 +371,8 @@ class Relay:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return None
                 events = splitter.feed(chunk)
+                if ex.count_tokens:
+                    events = _account(ex, events)
                 if not events:
                     continue
                 if content:

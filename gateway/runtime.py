@@ -6,6 +6,7 @@ import time
 
 from gateway.config import Config
 from gateway.health import Health
+from gateway.limits import Limiter
 from gateway.relay import Relay
 from gateway.settings import Settings
 from gateway.strategies import Strategies
@@ -20,6 +21,7 @@ class Runtime:
         self.started_at = int(time.time())
         self.upstream = Upstream()
         self.health = Health()
+        self.limiter = Limiter()
         self.strategies = Strategies(self.health)
         self.relay = Relay(self.upstream, self.health)
 

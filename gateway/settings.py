@@ -21,6 +21,7 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY
     drain_seconds: float = 30.0
     log_level: str = "info"
+    reload_interval: float = 1.0  # seconds between checks of the files; 0 turns it off
 
     @property
     def loopback(self) -> bool:
