@@ -19,9 +19,9 @@ from gateway.errors import (
     ModelNotListed,
     NotFound,
 )
+from gateway.exchange import Exchange
 from gateway.keys import Key
 from gateway.plan import build_plan
-from gateway.relay import Exchange
 from gateway.respond import Receive, Scope, Send, send_bytes, send_error
 from gateway.runtime import Runtime
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+import orjson
+
 from gateway.jsonscan import replace_value
 
 # A line ending followed by another one ends an event. `\r` directly followed by `\n` is
@@ -74,3 +76,53 @@ def splice_model(event: bytes, model_json: bytes) -> bytes:
             if new is not line:
                 out = out[:start] + new + out[end:]
     return out
+
+
+# What an event means to the relay before commit.
+NOTHING, CONTENT, ERROR, DONE = 0, 1, 2, 3
+_CONTENT_FIELDS = (
+    "content",
+    "tool_calls",
+    "function_call",
+    "refusal",
+    "reasoning_content",
+    "reasoning",
+)
+
+
+def payload_of(event: bytes) -> bytes:
+    """The event's data (several `data:` lines joined by newlines)."""
+    spans = data_payloads(event)
+    if len(spans) == 1:
+        start, end = spans[0]
+        return event[start:end]
+    return b"\n".join(event[s:e] for s, e in spans)
+
+
+def classify(event: bytes) -> int:
+    """CONTENT once the model said something (text, tool calls, reasoning, a finish)."""
+    if not data_payloads(event):
+        return NOTHING
+    payload = payload_of(event)
+    if payload.strip() == b"[DONE]":
+        return DONE
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return CONTENT  # not ours to judge: relay it
+    if not isinstance(obj, dict):
+        return CONTENT
+    if obj.get("error") is not None:
+        return ERROR
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return NOTHING if "usage" in obj else CONTENT
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason") or choice.get("text"):
+            return CONTENT
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(delta.get(f) for f in _CONTENT_FIELDS):
+            return CONTENT
+    return NOTHING

@@ -1,0 +1,145 @@
+"""One upstream attempt, up to the point where it can serve: nothing is sent to the client.
+
+An attempt ends in a Failure (the next candidate may be tried) or an Opened response:
+a whole answer, or a stream read up to its first content-bearing event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import orjson
+
+from gateway.errors import GatewayError, UpstreamUnavailable
+from gateway.exchange import Exchange, Failure, Opened
+from gateway.health import Health
+from gateway.jsonscan import replace_value
+from gateway.plan import Candidate
+from gateway.sse import CONTENT, ERROR, MODEL_KEY, classify, payload_of, splice_model
+from gateway.upstream import Headers, Upstream
+from gateway.usage import Tally, usage_in_body
+
+
+def retryable(status: int) -> bool:
+    return status == 408 or status == 429 or status >= 500
+
+
+def retry_after(headers: Headers) -> float | None:
+    for name, value in headers:
+        if name == b"retry-after":
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return None
+    return None
+
+
+def inband_failure(event: bytes) -> Failure:
+    """A 200 stream whose first event is an error: an HTTP error if nothing else serves."""
+    payload = payload_of(event)
+    status = 502
+    try:
+        code = orjson.loads(payload)["error"].get("code")
+        if isinstance(code, int) and 400 <= code <= 599:
+            status = code
+    except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
+        pass
+    return Failure(status=status, headers=[(b"content-type", b"application/json")], body=payload)
+
+
+async def open_attempt(
+    upstream: Upstream,
+    health: Health,
+    ex: Exchange,
+    cand: Candidate,
+    is_last: Callable[[], bool],
+) -> Opened | Failure:
+    """Send the request and read until the answer can be relayed.
+
+    On an Opened result the caller owns the response and the health `begin`: it must
+    close the one and `end` the other. On a Failure (or cancellation) both are done here.
+    """
+    key = cand.key
+    cooldown = cand.model.cooldown
+    health.begin(key)
+    t0 = time.monotonic()
+    keep = False
+    resp = None
+    try:
+        injected = ex.inject_usage and cand.target.provider.stream_usage
+        body = ex.parsed.for_upstream(cand.upstream_model, injected)
+        try:
+            resp = await upstream.send(cand.target.provider, ex.path, body, ex.client_headers)
+        except GatewayError as exc:
+            health.failed(key, cooldown)
+            return Failure(error=exc)
+        opened = Opened(cand, resp, t0, injected, latency=time.monotonic() - t0)
+        if retryable(resp.status):
+            try:
+                err_body = await resp.read()
+            except GatewayError as exc:
+                health.failed(key, cooldown)
+                return Failure(error=exc)
+            health.failed(key, cooldown, retry_after(resp.headers))
+            return Failure(status=resp.status, headers=resp.headers, body=err_body)
+        model_json = orjson.dumps(cand.slug)
+        if not resp.is_sse or resp.status >= 300:
+            try:
+                raw = await resp.read()
+            except GatewayError as exc:
+                health.failed(key, cooldown)
+                return Failure(error=exc)
+            if resp.status < 300:
+                raw = replace_value(raw, MODEL_KEY, model_json)
+                if ex.count_tokens:
+                    opened.tally = Tally(False)
+                    opened.tally.usage = usage_in_body(raw)
+            opened.body = raw
+            opened.ttfb = time.monotonic() - t0
+            keep = True
+            return opened
+
+        if ex.count_tokens:
+            opened.tally = Tally(injected)
+        held = opened.held
+        content = False
+        while not content:
+            try:
+                chunk = await resp.next_chunk()
+            except GatewayError as exc:
+                health.failed(key, cooldown)
+                return Failure(error=exc)
+            if not chunk:
+                rest = opened.splitter.rest()
+                if rest:
+                    held.append(splice_model(rest, model_json))
+                if not is_last():
+                    health.failed(key, cooldown)
+                    return Failure(
+                        error=UpstreamUnavailable(
+                            "the stream ended before any content", {"cause": "empty_stream"}
+                        )
+                    )
+                opened.ended = True
+                keep = True
+                return opened
+            events = opened.splitter.feed(chunk)
+            if opened.tally is not None:
+                events = opened.tally.events(events)
+            for event in events:
+                if not content:
+                    kind = classify(event)
+                    if kind == ERROR:
+                        health.failed(key, cooldown)
+                        return inband_failure(event)
+                    content = kind == CONTENT
+                held.append(splice_model(event, model_json))
+        opened.ttfb = time.monotonic() - t0
+        keep = True
+        return opened
+    finally:
+        if not keep:
+            health.end(key)
+            if resp is not None:
+                resp.close()

@@ -1,0 +1,78 @@
+"""One client request on its way through the relay, and what an attempt comes back with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.body import ParsedBody
+from gateway.errors import GatewayError
+from gateway.plan import Candidate
+from gateway.respond import Send
+from gateway.sse import EventSplitter
+from gateway.upstream import Headers, UpstreamResponse
+from gateway.usage import Tally
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Request state the relay fills in; also what gets logged and charged."""
+
+    send: Send
+    request_id: bytes
+    path: str
+    client_headers: Headers
+    parsed: ParsedBody
+    extra_headers: Headers = field(default_factory=list)  # rate-limit headers
+    count_tokens: bool = False  # the key has token limits: read `usage` from the answer
+    inject_usage: bool = False  # ask streams for usage the client did not ask for
+    started: bool = False  # response start sent to the client
+    status: int = 0
+    attempts: int = 0
+    hedged: bool = False
+    provider: str | None = None
+    upstream_model: str | None = None
+    ttfb: float | None = None  # seconds from the serving attempt's start to content
+    client_gone: bool = False
+    usage: dict[str, Any] | None = None
+    content_chars: int = 0  # relayed content, for an estimate when no usage came
+
+    def tokens(self) -> int:
+        """Tokens to charge: the upstream's usage, else a quarter of the characters."""
+        usage = self.usage
+        if usage is not None:
+            total = usage.get("total_tokens")
+            if isinstance(total, int) and total >= 0:
+                return total
+            parts = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            return sum(p for p in parts if isinstance(p, int) and p > 0)
+        if self.provider is None and not self.client_gone:
+            return 0  # nothing was served
+        return max(1, (self.parsed.prompt_chars() + self.content_chars) // 4)
+
+
+@dataclass(slots=True)
+class Failure:
+    """Why one attempt did not serve."""
+
+    error: GatewayError | None = None  # transport error: no HTTP status from upstream
+    status: int = 0
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+
+
+@dataclass(slots=True)
+class Opened:
+    """An attempt that can serve: the response is open and content (or the end) is in."""
+
+    cand: Candidate
+    resp: UpstreamResponse
+    started_at: float
+    injected: bool  # this attempt asked for usage: hide the usage-only chunk
+    body: bytes | None = None  # a whole (non-SSE) answer, already spliced
+    held: list[bytes] = field(default_factory=list)  # SSE events up to the first content
+    splitter: EventSplitter = field(default_factory=EventSplitter)
+    ended: bool = False  # the stream ended before content (last candidate: relay it)
+    latency: float = 0.0  # seconds to the response head
+    ttfb: float | None = None  # seconds to the first content
+    tally: Tally | None = None  # usage and content size, when the key counts tokens

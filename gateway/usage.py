@@ -1,0 +1,66 @@
+"""Token usage from upstream answers: the JSON `usage` member, or a stream's usage chunk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.jsonscan import member_value
+from gateway.sse import data_payloads, payload_of
+
+USAGE_KEY = b'"usage"'
+
+
+def usage_in_body(body: bytes) -> dict[str, Any] | None:
+    raw = member_value(body, USAGE_KEY)
+    if raw is None:
+        return None
+    try:
+        usage = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def _content_length(choices: Any) -> int:
+    total = 0
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict):
+                delta = choice.get("delta")
+                if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                    total += len(delta["content"])
+                if isinstance(choice.get("text"), str):
+                    total += len(choice["text"])
+    return total
+
+
+class Tally:
+    """Reads a stream's events for usage and content size."""
+
+    __slots__ = ("content_chars", "hide_usage_chunk", "usage")
+
+    def __init__(self, hide_usage_chunk: bool) -> None:
+        self.hide_usage_chunk = hide_usage_chunk
+        self.usage: dict[str, Any] | None = None
+        self.content_chars = 0
+
+    def events(self, events: list[bytes]) -> list[bytes]:
+        """The events to relay: all, less the usage-only chunk the gateway asked for."""
+        kept = []
+        for event in events:
+            if data_payloads(event):
+                try:
+                    obj = orjson.loads(payload_of(event))
+                except orjson.JSONDecodeError:
+                    obj = None
+                if isinstance(obj, dict):
+                    usage = obj.get("usage")
+                    if isinstance(usage, dict):
+                        self.usage = usage
+                        if self.hide_usage_chunk and not obj.get("choices"):
+                            continue
+                    self.content_chars += _content_length(obj.get("choices"))
+            kept.append(event)
+        return kept
