@@ -26,5 +26,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check gateway tests
 	$(BIN)/mypy gateway
 
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf $(VENV) dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache
