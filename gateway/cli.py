@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -165,6 +166,10 @@ def cmd_serve(settings: Settings) -> int:
         f"http://{settings.host}:{sock.getsockname()[1]}/v1 (config {config.version})",
         file=sys.stderr,
     )
+    # uvicorn re-raises the signal it drained on once it is done; with these no-op
+    # handlers in place that re-raise returns here, and a drained SIGTERM exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     if settings.workers > 1:
         from uvicorn.supervisors import Multiprocess
 

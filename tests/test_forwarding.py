@@ -237,7 +237,9 @@ async def test_response_body_byte_for_byte_except_model(
     )
     upstream.script(Json((template % '"upstream-model"').encode()))
     gw = await gateway(single(upstream))
-    r = await client.post(f"{gw.base_url}/chat/completions", json={"model": "m", "messages": MESSAGES})
+    r = await client.post(
+        f"{gw.base_url}/chat/completions", json={"model": "m", "messages": MESSAGES}
+    )
     assert r.status_code == 200, r.text
     assert r.content == (template % '"m"').encode()
 
@@ -248,7 +250,9 @@ async def test_response_without_model_left_as_is(
     raw = b'{"id":"x", "choices":[{"message":{"content":"ok","model":"inner"}}]}'
     upstream.script(Json(raw))
     gw = await gateway(single(upstream))
-    r = await client.post(f"{gw.base_url}/chat/completions", json={"model": "m", "messages": MESSAGES})
+    r = await client.post(
+        f"{gw.base_url}/chat/completions", json={"model": "m", "messages": MESSAGES}
+    )
     assert r.status_code == 200, r.text
     assert r.content == raw
 
@@ -259,7 +263,9 @@ async def test_gzip_upstream_body_reaches_client_plain(
     raw = json.dumps(chat_completion()).encode()
     upstream.script(Json(gzip.compress(raw), headers=[("content-encoding", "gzip")]))
     gw = await gateway(single(upstream))
-    r = await client.post(f"{gw.base_url}/chat/completions", json={"model": "m", "messages": MESSAGES})
+    r = await client.post(
+        f"{gw.base_url}/chat/completions", json={"model": "m", "messages": MESSAGES}
+    )
     assert r.status_code == 200, r.text
     assert "content-encoding" not in r.headers
     assert r.content == raw.replace(b'"upstream-model"', b'"m"')
@@ -294,7 +300,13 @@ async def test_response_headers_filtered(
     )
     assert r.status_code == 200, r.text
     h = r.headers
-    for dropped in ("keep-alive", "proxy-authenticate", "trailer", "set-cookie", "content-encoding"):
+    for dropped in (
+        "keep-alive",
+        "proxy-authenticate",
+        "trailer",
+        "set-cookie",
+        "content-encoding",
+    ):
         assert dropped not in h, dropped
     assert r.cookies.get("upstream") is None
     assert h.get_list("x-request-id") == ["client-req-1"]
@@ -443,12 +455,16 @@ async def test_session_id_too_long_is_422(
 # --- endpoints ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/chat/completions", "/api/v1/chat/completions"])
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions", "/chat/completions", "/api/v1/chat/completions"]
+)
 async def test_chat_paths(
     gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient, path: str
 ) -> None:
     gw = await gateway(single(upstream))
-    r = await post_raw(client, gw, b'{"model": "m", "messages": [{"role":"user","content":"x"}]}', path)
+    r = await post_raw(
+        client, gw, b'{"model": "m", "messages": [{"role":"user","content":"x"}]}', path
+    )
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "m"
     assert r.headers["x-gateway-provider"] == "p"

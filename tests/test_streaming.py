@@ -43,7 +43,9 @@ def rewritten(data: bytes) -> bytes:
 
 
 def role_chunk() -> bytes:
-    return chunk(None, choices=[{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}])
+    return chunk(
+        None, choices=[{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]
+    )
 
 
 def split_error_tail(body: bytes, prefix: bytes) -> dict[str, Any]:
@@ -177,9 +179,7 @@ async def test_events_reach_client_while_upstream_is_silent(
     assert got == want
 
 
-async def test_paced_events_arrive_one_by_one(
-    gateway: GatewayFactory, upstream: Upstream
-) -> None:
+async def test_paced_events_arrive_one_by_one(gateway: GatewayFactory, upstream: Upstream) -> None:
     pace = 0.15
     events = [chunk(str(i)) for i in range(5)]
     upstream.script(Sse([*events, DONE], delay=pace))
@@ -303,8 +303,14 @@ async def test_events_before_content_are_held_for_failover(
     gw = await gateway(
         routes(
             {"p1": provider(up1), "p2": provider(up2)},
-            {"m": {"providers": [{"provider": "p1", "model": "upstream-model"},
-                                 {"provider": "p2", "model": "upstream-model"}]}},
+            {
+                "m": {
+                    "providers": [
+                        {"provider": "p1", "model": "upstream-model"},
+                        {"provider": "p2", "model": "upstream-model"},
+                    ]
+                }
+            },
         )
     )
     r = await post_stream(client, gw)
@@ -376,15 +382,25 @@ async def test_first_event_error_fails_over(
     up1: Upstream = await make_upstream()
     up2: Upstream = await make_upstream()
     up1.script(
-        Sse([b'data: {"error": {"message": "overloaded-xyz", "type": "server_error", "code": 503}}\n\n'])
+        Sse(
+            [
+                b'data: {"error": {"message": "overloaded-xyz", "type": "server_error", "code": 503}}\n\n'
+            ]
+        )
     )
     served = [chunk("fine"), DONE]
     up2.script(Sse(served))
     gw = await gateway(
         routes(
             {"p1": provider(up1), "p2": provider(up2)},
-            {"m": {"providers": [{"provider": "p1", "model": "upstream-model"},
-                                 {"provider": "p2", "model": "upstream-model"}]}},
+            {
+                "m": {
+                    "providers": [
+                        {"provider": "p1", "model": "upstream-model"},
+                        {"provider": "p2", "model": "upstream-model"},
+                    ]
+                }
+            },
         )
     )
     r = await post_stream(client, gw)
@@ -400,7 +416,11 @@ async def test_first_event_error_on_last_candidate_is_http_error(
     gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
 ) -> None:
     upstream.script(
-        Sse([b'data: {"error": {"message": "overloaded-xyz", "type": "server_error", "code": 503}}\n\n'])
+        Sse(
+            [
+                b'data: {"error": {"message": "overloaded-xyz", "type": "server_error", "code": 503}}\n\n'
+            ]
+        )
     )
     gw = await gateway(single(upstream))
     r = await post_stream(client, gw)
