@@ -11,6 +11,7 @@ from starlette.routing import Route, Router
 from gateway.config import Config
 from gateway.endpoints import (
     Healthz,
+    MetricsEndpoint,
     ModelList,
     ModelRetrieve,
     NotFoundEndpoint,
@@ -37,6 +38,7 @@ def create_app(settings: Settings, config: Config) -> Router:
         Route("/v1/router/models", RouterModels(runtime)),
         Route("/v1/router/models/{model_id:path}/providers", RouterProviders(runtime)),
         Route("/healthz", Healthz(runtime)),
+        Route("/metrics", MetricsEndpoint(runtime)),
     ]
 
     @asynccontextmanager
@@ -50,7 +52,7 @@ def create_app(settings: Settings, config: Config) -> Router:
             await reloader.stop()
             await runtime.stop()
 
-    router = Router(routes, default=NotFoundEndpoint(), lifespan=lifespan)
+    router = Router(routes, default=NotFoundEndpoint(runtime), lifespan=lifespan)
     router.state = runtime  # type: ignore[attr-defined]
     return router
 

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
     )
+    serve.add_argument(
+        "--log-format", dest="log_format", choices=["json", "text"], help="access log format"
+    )
 
     check = sub.add_parser("check", help="validate routes and keys files")
     files(check)
@@ -66,6 +69,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "max_body_bytes",
         "drain_seconds",
         "log_level",
+        "log_format",
     )
     return from_env(**{n: getattr(args, n, None) for n in names})
 
@@ -171,9 +175,14 @@ def cmd_serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     if settings.workers > 1:
+        import tempfile
+
         from uvicorn.supervisors import Multiprocess
 
         _export(settings)
+        # Workers share metric values through files here; removed when the supervisor ends.
+        metrics_dir = tempfile.TemporaryDirectory(prefix="gateway-metrics-")
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir.name)
         uv_config = uvicorn.Config(
             "gateway.app:app_from_env", factory=True, workers=settings.workers, **common
         )

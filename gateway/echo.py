@@ -23,7 +23,7 @@ def _text_of(content: Any) -> str:
         return content
     if isinstance(content, list):
         return " ".join(
-            part.get("text", "")
+            str(part.get("text", ""))
             for part in content
             if isinstance(part, dict) and part.get("type") == "text"
         )

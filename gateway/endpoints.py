@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import time
 from typing import Any
 
 import orjson
@@ -21,8 +22,9 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange
 from gateway.keys import Key
+from gateway.metrics import CONTENT_TYPE
 from gateway.plan import build_plan
-from gateway.respond import Receive, Scope, Send, send_bytes, send_error
+from gateway.respond import Receive, Scope, Send, send_bytes, send_error, server_timing
 from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway")
@@ -83,10 +85,11 @@ class ProxyEndpoint:
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
         incoming = Incoming(scope["headers"])
         rid = incoming.request_id
         runtime = self.runtime
-        config = runtime.config
+        config = runtime.config  # this request's snapshot, whatever a reload does meanwhile
         if scope["method"] != "POST":
             await send_error(send, MethodNotAllowed("use POST"), rid, [(b"allow", b"POST")])
             return
@@ -104,17 +107,20 @@ class ProxyEndpoint:
             rate_headers = limiter.admit(key) if key is not None and limited else []
         except GatewayError as exc:
             extra = limiter.headers(key) if key is not None and limiter.limited(key) else []
+            extra.append(server_timing(t0))
             await send_error(send, exc, rid, extra)
+            runtime.refused(exc, key, rid, self.path, time.perf_counter() - t0)
             return
         except ClientGone:
             return
-        ex = Exchange(send, rid, self.path, scope["headers"], parsed, extra_headers=rate_headers)
+        ex = Exchange(send, rid, self.path, scope["headers"], parsed, rate_headers, t0)
         if key is not None and limiter.counts_tokens(key):
             ex.count_tokens = True
             ex.inject_usage = parsed.stream and not parsed.asked_usage
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.ensure_future(_watch_disconnect(receive, task, ex))
+        runtime.metrics.in_flight.inc()
         try:
             await runtime.relay.run(ex, plan)
         except asyncio.CancelledError:
@@ -125,11 +131,15 @@ class ProxyEndpoint:
         except Exception:
             log.exception("request %s failed inside the gateway", rid.decode())
             if not ex.started:
+                ex.status = 500
                 await send_error(send, GatewayError("internal gateway error"), rid)
         finally:
             watcher.cancel()
-            if ex.count_tokens and key is not None:
-                limiter.charge(key, ex.tokens())
+            runtime.metrics.in_flight.dec()
+            tokens = ex.tokens() if ex.count_tokens and key is not None else 0
+            if tokens and key is not None:
+                limiter.charge(key, tokens)
+            runtime.served(ex, key, tokens, time.perf_counter() - t0)
 
 
 class JsonEndpoint:
@@ -219,9 +229,34 @@ class Healthz(JsonEndpoint):
         return {"status": "ok", "config_version": self.runtime.config.version}
 
 
+class MetricsEndpoint:
+    """GET /metrics: Prometheus text format, no key needed."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rid = Incoming(scope["headers"]).request_id
+        body = self.runtime.metrics.render()
+        await send_bytes(send, 200, body, [(b"x-request-id", rid)], CONTENT_TYPE)
+
+
 class NotFoundEndpoint:
+    """Unknown paths. Under /v1/ the key is checked first, so a caller without one
+    learns nothing about which endpoints exist."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        rid = Incoming(scope["headers"]).request_id
-        await send_error(send, NotFound(f"no such endpoint: {scope['path']}"), rid)
+        incoming = Incoming(scope["headers"])
+        rid = incoming.request_id
+        try:
+            path = scope["path"]
+            if path == "/v1" or path.startswith("/v1/"):
+                authenticate(self.runtime.config.keys, incoming.token())
+            raise NotFound(f"no such endpoint: {scope['path']}")
+        except GatewayError as exc:
+            await send_error(send, exc, rid)

@@ -24,12 +24,15 @@ class Exchange:
     client_headers: Headers
     parsed: ParsedBody
     extra_headers: Headers = field(default_factory=list)  # rate-limit headers
+    t0: float = 0.0  # perf_counter() when the request arrived
     count_tokens: bool = False  # the key has token limits: read `usage` from the answer
     inject_usage: bool = False  # ask streams for usage the client did not ask for
     started: bool = False  # response start sent to the client
     status: int = 0
     attempts: int = 0
     hedged: bool = False
+    slug: str | None = None  # the slug that served
+    label: str = ""  # the catalog entry that served (a wildcard's pattern): metric label
     provider: str | None = None
     upstream_model: str | None = None
     ttfb: float | None = None  # seconds from the serving attempt's start to content

@@ -100,11 +100,20 @@ def key_name(raw: bytes) -> str:
 
 
 def replace_value(data: bytes, key: bytes, value: bytes, start: int = 0) -> bytes:
-    """Replace the value of the first top-level member whose raw key is `key` (b'"model"')."""
-    for raw, _, vstart, vend in iter_members(data, start):
-        if raw == key:
-            return data[:vstart] + value + data[vend:]
-    return data
+    """Replace the value of every top-level member whose raw key is `key` (b'"model"').
+
+    Every one, not the first: with duplicate keys a JSON parser keeps the last.
+    """
+    spans = [(vs, ve) for raw, _, vs, ve in iter_members(data, start) if raw == key]
+    if not spans:
+        return data
+    out = []
+    pos = 0
+    for vstart, vend in spans:
+        out += (data[pos:vstart], value)
+        pos = vend
+    out.append(data[pos:])
+    return b"".join(out)
 
 
 def member_value(data: bytes, key: bytes) -> bytes | None:

@@ -88,34 +88,31 @@ class Limiter:
         return key is not None and (key.tpm is not None or key.token_quota is not None)
 
     def admit(self, key: Key) -> Headers:
-        """Refuse (429) or take one request; returns the rate-limit headers to send."""
+        """Refuse (429) or take one request; returns the rate-limit headers to send.
+
+        A refusal carries only Retry-After: the caller adds `headers(key)` to every
+        error answer for a limited key.
+        """
         now = self.clock()
         state = self._state(key, now)
         if key.token_quota is not None and state.spent >= key.token_quota:
             raise QuotaExhausted(
                 f"key {key.name!r} has used its token quota of {key.token_quota}",
                 {"token_quota": key.token_quota, "used": state.spent},
-                headers=self._header_map(key, state),
             )
         if state.requests is not None and state.requests.level < 1:
             wait = state.requests.seconds_until(1)
             raise RateLimited(
                 f"key {key.name!r} is over its limit of {key.rpm} requests per minute",
                 {"limit": "rpm", "rpm": key.rpm, "retry_after_seconds": round(wait, 3)},
-                headers={
-                    "retry-after": str(max(1, math.ceil(wait))),
-                    **self._header_map(key, state),
-                },
+                headers={"retry-after": str(max(1, math.ceil(wait)))},
             )
         if state.tokens is not None and state.tokens.level <= 0:
             wait = state.tokens.seconds_until(1e-9)
             raise RateLimited(
                 f"key {key.name!r} is over its limit of {key.tpm} tokens per minute",
                 {"limit": "tpm", "tpm": key.tpm, "retry_after_seconds": round(wait, 3)},
-                headers={
-                    "retry-after": str(max(1, math.ceil(wait))),
-                    **self._header_map(key, state),
-                },
+                headers={"retry-after": str(max(1, math.ceil(wait)))},
             )
         if state.requests is not None:
             state.requests.level -= 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gateway.auth import check_allowed
@@ -83,10 +84,12 @@ def build_plan(
             raise NoProviderAvailable(
                 "every provider of this model is cooling down after failures",
                 {"retry_after_seconds": round(wait, 3), "models": list(parsed.slugs)},
-                headers={"retry-after": str(max(1, int(-(-wait // 1))))},
+                # The gateway already stands for every candidate: SDK retries add nothing.
+                headers={"retry-after": str(max(1, math.ceil(wait))), "x-should-retry": "false"},
             )
         raise NoProviderAvailable(
             "no provider is left after the request's provider preferences",
             {"models": list(parsed.slugs)},
+            headers={"x-should-retry": "false"},
         )
     return plan

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import orjson
 
@@ -17,8 +18,9 @@ from gateway.attempt import open_attempt
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.exchange import Exchange, Failure, Opened
 from gateway.health import Health
+from gateway.metrics import Metrics
 from gateway.plan import Candidate
-from gateway.respond import send_bytes, send_error
+from gateway.respond import send_bytes, send_error, server_timing
 from gateway.sse import splice_model
 from gateway.upstream import Headers, Upstream
 
@@ -35,10 +37,15 @@ HEDGE_SHARE = 0.1  # at most this share of hedge-eligible requests start a secon
 
 class Relay:
     def __init__(
-        self, upstream: Upstream, health: Health, hedge_share: float = HEDGE_SHARE
+        self,
+        upstream: Upstream,
+        health: Health,
+        metrics: Metrics,
+        hedge_share: float = HEDGE_SHARE,
     ) -> None:
         self.upstream = upstream
         self.health = health
+        self.metrics = metrics
         self.hedge_share = hedge_share
         self._hedge_allowance = 1.0
 
@@ -53,6 +60,7 @@ class Relay:
         pending = list(plan)
         running: dict[asyncio.Task[Opened | Failure], Candidate] = {}
         model = plan[0].model
+        ex.label = model.slug
         hedge_after = (
             model.hedge_after_ms / 1000 if model.hedge_after_ms and len(plan) > 1 else None
         )
@@ -71,6 +79,7 @@ class Relay:
             nonlocal hedge_at
             cand = pending.pop(0)
             ex.attempts += 1
+            self.metrics.attempts.labels(cand.target.provider.name).inc()
             attempt = open_attempt(self.upstream, self.health, ex, cand, is_last)
             running[asyncio.ensure_future(attempt)] = cand
             hedge_at = loop.time() + hedge_after if hedge_after and pending else math.inf
@@ -100,7 +109,7 @@ class Relay:
                         keepalive_at = now + KEEPALIVE_EVERY
                     continue
                 for task in done:
-                    del running[task]
+                    cand = running.pop(task)
                     result = task.result()
                     if isinstance(result, Opened):
                         if winner is None:
@@ -108,6 +117,7 @@ class Relay:
                         else:
                             self._discard(result)
                         continue
+                    self._gauge(cand)
                     if result.error is not None:
                         timed_out = timed_out or isinstance(result.error, UpstreamTimeout)
                         if last is None or last.error is not None:
@@ -131,14 +141,20 @@ class Relay:
         else:
             await self._serve(ex, winner)
 
+    def _gauge(self, cand: Candidate) -> None:
+        up = 1.0 if self.health.available(cand.key) else 0.0
+        self.metrics.provider_up.labels(*cand.key).set(up)
+
     def _discard(self, opened: Opened) -> None:
         opened.resp.close()
         self.health.end(opened.cand.key)
 
-    async def _commit(self, ex: Exchange, headers: Headers, first: bytes) -> None:
+    async def _commit(
+        self, ex: Exchange, headers: Headers, first: bytes, upstream: float | None = None
+    ) -> None:
         ex.status = 200
         ex.started = True
-        head = [*headers, (b"x-request-id", ex.request_id)]
+        head = [*headers, (b"x-request-id", ex.request_id), server_timing(ex.t0, upstream)]
         await ex.send({"type": "http.response.start", "status": 200, "headers": head})
         await ex.send({"type": "http.response.body", "body": first, "more_body": True})
 
@@ -154,6 +170,7 @@ class Relay:
 
     async def _serve(self, ex: Exchange, opened: Opened) -> None:
         cand, resp = opened.cand, opened.resp
+        ex.slug, ex.label = cand.slug, cand.model.slug
         ex.provider, ex.upstream_model, ex.ttfb = (
             cand.target.provider.name,
             cand.upstream_model,
@@ -171,14 +188,19 @@ class Relay:
                 else:
                     ex.status = resp.status
                     ex.started = True
-                    headers = [*self._headers(ex, opened), (b"x-request-id", ex.request_id)]
+                    headers = [
+                        *self._headers(ex, opened),
+                        (b"x-request-id", ex.request_id),
+                        server_timing(ex.t0, opened.latency),
+                    ]
                     await send_bytes(ex.send, resp.status, opened.body, headers, None)
                 return
             first = b"".join(opened.held)
             if ex.started:
                 await ex.send({"type": "http.response.body", "body": first, "more_body": True})
             else:
-                await self._commit(ex, [*self._headers(ex, opened), *SSE_HEADERS[1:]], first)
+                headers = [*self._headers(ex, opened), *SSE_HEADERS[1:]]
+                await self._commit(ex, headers, first, opened.latency)
             if not opened.ended:
                 broke = not await self._pump(ex, opened)
             if not broke:
@@ -190,6 +212,7 @@ class Relay:
             else:
                 self.health.succeeded(key, opened.latency)
             self.health.end(key)
+            self._gauge(cand)
             resp.close()
             if opened.tally is not None:
                 ex.usage = opened.tally.usage
@@ -199,9 +222,12 @@ class Relay:
         """Relay the rest of the stream; False when it broke (the error event was sent)."""
         send, resp, splitter, tally = ex.send, opened.resp, opened.splitter, opened.tally
         model_json = orjson.dumps(opened.cand.slug)
+        delay = self.metrics.event_delay
+        clock = time.perf_counter
         while True:
             try:
                 chunk = await resp.next_chunk()
+                arrived = clock()
             except GatewayError as exc:
                 await self._break(ex, exc)
                 return False
@@ -217,6 +243,7 @@ class Relay:
             if events:
                 out = b"".join([splice_model(e, model_json) for e in events])
                 await send({"type": "http.response.body", "body": out, "more_body": True})
+                delay.observe(clock() - arrived)
 
     async def _give_up(self, ex: Exchange, last: Failure | None, timed_out: bool) -> None:
         attempts = (b"x-gateway-attempts", str(ex.attempts).encode())
@@ -235,7 +262,7 @@ class Relay:
             ex.status = last.status
             ex.started = True
             headers = [*last.headers, *ex.extra_headers, attempts, NO_RETRY]
-            headers.append((b"x-request-id", ex.request_id))
+            headers += [(b"x-request-id", ex.request_id), server_timing(ex.t0)]
             await send_bytes(ex.send, last.status, last.body, headers, None)
             return
         else:
@@ -248,7 +275,8 @@ class Relay:
             return
         ex.status = exc.status
         ex.started = True
-        await send_error(ex.send, exc, ex.request_id, [NO_RETRY, attempts, *ex.extra_headers])
+        extra = [NO_RETRY, attempts, *ex.extra_headers, server_timing(ex.t0)]
+        await send_error(ex.send, exc, ex.request_id, extra)
 
     async def _break(self, ex: Exchange, exc: GatewayError) -> None:
         """After commit a failure can only be told in-band, then the stream ends."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -11,6 +12,14 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Scope = MutableMapping[str, Any]
 JSON = b"application/json"
+
+
+def server_timing(t0: float, upstream: float | None = None) -> tuple[bytes, bytes]:
+    """W3C Server-Timing: time in the gateway so far, and the upstream's time to first byte."""
+    value = f"gateway;dur={(time.perf_counter() - t0) * 1000:.2f}"
+    if upstream is not None:
+        value += f", upstream;dur={upstream * 1000:.2f}"
+    return (b"server-timing", value.encode())
 
 
 async def send_bytes(

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import time
 
+from gateway.accesslog import AccessLog, exchange_fields
 from gateway.config import Config
+from gateway.errors import GatewayError, QuotaExhausted, RateLimited
+from gateway.exchange import Exchange
 from gateway.health import Health
+from gateway.keys import Key
 from gateway.limits import Limiter
+from gateway.metrics import Metrics
 from gateway.relay import Relay
 from gateway.settings import Settings
 from gateway.strategies import Strategies
@@ -21,12 +26,59 @@ class Runtime:
         self.started_at = int(time.time())
         self.upstream = Upstream()
         self.health = Health()
-        self.limiter = Limiter()
         self.strategies = Strategies(self.health)
-        self.relay = Relay(self.upstream, self.health)
+        self.limiter = Limiter()
+        self.metrics = Metrics()
+        self.access = AccessLog(settings.log_format)
+        self.relay = Relay(self.upstream, self.health, self.metrics)
 
     async def start(self) -> None:
         await self.upstream.start()
 
     async def stop(self) -> None:
         await self.upstream.close()
+
+    def served(self, ex: Exchange, key: Key | None, tokens: int, duration: float) -> None:
+        """Metrics and the access-log line for a request that reached the relay."""
+        m = self.metrics
+        label = ex.label or "(none)"
+        stream = "true" if ex.parsed.stream else "false"
+        m.requests.labels(label, ex.provider or "", str(ex.status), stream).inc()
+        m.duration.labels(label).observe(duration)
+        if ex.ttfb is not None and ex.provider is not None:
+            m.ttfb.labels(label, ex.provider).observe(ex.ttfb)
+        if ex.attempts > 1:
+            m.failovers.labels(label).inc()
+        if ex.hedged:
+            m.hedges.inc()
+        if tokens and key is not None:
+            usage = ex.usage
+            if usage is None:
+                m.tokens.labels(key.name, "estimated").inc(tokens)
+            else:
+                for kind in ("prompt", "completion"):
+                    value = usage.get(f"{kind}_tokens")
+                    if isinstance(value, int) and value > 0:
+                        m.tokens.labels(key.name, kind).inc(value)
+        if self.access.enabled():
+            self.access.write(exchange_fields(ex, key.name if key else None, duration))
+
+    def refused(
+        self, exc: GatewayError, key: Key | None, request_id: bytes, path: str, duration: float
+    ) -> None:
+        """Metrics and the access-log line for a request refused before any upstream."""
+        self.metrics.requests.labels("(none)", "", str(exc.status), "").inc()
+        if isinstance(exc, RateLimited | QuotaExhausted) and key is not None:
+            limit = str(exc.details.get("limit", "token_quota"))
+            self.metrics.rejections.labels(key.name, limit).inc()
+        if self.access.enabled():
+            self.access.write(
+                {
+                    "request_id": request_id.decode(),
+                    "key": key.name if key else None,
+                    "path": path,
+                    "status": exc.status,
+                    "code": exc.code,
+                    "duration_ms": round(duration * 1000, 2),
+                }
+            )

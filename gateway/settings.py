@@ -21,6 +21,7 @@ class Settings:
     max_body_bytes: int = DEFAULT_MAX_BODY
     drain_seconds: float = 30.0
     log_level: str = "info"
+    log_format: str = "json"  # access log: json | text
     reload_interval: float = 1.0  # seconds between checks of the files; 0 turns it off
 
     @property
@@ -58,4 +59,5 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Setti
         max_body_bytes=int(str(pick("max_body_bytes", "GATEWAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY))),
         drain_seconds=float(str(pick("drain_seconds", "GATEWAY_DRAIN_SECONDS", 30))),
         log_level=str(pick("log_level", "GATEWAY_LOG_LEVEL", "info")),
+        log_format=str(pick("log_format", "GATEWAY_LOG_FORMAT", "json")),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -88,15 +89,36 @@ class Api:
     def url(self, path: str) -> str:
         return self.gw.url + path
 
-    async def chat(self, key: str | None, body: dict[str, Any], path: str = "/v1/chat/completions") -> httpx.Response:
+    async def chat(
+        self, key: str | None, body: dict[str, Any], path: str = "/v1/chat/completions"
+    ) -> httpx.Response:
         return await self.client.post(self.url(path), json=body, headers=auth(key))
 
     async def get(self, path: str, key: str | None = PLAIN) -> httpx.Response:
         return await self.client.get(self.url(path), headers=auth(key))
 
 
+def nodelay(factory: GatewayFactory) -> GatewayFactory:
+    async def make(*args: Any, **kwargs: Any) -> RunningGateway:
+        gw = await factory(*args, **kwargs)
+        for server in gw.server.servers:
+            for sock in server.sockets:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return gw
+
+    return make
+
+
 def auth(key: str | None) -> dict[str, str]:
     return {} if key is None else {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def gateway(gateway: GatewayFactory) -> GatewayFactory:
+    """conftest's factory, with TCP_NODELAY on the listening socket (accepted sockets inherit
+    it on Linux). conftest binds a proto-0 socket, so asyncio never sets TCP_NODELAY and
+    every response waits 40 ms for a delayed ACK; that would make this file 20 s slower."""
+    return nodelay(gateway)
 
 
 @pytest.fixture
@@ -143,9 +165,8 @@ async def test_no_key_is_401(api: Api) -> None:
     assert api.upstream.requests == []
 
 
-@pytest.mark.parametrize(
-    "header",
-    [
+async def test_wrong_key_is_401(api: Api) -> None:
+    for header in (
         "Bearer sk-gw-wrong",
         f"Bearer {PLAIN}x",
         f"Bearer {PLAIN.upper()}",
@@ -153,27 +174,27 @@ async def test_no_key_is_401(api: Api) -> None:
         f"{PLAIN}",
         "Bearer",
         f"Bearer {hashlib.sha256(LOWER.encode()).hexdigest()}",
-    ],
-)
-async def test_wrong_key_is_401(api: Api, header: str) -> None:
-    r = await api.client.post(
-        api.url("/v1/chat/completions"),
-        json={"model": "e", **CHAT},
-        headers={"Authorization": header},
-    )
-    error_of(r, 401, "unauthorized")
+        f"Bearer {hashlib.sha256(UPPER.encode()).hexdigest().upper()}",
+    ):
+        r = await api.client.post(
+            api.url("/v1/chat/completions"),
+            json={"model": "e", **CHAT},
+            headers={"Authorization": header},
+        )
+        error_of(r, 401, "unauthorized")
+    assert api.upstream.requests == []
 
 
-@pytest.mark.parametrize("key", [PLAIN, LOWER, UPPER, FUTURE])
-async def test_valid_keys_work(api: Api, key: str) -> None:
-    r = await api.chat(key, {"model": "e", **CHAT})
-    assert r.status_code == 200, r.text
-    assert r.json()["model"] == "e"
-    assert r.json()["choices"][0]["message"]["content"] == "echo: hello"
-    assert_no_secrets(r)
-
-
-async def test_bearer_scheme_is_case_insensitive(api: Api) -> None:
+async def test_valid_keys_work(api: Api) -> None:
+    # plain `key:`, sha256 in lower- and upper-case hex, an expiry far ahead
+    for key in (PLAIN, LOWER, UPPER, FUTURE):
+        r = await api.chat(key, {"model": "e", **CHAT})
+        assert r.status_code == 200, (key, r.text)
+        assert r.json()["model"] == "e"
+        assert r.json()["choices"][0]["message"]["content"] == "echo: hello"
+        assert_no_secrets(r)
+        r = await api.get("/v1/models", key)
+        assert r.status_code == 200, (key, r.text)
     r = await api.client.post(
         api.url("/v1/chat/completions"),
         json={"model": "e", **CHAT},
@@ -182,12 +203,12 @@ async def test_bearer_scheme_is_case_insensitive(api: Api) -> None:
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("key", [DISABLED, EXPIRED, EXPIRED_TS])
-async def test_disabled_and_expired_keys_are_401(api: Api, key: str) -> None:
-    r = await api.chat(key, {"model": "e", **CHAT})
-    error_of(r, 401, "unauthorized")
-    r = await api.get("/v1/models", key)
-    error_of(r, 401, "unauthorized")
+async def test_disabled_and_expired_keys_are_401(api: Api) -> None:
+    for key in (DISABLED, EXPIRED, EXPIRED_TS):
+        r = await api.chat(key, {"model": "e", **CHAT})
+        error_of(r, 401, "unauthorized")
+        r = await api.get("/v1/models", key)
+        error_of(r, 401, "unauthorized")
 
 
 async def test_allow_list(api: Api) -> None:
@@ -204,23 +225,18 @@ async def test_allow_list(api: Api) -> None:
     assert api.upstream.requests[-1].json()["model"] == "gpt-x"
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
+async def test_allow_list_checks_every_slug_in_models(api: Api) -> None:
+    for body in (
         {"models": ["e", "m"], **CHAT},
         {"models": ["m", "e"], **CHAT},
         {"model": "e", "models": ["m"], **CHAT},
         {"model": "m", "models": ["e"], **CHAT},
-    ],
-)
-async def test_allow_list_checks_every_slug_in_models(api: Api, body: dict[str, Any]) -> None:
-    error_of(await api.chat(LIMITED, body), 403, "model_not_allowed")
-    # The unrestricted key may use the same list.
-    r = await api.chat(PLAIN, body)
-    assert r.status_code == 200, r.text
-
-
-async def test_allow_list_on_embeddings_and_completions(api: Api) -> None:
+        {"model": "e", "models": ["openai/x", "team/special"], **CHAT},
+    ):
+        error_of(await api.chat(LIMITED, body), 403, "model_not_allowed")
+        # The unrestricted key may use the same list.
+        r = await api.chat(PLAIN, body)
+        assert r.status_code == 200, (body, r.text)
     r = await api.client.post(
         api.url("/v1/embeddings"), json={"model": "m", "input": "x"}, headers=auth(LIMITED)
     )
@@ -257,6 +273,8 @@ PROTECTED = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/embeddings"),
+]
+UNKNOWN_V1 = [
     ("POST", "/v1/no-such-endpoint"),
     ("GET", "/v1/no/such/endpoint"),
     ("GET", "/v1"),
@@ -264,18 +282,29 @@ PROTECTED = [
 ]
 
 
-@pytest.mark.parametrize(("method", "path"), PROTECTED)
-async def test_every_v1_path_needs_a_key(api: Api, method: str, path: str) -> None:
-    r = await api.client.request(method, api.url(path), json={"model": "e", **CHAT})
-    error_of(r, 401, "unauthorized")
+async def test_every_v1_endpoint_needs_a_key(api: Api) -> None:
+    for method, path in PROTECTED:
+        for key in (None, "sk-gw-wrong"):
+            r = await api.client.request(
+                method, api.url(path), json={"model": "e", **CHAT}, headers=auth(key)
+            )
+            error_of(r, 401, "unauthorized")
+    assert api.upstream.requests == []
 
 
-@pytest.mark.parametrize("path", ["/chat/completions", "/api/v1/chat/completions"])
-async def test_chat_aliases_need_a_key(api: Api, path: str) -> None:
-    error_of(await api.chat(None, {"model": "e", **CHAT}, path), 401, "unauthorized")
-    r = await api.chat(PLAIN, {"model": "e", **CHAT}, path)
-    assert r.status_code == 200, r.text
-    assert r.json()["model"] == "e"
+async def test_unknown_v1_paths_need_a_key(api: Api) -> None:
+    # "every /v1/... path" needs a key: an unknown one must not answer 404 to strangers.
+    for method, path in UNKNOWN_V1:
+        r = await api.client.request(method, api.url(path), json={"model": "e", **CHAT})
+        error_of(r, 401, "unauthorized")
+
+
+async def test_chat_aliases_need_a_key(api: Api) -> None:
+    for path in ("/chat/completions", "/api/v1/chat/completions"):
+        error_of(await api.chat(None, {"model": "e", **CHAT}, path), 401, "unauthorized")
+        r = await api.chat(PLAIN, {"model": "e", **CHAT}, path)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "e"
 
 
 async def test_healthz_needs_no_key(api: Api) -> None:
@@ -302,18 +331,18 @@ async def test_healthz_config_version_follows_the_files(
     assert va != vb
 
 
-@pytest.mark.parametrize("key", [None, PLAIN])
-async def test_unknown_path_outside_v1_is_404_envelope(api: Api, key: str | None) -> None:
-    for path in ("/nope", "/v2/chat/completions", "/healthz/x"):
-        r = await api.get(path, key)
-        err = error_of(r, 404, r.json()["error"]["code"])
-        assert err["code"] != "unauthorized"
-
-
-async def test_unknown_v1_path_with_key_is_404(api: Api) -> None:
-    r = await api.get("/v1/no-such-endpoint", PLAIN)
-    assert r.status_code == 404
-    error_of(r, 404, r.json()["error"]["code"])
+async def test_unknown_paths(api: Api) -> None:
+    # Outside /v1 no key is needed to learn a path does not exist.
+    for key in (None, PLAIN):
+        for path in ("/nope", "/v2/chat/completions", "/healthz/x", "/"):
+            r = await api.get(path, key)
+            assert r.status_code == 404, (path, r.text)
+            assert error_of(r, 404, r.json()["error"]["code"])["code"] != "unauthorized"
+    # With a valid key an unknown /v1 path is a plain 404 envelope.
+    for method, path in UNKNOWN_V1:
+        r = await api.client.request(method, api.url(path), headers=auth(PLAIN))
+        assert r.status_code == 404, (path, r.text)
+        error_of(r, 404, r.json()["error"]["code"])
 
 
 # --------------------------------------------------------------------------- catalog
@@ -351,9 +380,7 @@ async def test_model_retrieve(api: Api) -> None:
         assert m["id"] == slug
         assert m["object"] == "model"
     # Percent-encoded slash (what SDKs send) works as well.
-    r = await api.client.get(
-        httpx.URL(api.url("/v1/models/team%2Fspecial")), headers=auth(PLAIN)
-    )
+    r = await api.client.get(httpx.URL(api.url("/v1/models/team%2Fspecial")), headers=auth(PLAIN))
     assert r.status_code == 200
     assert r.json()["id"] == "team/special"
 
@@ -364,19 +391,20 @@ async def test_model_retrieve_wildcard_slug(api: Api) -> None:
     assert r.json()["id"] == "openai/gpt-4o"
 
 
-@pytest.mark.parametrize(
-    ("path", "key"),
-    [
+async def test_model_retrieve_unknown_or_not_allowed_is_404(api: Api) -> None:
+    for path, key in (
         ("/v1/models/nope", PLAIN),
         ("/v1/models/team/nope", PLAIN),
         ("/v1/models/team", PLAIN),
         ("/v1/models/openai", PLAIN),
         ("/v1/models/m", LIMITED),
         ("/v1/models/team/special", LIMITED),
-    ],
-)
-async def test_model_retrieve_unknown_or_not_allowed_is_404(api: Api, path: str, key: str) -> None:
-    error_of(await api.get(path, key), 404, "model_not_found")
+        ("/v1/models/model-m-id", PLAIN),
+    ):
+        error_of(await api.get(path, key), 404, "model_not_found")
+    # The limited key may still retrieve what it may use.
+    assert (await api.get("/v1/models/e", LIMITED)).status_code == 200
+    assert (await api.get("/v1/models/openai/gpt-4o", LIMITED)).status_code == 200
 
 
 async def test_router_models(api: Api) -> None:
@@ -422,7 +450,12 @@ async def test_router_providers_never_show_urls_or_keys(api: Api) -> None:
         r = await api.get(path)
         assert r.status_code == 200, (path, r.text)
         assert_no_secrets(r)
-        for needle in (api.upstream.url, f"127.0.0.1:{api.upstream.port}", "builtin:echo", "http://"):
+        for needle in (
+            api.upstream.url,
+            f"127.0.0.1:{api.upstream.port}",
+            "builtin:echo",
+            "http://",
+        ):
             assert needle.encode() not in r.content, (path, needle)
 
 
@@ -433,47 +466,58 @@ async def test_router_providers_unknown_is_404(api: Api) -> None:
 # --------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize(
-    "content",
-    [b"", b"not json", b"{", b"[1, 2]", b"[]", b'"string"', b"42", b"null", b"true", b"\xff\xfe"],
-)
-async def test_body_not_a_json_object_is_400(api: Api, content: bytes) -> None:
-    r = await api.client.post(
-        api.url("/v1/chat/completions"),
-        content=content,
-        headers={**auth(PLAIN), "content-type": "application/json"},
-    )
-    error_of(r, 400, "bad_request")
+async def test_body_not_a_json_object_is_400(api: Api) -> None:
+    for path in ("/v1/chat/completions", "/v1/embeddings", "/v1/completions"):
+        for content in (
+            b"",
+            b"not json",
+            b"{",
+            b"[1, 2]",
+            b"[]",
+            b'"string"',
+            b"42",
+            b"null",
+            b"true",
+            b"\xff\xfe",
+            b'[{"model": "e", "messages": [1]}]',
+        ):
+            r = await api.client.post(
+                api.url(path),
+                content=content,
+                headers={**auth(PLAIN), "content-type": "application/json"},
+            )
+            error_of(r, 400, "bad_request")
+    assert api.upstream.requests == []
 
 
-@pytest.mark.parametrize(
-    ("path", "body", "field"),
-    [
-        ("/v1/chat/completions", {**CHAT}, "model"),
-        ("/v1/chat/completions", {"model": None, **CHAT}, "model"),
-        ("/v1/chat/completions", {"model": 5, **CHAT}, "model"),
-        ("/v1/chat/completions", {"model": "e"}, "messages"),
-        ("/v1/chat/completions", {"model": "e", "messages": []}, "messages"),
-        ("/v1/chat/completions", {"model": "e", "messages": "hello"}, "messages"),
-        ("/v1/chat/completions", {"model": "e", "messages": {"role": "user"}}, "messages"),
-        ("/v1/chat/completions", {"model": "e", "messages": None}, "messages"),
-        ("/v1/chat/completions", {"model": "e", "stream": "true", **CHAT}, "stream"),
-        ("/v1/chat/completions", {"model": "e", "stream": "false", **CHAT}, "stream"),
-        ("/v1/chat/completions", {"model": "e", "stream": 1, **CHAT}, "stream"),
-        ("/v1/chat/completions", {"model": "e", "stream": 0, **CHAT}, "stream"),
-        ("/v1/chat/completions", {"model": "e", "stream": [], **CHAT}, "stream"),
-        ("/v1/chat/completions", {"model": "e", "route": "x", **CHAT}, "route"),
-        ("/v1/chat/completions", {"model": "e", "session_id": "s" * 129, **CHAT}, "session_id"),
-        ("/v1/embeddings", {"model": "e"}, "input"),
-        ("/v1/completions", {"model": "e"}, "prompt"),
-    ],
-)
-async def test_validation_errors_are_422(
-    api: Api, path: str, body: dict[str, Any], field: str
-) -> None:
-    r = await api.client.post(api.url(path), json=body, headers=auth(PLAIN))
-    err = error_of(r, 422, "validation_error")
-    assert names_field(err, field), err
+VALIDATION = [
+    ("/v1/chat/completions", {**CHAT}, "model"),
+    ("/v1/chat/completions", {"model": None, **CHAT}, "model"),
+    ("/v1/chat/completions", {"model": 5, **CHAT}, "model"),
+    ("/v1/chat/completions", {"model": "e"}, "messages"),
+    ("/v1/chat/completions", {"model": "e", "messages": []}, "messages"),
+    ("/v1/chat/completions", {"model": "e", "messages": "hello"}, "messages"),
+    ("/v1/chat/completions", {"model": "e", "messages": {"role": "user"}}, "messages"),
+    ("/v1/chat/completions", {"model": "e", "messages": None}, "messages"),
+    ("/v1/chat/completions", {"model": "e", "stream": "true", **CHAT}, "stream"),
+    ("/v1/chat/completions", {"model": "e", "stream": "false", **CHAT}, "stream"),
+    ("/v1/chat/completions", {"model": "e", "stream": 1, **CHAT}, "stream"),
+    ("/v1/chat/completions", {"model": "e", "stream": 0, **CHAT}, "stream"),
+    ("/v1/chat/completions", {"model": "e", "stream": [], **CHAT}, "stream"),
+    ("/v1/chat/completions", {"model": "e", "route": "x", **CHAT}, "route"),
+    ("/v1/chat/completions", {"model": "e", "session_id": "s" * 129, **CHAT}, "session_id"),
+    ("/v1/embeddings", {"model": "e"}, "input"),
+    ("/v1/completions", {"model": "e"}, "prompt"),
+    ("/v1/completions", {"model": "e", "prompt": "x", "stream": "yes"}, "stream"),
+]
+
+
+async def test_validation_errors_are_422(api: Api) -> None:
+    for path, body, field in VALIDATION:
+        r = await api.client.post(api.url(path), json=body, headers=auth(PLAIN))
+        err = error_of(r, 422, "validation_error")
+        assert names_field(err, field), (path, body, err)
+    assert api.upstream.requests == []
 
 
 async def test_stream_null_is_absent(api: Api) -> None:
@@ -489,19 +533,21 @@ async def test_route_fallback_is_accepted(api: Api) -> None:
     assert r.json()["model"] == "e"
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
+async def test_unknown_slug_is_400_model_not_found(api: Api) -> None:
+    for body in (
         {"model": "nope", **CHAT},
         {"model": "openai", **CHAT},
         {"model": "openai/", **CHAT},
+        {"model": "E", **CHAT},
         {"models": ["e", "nope"], **CHAT},
         {"model": "nope", "models": ["e"], **CHAT},
-    ],
-)
-async def test_unknown_slug_is_400_model_not_found(api: Api, body: dict[str, Any]) -> None:
-    err = error_of(await api.chat(PLAIN, body), 400, "model_not_found")
-    assert "nope" in json.dumps(err) or "openai" in json.dumps(err)
+    ):
+        err = error_of(await api.chat(PLAIN, body), 400, "model_not_found")
+        assert "nope" in json.dumps(err) or "openai" in json.dumps(err) or '"E"' in json.dumps(err)
+    r = await api.client.post(
+        api.url("/v1/embeddings"), json={"model": "nope", "input": "x"}, headers=auth(PLAIN)
+    )
+    error_of(r, 400, "model_not_found")
     assert api.upstream.requests == []
 
 
@@ -562,59 +608,90 @@ async def test_body_over_limit_chunked(small: RunningGateway, client: httpx.Asyn
 
 
 async def test_default_limit_allows_large_bodies(api: Api) -> None:
-    body = {"model": "e", "messages": [{"role": "user", "content": "z" * 2_000_000}]}
+    body = {"model": "e", "messages": [{"role": "user", "content": "z" * 1_100_000}]}
     r = await api.chat(PLAIN, body)
     assert r.status_code == 200
 
 
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [
-        ("GET", "/v1/chat/completions"),
-        ("PUT", "/v1/chat/completions"),
-        ("DELETE", "/v1/embeddings"),
-        ("PATCH", "/v1/completions"),
-        ("GET", "/chat/completions"),
-        ("POST", "/v1/models"),
-        ("DELETE", "/v1/models/e"),
-        ("POST", "/v1/router/models"),
-        ("PUT", "/v1/router/models/e/providers"),
-        ("POST", "/healthz"),
-    ],
-)
-async def test_wrong_method_is_an_envelope_never_500(api: Api, method: str, path: str) -> None:
-    r = await api.client.request(method, api.url(path), json={"model": "e", **CHAT}, headers=auth(PLAIN))
-    assert r.status_code == 405, (r.status_code, r.text)
-    error_of(r, 405, r.json()["error"]["code"])
+WRONG_METHODS = [
+    ("GET", "/v1/chat/completions"),
+    ("PUT", "/v1/chat/completions"),
+    ("DELETE", "/v1/embeddings"),
+    ("PATCH", "/v1/completions"),
+    ("GET", "/chat/completions"),
+    ("POST", "/v1/models"),
+    ("DELETE", "/v1/models/e"),
+    ("POST", "/v1/router/models"),
+    ("PUT", "/v1/router/models/e/providers"),
+    ("POST", "/healthz"),
+]
+
+
+async def test_wrong_method_is_an_envelope_never_500(api: Api) -> None:
+    for method, path in WRONG_METHODS:
+        r = await api.client.request(
+            method, api.url(path), json={"model": "e", **CHAT}, headers=auth(PLAIN)
+        )
+        assert r.status_code == 405, (method, path, r.status_code, r.text)
+        error_of(r, 405, r.json()["error"]["code"])
+    assert api.upstream.requests == []
 
 
 def _malformed_bodies() -> list[tuple[str, bytes]]:
     rng = random.Random(31337)
     out: list[tuple[str, bytes]] = []
     for _ in range(8):
-        out.append(("/v1/chat/completions", bytes(rng.randrange(256) for _ in range(rng.randint(1, 200)))))
+        out.append(
+            ("/v1/chat/completions", bytes(rng.randrange(256) for _ in range(rng.randint(1, 200))))
+        )
     out += [
         ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000),
         ("/v1/chat/completions", b'{"a":' * 5000 + b"1" + b"}" * 5000),
         ("/v1/chat/completions", b'{"model":"e","messages":' + b"[" * 3000 + b"]" * 3000 + b"}"),
-        ("/v1/chat/completions", b'{"model":"e","messages":[{"role":"user","content":"x"}],"n":1e999999}'),
-        ("/v1/chat/completions", b'{"model":"e","messages":[{"role":"user","content":"x"}],"n":' + b"9" * 5000 + b"}"),
-        ("/v1/chat/completions", b'{"model":"e","messages":[{"role":"user","content":"x"}],"t":-1e-999999}'),
+        (
+            "/v1/chat/completions",
+            b'{"model":"e","messages":[{"role":"user","content":"x"}],"n":1e999999}',
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model":"e","messages":[{"role":"user","content":"x"}],"n":' + b"9" * 5000 + b"}",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model":"e","messages":[{"role":"user","content":"x"}],"t":-1e-999999}',
+        ),
         ("/v1/chat/completions", b'{"model":"e\xff","messages":[1]}'),
-        ("/v1/chat/completions", b'{"model":"e","messages":[{"role":"user","content":"\xc3\x28"}]}'),
+        (
+            "/v1/chat/completions",
+            b'{"model":"e","messages":[{"role":"user","content":"\xc3\x28"}]}',
+        ),
         ("/v1/chat/completions", b'{"model":"e","messages":[{"role":"user","content":"\\ud800"}]}'),
         ("/v1/chat/completions", b'{"model":"\\u0000","messages":[1]}'),
         ("/v1/chat/completions", b'{"model":"e","messages":[1],}'),
         ("/v1/chat/completions", b"{\"model\":'e'}"),
         ("/v1/chat/completions", b"\x00" * 64),
-        ("/v1/chat/completions", b'{"model":"e","messages":[{"role":"user","content":"x"}]}' + b"garbage"),
+        (
+            "/v1/chat/completions",
+            b'{"model":"e","messages":[{"role":"user","content":"x"}]}' + b"garbage",
+        ),
         ("/v1/chat/completions", b"\xef\xbb\xbf" + b'{"model":"e","messages":[1]}'),
         ("/v1/embeddings", b'{"model":"e","input":' + b"[" * 2000 + b"]" * 2000 + b"}"),
         ("/v1/completions", b'{"model":"e","prompt":"\xed\xa0\x80"}'),
     ]
     wrong = [None, True, 0, -1, 1.5, 2**70, "x", "", [], [1], {}, {"a": 1}, [[[]]], [None]]
     fields = {
-        "/v1/chat/completions": ["model", "messages", "stream", "models", "route", "provider", "session_id", "stream_options", "n", "tools"],
+        "/v1/chat/completions": [
+            "model",
+            "messages",
+            "stream",
+            "models",
+            "route",
+            "provider",
+            "session_id",
+            "stream_options",
+            "n",
+            "tools",
+        ],
         "/v1/embeddings": ["model", "input", "encoding_format"],
         "/v1/completions": ["model", "prompt", "stream", "max_tokens"],
     }
@@ -629,12 +706,32 @@ def _malformed_bodies() -> list[tuple[str, bytes]]:
                 body = {**base[path], name: value}
                 out.append((path, json.dumps(body).encode()))
     out += [
-        ("/v1/chat/completions", json.dumps({"model": "e", "messages": [{"role": 5, "content": {"x": [1]}}]}).encode()),
+        (
+            "/v1/chat/completions",
+            json.dumps({"model": "e", "messages": [{"role": 5, "content": {"x": [1]}}]}).encode(),
+        ),
         ("/v1/chat/completions", json.dumps({"model": "e", "messages": [[], None, 3]}).encode()),
-        ("/v1/chat/completions", json.dumps({"model": "e", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode()),
-        ("/v1/chat/completions", json.dumps({"model": "e", "provider": {"order": "p", "only": 1}, **CHAT}).encode()),
-        ("/v1/chat/completions", json.dumps({"model": "e", "provider": {"allow_fallbacks": "no"}, **CHAT}).encode()),
-        ("/v1/chat/completions", json.dumps({"model": "e", "provider": {"order": [None]}, **CHAT}).encode()),
+        (
+            "/v1/chat/completions",
+            json.dumps(
+                {
+                    "model": "e",
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+                }
+            ).encode(),
+        ),
+        (
+            "/v1/chat/completions",
+            json.dumps({"model": "e", "provider": {"order": "p", "only": 1}, **CHAT}).encode(),
+        ),
+        (
+            "/v1/chat/completions",
+            json.dumps({"model": "e", "provider": {"allow_fallbacks": "no"}, **CHAT}).encode(),
+        ),
+        (
+            "/v1/chat/completions",
+            json.dumps({"model": "e", "provider": {"order": [None]}, **CHAT}).encode(),
+        ),
     ]
     return out
 
@@ -645,12 +742,16 @@ async def test_fuzz_malformed_bodies_never_500(api: Api) -> None:
     failures = []
     for path, content in bodies:
         r = await api.client.post(
-            api.url(path), content=content, headers={**auth(PLAIN), "content-type": "application/json"}
+            api.url(path),
+            content=content,
+            headers={**auth(PLAIN), "content-type": "application/json"},
         )
         text = r.text
         if r.status_code >= 500 or "Traceback" in text or 'File "' in text:
             failures.append((path, content[:120], r.status_code, text[:200]))
-        if r.status_code >= 400 and r.headers.get("content-type", "").startswith("application/json"):
+        if r.status_code >= 400 and r.headers.get("content-type", "").startswith(
+            "application/json"
+        ):
             assert "error" in r.json()
         assert_no_secrets(r)
     assert failures == []
@@ -675,6 +776,8 @@ async def test_fuzz_headers_never_500(api: Api) -> None:
         except httpx.HTTPError:
             continue  # refused at the protocol layer: acceptable
         assert r.status_code < 500, (headers.keys(), r.status_code, r.text)
+        if r.status_code == 400 and r.headers.get("content-type", "").startswith("text/plain"):
+            continue  # the HTTP server refused the request before the gateway saw it
         assert r.headers.get("x-request-id")
         assert len(r.headers["x-request-id"]) <= 128
     r = await api.chat(PLAIN, {"model": "e", **CHAT})
@@ -727,8 +830,6 @@ async def test_secrets_never_reach_the_client(api: Api) -> None:
 async def test_secrets_absent_from_unreachable_upstream_error(
     gateway: GatewayFactory, client: httpx.AsyncClient
 ) -> None:
-    import socket
-
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

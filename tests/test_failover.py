@@ -4,6 +4,7 @@ gets when everything failed, provider preferences, the circuit breaker, max_atte
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ import yaml
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.upstream import Drop, Hang, Json, Reply, Upstream, chat_completion
 
+MakeUpstream = Callable[[], Awaitable[Upstream]]
 MESSAGES = [{"role": "user", "content": "hi"}]
 BODY: dict[str, Any] = {"model": "m", "messages": MESSAGES}
 
@@ -60,7 +62,7 @@ def assert_envelope(r: httpx.Response, status: int, code: str) -> dict[str, Any]
     return err
 
 
-async def ups(make_upstream: Any, n: int) -> list[Upstream]:
+async def ups(make_upstream: MakeUpstream, n: int) -> list[Upstream]:
     return [await make_upstream() for _ in range(n)]
 
 
@@ -81,7 +83,7 @@ async def ups(make_upstream: Any, n: int) -> list[Upstream]:
     ids=["429", "500", "503", "408", "502-html", "drop", "hang"],
 )
 async def test_fallback_triggers(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient, failure: Reply
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient, failure: Reply
 ) -> None:
     up1, up2 = await ups(make_upstream, 2)
     up1.script(failure)
@@ -109,7 +111,7 @@ async def test_fallback_on_connection_refused(
 
 @pytest.mark.parametrize("status", [400, 401, 404, 422])
 async def test_client_errors_relayed_without_fallback(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient, status: int
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient, status: int
 ) -> None:
     up1, up2 = await ups(make_upstream, 2)
     raw = b'{"error": {"message": "bad input", "type": "invalid_request_error", "code": "x"}}'
@@ -128,7 +130,7 @@ async def test_client_errors_relayed_without_fallback(
 
 
 async def test_all_fail_last_status_relayed(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     up1, up2 = await ups(make_upstream, 2)
     up1.script(Json({"error": {"message": "first"}}, status=500))
@@ -166,7 +168,7 @@ async def test_none_reachable_is_502(gateway: GatewayFactory, client: httpx.Asyn
 
 
 async def test_drops_only_is_502(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     up1, up2 = await ups(make_upstream, 2)
     up1.script(Drop())
@@ -191,7 +193,7 @@ async def test_timeout_among_failures_is_504(
 
 
 async def test_max_attempts_one_stops_after_one_try(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     up1, up2 = await ups(make_upstream, 2)
     raw = b'{"error":{"message":"boom"}}'
@@ -228,7 +230,7 @@ def tried(upstreams: dict[str, Upstream]) -> list[str]:
 )
 async def test_provider_preferences(
     gateway: GatewayFactory,
-    make_upstream: Any,
+    make_upstream: MakeUpstream,
     client: httpx.AsyncClient,
     prefs: dict[str, Any],
     fail: set[str],
@@ -248,7 +250,7 @@ async def test_provider_preferences(
 
 
 async def test_provider_order_is_followed(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     """All fail: the relayed body is the last one tried, which shows the order's tail."""
     upstreams = dict(zip("abc", await ups(make_upstream, 3), strict=True))
@@ -268,7 +270,7 @@ async def test_provider_order_is_followed(
 
 
 async def test_allow_fallbacks_false_stops_after_ordered(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     upstreams = dict(zip("abc", await ups(make_upstream, 3), strict=True))
     raw = b'{"error":{"message":"c failed"}}'
@@ -282,7 +284,7 @@ async def test_allow_fallbacks_false_stops_after_ordered(
 
 
 async def test_only_restricts_even_when_it_fails(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     upstreams = dict(zip("abc", await ups(make_upstream, 3), strict=True))
     raw = b'{"error":{"message":"b failed"}}'
@@ -298,7 +300,7 @@ async def test_only_restricts_even_when_it_fails(
 
 
 async def test_breaker_skips_entry_after_three_failures(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     up1, up2 = await ups(make_upstream, 2)
     up1.default = Json({"error": {"message": "down"}}, status=500)
@@ -317,7 +319,7 @@ async def test_breaker_skips_entry_after_three_failures(
 
 
 async def test_breaker_counts_consecutive_failures_only(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     up1, up2 = await ups(make_upstream, 2)
     fail = Json({"error": {"message": "down"}}, status=500)
@@ -368,7 +370,10 @@ async def test_breaker_counts_timeouts_and_refusals(
 
 
 async def test_breaker_is_per_entry(
-    gateway: GatewayFactory, upstream: Upstream, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory,
+    upstream: Upstream,
+    make_upstream: MakeUpstream,
+    client: httpx.AsyncClient,
 ) -> None:
     """Two models on the same provider: one entry cooling down does not block the other."""
     backup: Upstream = await make_upstream()

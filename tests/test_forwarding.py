@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ import yaml
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.upstream import Json, Upstream, chat_completion
 
+MakeUpstream = Callable[[], Awaitable[Upstream]]
 MESSAGES = [{"role": "user", "content": "hi"}]
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -118,7 +120,7 @@ async def test_gateway_field_last_member_removed_cleanly(
 
 
 async def test_models_list_without_model(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     up_a: Upstream = await make_upstream()
     up_b: Upstream = await make_upstream()
@@ -147,6 +149,31 @@ async def test_models_list_without_model(
     assert r.headers["x-gateway-provider"] == "pb"
     assert r.headers["x-upstream-model"] == "model-b"
     assert up_b.requests[0].json() == {"model": "model-b", "messages": MESSAGES, "temperature": 0.5}
+
+
+async def test_models_list_validation(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    gw = await gateway(single(upstream))
+    url = f"{gw.base_url}/chat/completions"
+    r = await client.post(url, json={"models": ["m", "nope"], "messages": MESSAGES})
+    assert_envelope(r, 400, "model_not_found")
+    r = await client.post(url, json={"models": ["m"], "route": "sort", "messages": MESSAGES})
+    err = assert_envelope(r, 422, "validation_error")
+    assert names_field(err["details"], "route"), err
+    assert upstream.requests == []
+
+
+async def test_stream_null_means_absent(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    gw = await gateway(single(upstream))
+    sent = b'{"model":"m","stream":null,"messages":[{"role":"user","content":"x"}]}'
+    r = await post_raw(client, gw, sent)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["model"] == "m"
+    assert upstream.requests[0].body == sent.replace(b'"m"', b'"upstream-model"')
 
 
 # --- request headers ------------------------------------------------------------------

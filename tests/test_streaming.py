@@ -7,8 +7,10 @@ none of these tests is about usage accounting.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -17,6 +19,7 @@ import yaml
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.upstream import DONE, Hang, Sse, Upstream, chunk
 
+MakeUpstream = Callable[[], Awaitable[Upstream]]
 MESSAGES = [{"role": "user", "content": "hi"}]
 STREAM_BODY: dict[str, Any] = {"model": "m", "stream": True, "messages": MESSAGES}
 KEEPALIVE = b": keep-alive\n\n"
@@ -90,11 +93,24 @@ async def test_stream_bytes_relayed_exactly(
         b'"model":"upstream-model","choices":[{"index"', b'"model":"m","choices":[{"index"'
     )
     expected = expected.replace(b'"model" :  "upstream-model" ,', b'"model" :  "m" ,')
-    upstream.script(Sse(events))
+    upstream.script(
+        Sse(
+            events,
+            headers=[
+                ("X-Request-Id", "up-stream-1"),
+                ("Set-Cookie", "s=1"),
+                ("X-Ratelimit-Remaining-Tokens", "5"),
+            ],
+        )
+    )
     gw = await gateway(single(upstream))
     r = await post_stream(client, gw)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["x-upstream-request-id"] == "up-stream-1"
+    assert r.headers.get_list("x-request-id") != ["up-stream-1"]
+    assert "set-cookie" not in r.headers
+    assert r.headers["x-ratelimit-remaining-tokens"] == "5"
     assert r.headers["x-gateway-provider"] == "p"
     assert r.headers["x-upstream-model"] == "upstream-model"
     assert r.headers.get("x-request-id")
@@ -102,7 +118,7 @@ async def test_stream_bytes_relayed_exactly(
 
 
 async def test_crlf_and_cr_line_endings_kept(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     for eol in (b"\r\n", b"\r"):
         upstream: Upstream = await make_upstream()
@@ -158,7 +174,7 @@ async def test_events_reach_client_while_upstream_is_silent(
 ) -> None:
     """The upstream sends three events and then goes quiet: all three must arrive now."""
     events = [chunk("a"), b": comment\n\n", chunk("b")]
-    upstream.script(Sse(events, hang_after=3))
+    upstream.script(Sse(events, delay=0.1, hang_after=3))
     gw = await gateway(single(upstream))
     want = rewritten(b"".join(events))
     got = b""
@@ -198,7 +214,7 @@ async def test_paced_events_arrive_one_by_one(gateway: GatewayFactory, upstream:
             while len(arrivals) < len(want) and buf.startswith(b"".join(want[: len(arrivals) + 1])):
                 arrivals.append(now)
     assert buf == b"".join(want) + DONE
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     print(f"arrival gaps (pace {pace}s): {[round(g, 3) for g in gaps]}")
     # An event held back until the next one is sent arrives together with it (gap ~ 0).
     assert all(g > pace / 3 for g in gaps), gaps
@@ -292,7 +308,7 @@ async def test_client_disconnect_while_waiting_closes_upstream(
 
 
 async def test_events_before_content_are_held_for_failover(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     up1: Upstream = await make_upstream()
     up2: Upstream = await make_upstream()
@@ -376,8 +392,36 @@ async def test_without_content_nothing_is_committed_before_commit_after(
     assert body == rewritten(role_chunk() + chunk("a") + DONE)
 
 
+async def test_stream_silent_before_content_fails_over(
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
+) -> None:
+    up1 = await make_upstream()
+    up2 = await make_upstream()
+    up1.script(Sse([role_chunk(), chunk("never")], hang_after=1))
+    served = [chunk("ok"), DONE]
+    up2.script(Sse(served))
+    gw = await gateway(
+        routes(
+            {"p1": provider(up1, timeout={"read": 0.5}), "p2": provider(up2)},
+            {
+                "m": {
+                    "providers": [
+                        {"provider": "p1", "model": "upstream-model"},
+                        {"provider": "p2", "model": "upstream-model"},
+                    ]
+                }
+            },
+        )
+    )
+    r = await post_stream(client, gw)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-gateway-provider"] == "p2"
+    assert r.headers["x-gateway-attempts"] == "2"
+    assert r.content == rewritten(b"".join(served))
+
+
 async def test_first_event_error_fails_over(
-    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
 ) -> None:
     up1: Upstream = await make_upstream()
     up2: Upstream = await make_upstream()

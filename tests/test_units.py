@@ -38,7 +38,10 @@ MODEL = b'"model"'
 
 def members(data: bytes) -> list[tuple[bytes, bytes]]:
     """(raw key, raw value) of each top-level member."""
-    return [(data[ks : data.index(b":", ks + len(k))], data[vs:ve]) for k, ks, vs, ve in iter_members(data)]
+    return [
+        (data[ks : data.index(b":", ks + len(k))], data[vs:ve])
+        for k, ks, vs, ve in iter_members(data)
+    ]
 
 
 def test_iter_members_nested_and_tricky_strings() -> None:
@@ -88,7 +91,7 @@ MALFORMED: list[bytes] = [
     b'{"a":1,,"b":2}',
     b'{"a":1 "b":2}',
     b'{"a" 1}',
-    b'{a:1}',
+    b"{a:1}",
     b'{"a":"unterminated',
     b'{"a":[1,2}',
     b'{"a":{"b":1}',
@@ -494,7 +497,11 @@ def test_parse_body_not_a_json_object(raw: bytes) -> None:
         ("/chat/completions", {"model": "a", "messages": [1], "models": []}, "models"),
         ("/chat/completions", {"model": "a", "messages": [1], "models": [1]}, "models"),
         ("/chat/completions", {"model": "a", "messages": [1], "session_id": 5}, "session_id"),
-        ("/chat/completions", {"model": "a", "messages": [1], "session_id": "s" * 129}, "session_id"),
+        (
+            "/chat/completions",
+            {"model": "a", "messages": [1], "session_id": "s" * 129},
+            "session_id",
+        ),
         ("/chat/completions", {"model": "a", "messages": [1], "provider": "x"}, "provider"),
         ("/embeddings", {"model": "a"}, "input"),
         ("/embeddings", {"model": "a", "input": None}, "input"),

@@ -1,0 +1,59 @@
+"""One access-log line per request: JSON by default, `key=value` text for humans.
+
+The key's name is logged, never its secret; bodies and headers are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+
+from gateway.exchange import Exchange
+
+log = logging.getLogger("gateway.access")
+
+
+def _utc_now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+class AccessLog:
+    def __init__(self, fmt: str = "json") -> None:
+        self.text = fmt == "text"
+
+    def enabled(self) -> bool:
+        return log.isEnabledFor(logging.INFO)
+
+    def write(self, fields: dict[str, Any]) -> None:
+        fields = {"time": _utc_now(), **fields}
+        if self.text:
+            line = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        else:
+            line = orjson.dumps(fields).decode()
+        log.info(line)
+
+
+def exchange_fields(ex: Exchange, key_name: str | None, duration: float) -> dict[str, Any]:
+    usage = ex.usage or {}
+    return {
+        "request_id": ex.request_id.decode(),
+        "key": key_name,
+        "session_id": ex.parsed.session_id,
+        "path": ex.path,
+        "slug": ex.slug or ex.parsed.slugs[0],
+        "provider": ex.provider,
+        "upstream_model": ex.upstream_model,
+        "status": ex.status,
+        "stream": ex.parsed.stream,
+        "attempts": ex.attempts,
+        "hedged": ex.hedged,
+        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000, 2),
+        "duration_ms": round(duration * 1000, 2),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "client_disconnected": ex.client_gone,
+    }
