@@ -107,7 +107,7 @@ def replace_value(data: bytes, key: bytes, value: bytes, start: int = 0) -> byte
     spans = [(vs, ve) for raw, _, vs, ve in iter_members(data, start) if raw == key]
     if not spans:
         return data
-    out = []
+    out: list[bytes] = []
     pos = 0
     for vstart, vend in spans:
         out += (data[pos:vstart], value)
