@@ -29,5 +29,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+# One file that runs with `python dist/gateway.pyz serve` where only Python is installed;
+# compiled dependencies are unpacked once into ~/.shiv (SHIV_ROOT) on first start.
+pyz: $(STAMP)
+	@mkdir -p dist
+	$(BIN)/shiv -q -c gateway -o dist/gateway.pyz --reproducible --compressed -p "/usr/bin/env python3" .
+	@echo "built dist/gateway.pyz: python dist/gateway.pyz serve"
+
 clean:
 	rm -rf $(VENV) dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache

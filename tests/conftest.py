@@ -17,7 +17,9 @@ from tests.upstream import Upstream
 
 
 class RunningGateway:
-    def __init__(self, server: uvicorn.Server, task: asyncio.Task[None], port: int, app: Any) -> None:
+    def __init__(
+        self, server: uvicorn.Server, task: asyncio.Task[None], port: int, app: Any
+    ) -> None:
         self.server = server
         self.task = task
         self.port = port
@@ -47,11 +49,17 @@ async def start_gateway(
         keys_path.write_text(keys)
     s = Settings(routes_path=str(routes_path), keys_path=str(keys_path), port=0, **settings)
     app = create_app(s, load_config(s.routes_path, s.keys_path))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only then.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, lifespan="on", log_level="warning", access_log=False, server_header=False, date_header=False
+        app,
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        date_header=False,
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -114,7 +114,9 @@ class Upstream:
     replies: list[Reply] = field(default_factory=list)
     default: Reply = field(default_factory=Json)
     requests: list[Recorded] = field(default_factory=list)
-    closed: list[float] = field(default_factory=list)  # monotonic times the peer went away mid-reply
+    closed: list[float] = field(
+        default_factory=list
+    )  # monotonic times the peer went away mid-reply
     port: int = 0
     _server: asyncio.Server | None = None
     _closed_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -139,7 +141,7 @@ class Upstream:
                 w.close()
             await self._server.wait_closed()
 
-    async def wait_closed(self, timeout: float = 2.0) -> float:
+    async def wait_closed(self, timeout: float = 2.0) -> float:  # noqa: ASYNC109 (a bound, by design)
         """Wait (bounded) until the gateway closes a connection mid-reply; its time."""
         await asyncio.wait_for(self._closed_event.wait(), timeout)
         return self.closed[-1]
