@@ -76,7 +76,9 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | No
 def pace(body: bytes) -> tuple[float, int]:
     try:
         fields = json.loads(body)
-        return float(fields.get("bench_interval_ms", 20)) / 1000, int(fields.get("bench_events", 50))
+        return float(fields.get("bench_interval_ms", 20)) / 1000, int(
+            fields.get("bench_events", 50)
+        )
     except (ValueError, AttributeError, TypeError):
         return 0.02, 50
 

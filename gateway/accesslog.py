@@ -6,6 +6,7 @@ The key's name is logged, never its secret; bodies and headers are never logged.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -19,6 +20,15 @@ log = logging.getLogger("gateway.access")
 def _utc_now() -> str:
     now = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+def configure(level: str) -> None:
+    """Access lines go to stdout, one per line, nothing around them; diagnostics to stderr."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(level.upper())
 
 
 class AccessLog:

@@ -59,10 +59,12 @@ def create_app(settings: Settings, config: Config) -> Router:
 
 def app_from_env() -> Router:
     """Factory for worker processes (`--workers N`): settings come from GATEWAY_* variables."""
+    from gateway.accesslog import configure as configure_access_log
     from gateway.config import load_config
     from gateway.settings import from_env
 
     settings = from_env()
+    configure_access_log(settings.log_level)
     return create_app(
         settings, load_config(settings.routes_path, settings.keys_path, settings.keys_explicit)
     )

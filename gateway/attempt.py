@@ -92,16 +92,14 @@ async def open_attempt(
                 return Failure(error=exc)
             if resp.status < 300:
                 raw = replace_value(raw, MODEL_KEY, model_json)
-                if ex.count_tokens:
-                    opened.tally = Tally(False)
-                    opened.tally.usage = usage_in_body(raw)
+                opened.tally = Tally(False)
+                opened.tally.usage = usage_in_body(raw)
             opened.body = raw
             opened.ttfb = time.monotonic() - t0
             keep = True
             return opened
 
-        if ex.count_tokens:
-            opened.tally = Tally(injected)
+        opened.tally = Tally(injected, count_content=ex.count_tokens)
         held = opened.held
         content = False
         while not content:

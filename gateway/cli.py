@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.accesslog import configure as configure_access_log
 from gateway.config import Config, ConfigError, load_config
 from gateway.keys import append_key, new_secret
 from gateway.settings import Settings, from_env
@@ -133,6 +134,7 @@ def _bind(settings: Settings) -> socket.socket:
 def cmd_serve(settings: Settings) -> int:
     import uvicorn
 
+    configure_access_log(settings.log_level)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -206,6 +208,8 @@ def _export(settings: Settings) -> None:
         GATEWAY_PORT=str(settings.port),
         GATEWAY_MAX_BODY_BYTES=str(settings.max_body_bytes),
         GATEWAY_DRAIN_SECONDS=str(settings.drain_seconds),
+        GATEWAY_LOG_LEVEL=settings.log_level,
+        GATEWAY_LOG_FORMAT=settings.log_format,
     )
     if not settings.keys_explicit:
         os.environ.pop("GATEWAY_KEYS")

@@ -37,12 +37,16 @@ def _content_length(choices: Any) -> int:
 
 
 class Tally:
-    """Reads a stream's events for usage and content size."""
+    """Reads a stream's events for usage and, when tokens are limited, content size.
 
-    __slots__ = ("content_chars", "hide_usage_chunk", "usage")
+    Without token limits only events that mention `usage` are parsed (for the log).
+    """
 
-    def __init__(self, hide_usage_chunk: bool) -> None:
+    __slots__ = ("content_chars", "count_content", "hide_usage_chunk", "usage")
+
+    def __init__(self, hide_usage_chunk: bool, count_content: bool = True) -> None:
         self.hide_usage_chunk = hide_usage_chunk
+        self.count_content = count_content
         self.usage: dict[str, Any] | None = None
         self.content_chars = 0
 
@@ -50,7 +54,7 @@ class Tally:
         """The events to relay: all, less the usage-only chunk the gateway asked for."""
         kept = []
         for event in events:
-            if data_payloads(event):
+            if (self.count_content or USAGE_KEY in event) and data_payloads(event):
                 try:
                     obj = orjson.loads(payload_of(event))
                 except orjson.JSONDecodeError:
