@@ -516,6 +516,7 @@ def wrk(bench: Bench, port: int, body: bytes, connections: int, seconds: int) ->
     lat = raw["latency_us"]
     return {
         "rps": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
+        "seconds": raw["duration_us"] / 1e6,
         "requests": raw["requests"],
         "errors": sum(raw["errors"].values()),
         "error_kinds": raw["errors"],
@@ -529,17 +530,26 @@ def wrk(bench: Bench, port: int, body: bytes, connections: int, seconds: int) ->
 def wrk_scenario(
     bench: Bench, key: str, title: str, kind: str, connections: int, seconds: int
 ) -> None:
+    """wrk against each target; also the CPU share the proxy used, and so its rate per
+    core (the proxies are pinned to one core; at c64 the load core may be the limit)."""
     body = JSON_BODY if kind == "json" else SSE_BODY
     bench.results[key] = {}
     for target in TARGETS:
         port = bench.ports.of(target, kind)
         wrk(bench, port, body, connections, 1)  # warm-up: pools, caches
+        pids = bench.pids(target) if target != "direct" else []
+        cpu_start = cpu_seconds(pids)
         got = wrk(bench, port, body, connections, seconds)
+        if pids:
+            share = (cpu_seconds(pids) - cpu_start) / got["seconds"]
+            got["cpu_percent"] = round(100 * share, 1)
+            got["rps_per_core"] = round(got["rps"] / share, 1) if share > 0 else None
         bench.results[key][target] = got
-        errors = f", {got['errors']} ERRORS" if got["errors"] else ""
+        errors = f", {got['errors']} ERRORS {got['error_kinds']}" if got["errors"] else ""
+        cpu = f"  proxy CPU {got['cpu_percent']:.0f}%" if pids else ""
         progress(
             f"{title} · {target:7}: {got['rps']:>9,.0f} req/s  p50 {got['p50_ms']:.2f} ms"
-            f"  p99 {got['p99_ms']:.2f} ms{errors}"
+            f"  p99 {got['p99_ms']:.2f} ms{cpu}{errors}"
         )
 
 
@@ -691,12 +701,16 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("1 non-stream c64 req/s", "1_nonstream_c64", "rps", "rate"),
     ("1 non-stream c64 p50 ms", "1_nonstream_c64", "p50_ms", "ms"),
     ("1 non-stream c64 p99 ms", "1_nonstream_c64", "p99_ms", "ms"),
+    ("1 proxy CPU %", "1_nonstream_c64", "cpu_percent", "count"),
+    ("1 req/s per proxy core", "1_nonstream_c64", "rps_per_core", "rate"),
     ("2 non-stream c1 req/s", "2_nonstream_c1", "rps", "rate"),
     ("2 non-stream c1 p50 ms", "2_nonstream_c1", "p50_ms", "ms"),
     ("2 non-stream c1 p99 ms", "2_nonstream_c1", "p99_ms", "ms"),
     ("3 stream c64 req/s", "3_stream_c64", "rps", "rate"),
     ("3 stream c64 p50 ms", "3_stream_c64", "p50_ms", "ms"),
     ("3 stream c64 p99 ms", "3_stream_c64", "p99_ms", "ms"),
+    ("3 proxy CPU %", "3_stream_c64", "cpu_percent", "count"),
+    ("3 req/s per proxy core", "3_stream_c64", "rps_per_core", "rate"),
     ("4 paced event delay p50 ms", "4_paced_stream", "delay_ms.p50", "ms"),
     ("4 paced event delay p99 ms", "4_paced_stream", "delay_ms.p99", "ms"),
     ("4 paced bursts", "4_paced_stream", "bursts", "count"),
@@ -791,7 +805,7 @@ def machine(tools: dict[str, str]) -> dict[str, Any]:
         "nginx": command_output([tools["nginx"], "-v"]).replace("nginx version: ", ""),
         "wrk": command_output([tools["wrk"], "-v"]).split("\n", 1)[0].split(" [", 1)[0],
         "gateway_commit": commit + ("+changes" if dirty else ""),
-        "load_before": Path("/proc/loadavg").read_text().split()[:3],
+        "load_before": [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]],
     }
 
 
@@ -823,12 +837,35 @@ def write_results(document: dict[str, Any]) -> Path:
 # ---------------------------------------------------------------- main
 
 
-def warn_if_busy() -> None:
-    load = float(Path("/proc/loadavg").read_text().split()[0])
-    if load > 0.5:
+def core_busy(seconds: float = 0.5) -> dict[str, float]:
+    """Percent busy of each core over a short sample, before anything is started."""
+
+    def sample() -> dict[str, tuple[int, int]]:
+        found = {}
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *ticks = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                values = [int(t) for t in ticks]
+                idle = values[3] + (values[4] if len(values) > 4 else 0)
+                found[name] = (sum(values), idle)
+        return found
+
+    before = sample()
+    time.sleep(seconds)
+    after = sample()
+    busy = {}
+    for name, (total, idle) in after.items():
+        spent = total - before[name][0]
+        busy[name] = round(100 * (1 - (idle - before[name][1]) / spent), 1) if spent else 0.0
+    return busy
+
+
+def warn_if_busy(busy: dict[str, float]) -> None:
+    if any(value > 10 for value in busy.values()):
+        shown = ", ".join(f"{name} {value:.0f}%" for name, value in busy.items())
         progress(
-            f"warning: load average {load:.2f} before the run; other work on this machine "
-            "makes the figures noisy"
+            f"warning: cores already busy before the run ({shown}): other work on this "
+            "machine makes the figures noisy"
         )
 
 
@@ -851,7 +888,8 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
         f"{info['cpu']}, {info['cores']} cores, {info['os']}, Python {info['python']}, "
         f"nginx {info['nginx']}, gateway {info['gateway_commit']}"
     )
-    warn_if_busy()
+    info["busy_before"] = core_busy()
+    warn_if_busy(info["busy_before"])
     quick = args.quick
     bench = Bench(
         tmp=tmp,
@@ -932,6 +970,10 @@ def main() -> int:
         + (" · QUICK (smoke) run" if document["quick"] else "")
     )
     print_table(document["table"])
+    print(
+        "gw/direct, gw/nginx: ratio for rates and sizes, difference for times; "
+        "proxy = the nginx proxy or the gateway (pinned to one core)"
+    )
     path = write_results(document)
     print(f"\nresults: {path.relative_to(ROOT)} (also bench/results/latest.json)")
     print(f"done in {document['seconds']:.0f} s")

@@ -15,7 +15,12 @@ import time
 import orjson
 
 from gateway.attempt import open_attempt
-from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    GatewayError,
+    UpstreamDisconnected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.exchange import Exchange, Failure, Opened
 from gateway.health import Health
 from gateway.metrics import Metrics
@@ -247,32 +252,31 @@ class Relay:
 
     async def _give_up(self, ex: Exchange, last: Failure | None, timed_out: bool) -> None:
         attempts = (b"x-gateway-attempts", str(ex.attempts).encode())
-        if timed_out and (last is None or last.error is not None):
-            exc: GatewayError = UpstreamTimeout(
-                "every provider timed out", {"attempts": ex.attempts}
-            )
-        elif last is not None and last.error is None:
-            if ex.started:
-                exc = UpstreamUnavailable(
-                    f"every provider failed; the last answered {last.status}",
-                    {"attempts": ex.attempts, "status": last.status},
-                )
-                await self._break(ex, exc)
-                return
+        answered = last is not None and last.error is None
+        if ex.started:
+            # Committed on keep-alives and every candidate failed before content: the
+            # stream can only end with the error event, coded as the SPEC's two causes.
+            if timed_out and not answered:
+                await self._break(ex, UpstreamTimeout("every provider timed out"))
+            else:
+                status = f"; the last answered {last.status}" if last and answered else ""
+                await self._break(ex, UpstreamDisconnected(f"every provider failed{status}"))
+            return
+        if last is not None and answered:
             ex.status = last.status
             ex.started = True
             headers = [*last.headers, *ex.extra_headers, attempts, NO_RETRY]
             headers += [(b"x-request-id", ex.request_id), server_timing(ex.t0)]
             await send_bytes(ex.send, last.status, last.body, headers, None)
             return
+        exc: GatewayError
+        if timed_out:
+            exc = UpstreamTimeout("every provider timed out", {"attempts": ex.attempts})
         else:
             cause = last.error.details.get("cause") if last and last.error else None
             exc = UpstreamUnavailable(
                 "no provider could be reached", {"attempts": ex.attempts, "cause": cause}
             )
-        if ex.started:
-            await self._break(ex, exc)
-            return
         ex.status = exc.status
         ex.started = True
         extra = [NO_RETRY, attempts, *ex.extra_headers, server_timing(ex.t0)]

@@ -1,4 +1,4 @@
-"""The upstream hop: one long-lived aiohttp session, header filtering, error translation.
+"""The upstream hop: request building, header filtering, the pooled HTTP/1.1 client.
 
 This is the one place where transport errors become GatewayErrors.
 """
@@ -6,40 +6,44 @@ This is the one place where transport errors become GatewayErrors.
 from __future__ import annotations
 
 import asyncio
+import math
+import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
-
-import aiohttp
+from urllib.parse import urlencode, urlsplit
 
 from gateway.echo import EchoResponse
 from gateway.errors import GatewayError, UpstreamDisconnected, UpstreamTimeout, UpstreamUnavailable
+from gateway.h1 import ConnectionLost, H1Connection
+from gateway.pool import Origin, Pool
 from gateway.routes import Provider
 
 Headers = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
 # Never sent upstream: the client's credentials and what the hop itself sets.
 _REQUEST_DROP = HOP_BY_HOP | {
-    "authorization",
-    "cookie",
-    "host",
-    "content-length",
-    "accept-encoding",
+    b"authorization",
+    b"cookie",
+    b"host",
+    b"content-length",
+    b"accept-encoding",
 }
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie"}
+_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"content-encoding", b"set-cookie"}
 
 
 class UpstreamResponse(Protocol):
@@ -56,38 +60,74 @@ class UpstreamResponse(Protocol):
     def close(self) -> None: ...
 
 
-def request_headers(
-    provider: Provider, client: Iterable[tuple[bytes, bytes]]
-) -> list[tuple[str, str]]:
-    named_by_connection: set[str] = set()
-    pairs: list[tuple[str, str]] = []
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a provider's requests share, prepared once."""
+
+    origin: Origin
+    request_line_prefix: bytes  # b"POST /v1"
+    query: bytes  # b"?api-version=..." or b""
+    fixed: bytes  # host, credentials, provider headers: ready-made header lines
+    own: frozenset[bytes]  # header names the provider sets itself
+
+
+def prepare(provider: Provider) -> Target:
+    url = urlsplit(provider.base_url)
+    tls = url.scheme == "https"
+    port = url.port or (443 if tls else 80)
+    host = url.hostname or ""
+    default_port = port == (443 if tls else 80)
+    host_header = host if default_port else f"{host}:{port}"
+    if ":" in host and not default_port:
+        host_header = f"[{host}]:{port}"
+    lines = [f"host: {host_header}"]
     own = {name.lower() for name in provider.headers}
-    for raw_name, raw_value in client:
-        name = raw_name.decode("latin-1").lower()
-        if name == "connection":
-            named_by_connection.update(
-                t.strip().lower() for t in raw_value.decode("latin-1").split(",")
-            )
-        if name in _REQUEST_DROP or name in own:
-            continue
-        pairs.append((name, raw_value.decode("latin-1")))
-    if named_by_connection:
-        pairs = [(n, v) for n, v in pairs if n not in named_by_connection]
     if provider.api_key is not None and provider.api_key.reveal() and "authorization" not in own:
-        pairs.append(("authorization", "Bearer " + provider.api_key.reveal()))
-    pairs.extend(provider.headers.items())
-    # Identity keeps the bytes we splice plain; the client gets them uncompressed anyway.
-    pairs.append(("accept-encoding", "identity"))
-    if not any(n == "content-type" for n, _ in pairs):
-        pairs.append(("content-type", "application/json"))
-    return pairs
+        lines.append("authorization: Bearer " + provider.api_key.reveal())
+    lines += [f"{name}: {value}" for name, value in provider.headers.items()]
+    # Identity keeps the bytes the gateway splices plain.
+    lines.append("accept-encoding: identity")
+    query = urlencode(list(provider.query.items()))
+    return Target(
+        origin=Origin(url.scheme, host, port),
+        request_line_prefix=b"POST " + (url.path or "").encode(),
+        query=b"?" + query.encode() if query else b"",
+        fixed="".join(line + "\r\n" for line in lines).encode("latin-1"),
+        own=frozenset(name.encode("latin-1") for name in own) | {b"host"},
+    )
 
 
-def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
+def request_head(
+    target: Target, path: str, client: Iterable[tuple[bytes, bytes]], length: int
+) -> bytes:
+    parts = [target.request_line_prefix, path.encode(), target.query, b" HTTP/1.1\r\n"]
+    named: set[bytes] = set()
+    kept: Headers = []
+    content_type = False
+    for name, value in client:
+        if name == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+        if name in _REQUEST_DROP or name in target.own:
+            continue
+        if name == b"content-type":
+            content_type = True
+        kept.append((name, value))
+    for name, value in kept:
+        if name not in named:
+            parts += (name, b": ", value, b"\r\n")
+    if not content_type:
+        parts.append(b"content-type: application/json\r\n")
+    parts += (target.fixed, b"content-length: ", str(length).encode(), b"\r\n\r\n")
+    return b"".join(parts)
+
+
+def response_headers(raw: Iterable[tuple[bytes, bytes]], decoded: bool = True) -> Headers:
+    """Headers for the client. `decoded`: the body is relayed decompressed, so its
+    content-encoding is dropped (an encoding the gateway cannot undo is kept)."""
     out: Headers = []
     for name, value in raw:
         lower = name.lower()
-        if lower.decode("latin-1") in _RESPONSE_DROP:
+        if lower in _RESPONSE_DROP and (decoded or lower != b"content-encoding"):
             continue
         if lower == b"x-request-id":
             out.append((b"x-upstream-request-id", value))
@@ -105,85 +145,168 @@ def translate(exc: BaseException, started: bool) -> GatewayError:
         )
     if started:
         return UpstreamDisconnected(
-            "the upstream connection was lost mid-response", {"cause": type(exc).__name__}
+            "the upstream connection was lost mid-response", {"cause": str(exc)}
         )
-    return UpstreamUnavailable("the upstream could not be reached", {"cause": type(exc).__name__})
+    cause = str(exc) if isinstance(exc, ConnectionLost) else type(exc).__name__
+    return UpstreamUnavailable("the upstream could not be reached", {"cause": cause})
 
 
-class AiohttpResponse:
-    __slots__ = ("_resp", "headers", "is_sse", "status")
+def _is_sse(headers: Headers) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
 
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
-        self._resp = resp
-        self.status = resp.status
-        self.headers = response_headers(resp.raw_headers)
-        self.is_sse = resp.content_type == "text/event-stream"
 
-    async def read(self) -> bytes:
-        try:
-            return await self._resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise translate(exc, started=True) from None
+def _decoder(raw: Iterable[tuple[bytes, bytes]]) -> tuple[bool, zlib._Decompress | None]:
+    """(can relay decoded, decompressor) for the response's content-encoding."""
+    for name, value in raw:
+        if name.lower() == b"content-encoding":
+            coding = value.strip().lower()
+            if coding in (b"gzip", b"x-gzip"):
+                return True, zlib.decompressobj(16 + zlib.MAX_WBITS)
+            if coding == b"deflate":
+                return True, zlib.decompressobj()
+            return coding in (b"identity", b""), None
+    return True, None
+
+
+class H1Response:
+    __slots__ = (
+        "_conn",
+        "_deadline",
+        "_decoder",
+        "_origin",
+        "_pool",
+        "_read",
+        "headers",
+        "is_sse",
+        "status",
+    )
+
+    def __init__(
+        self, pool: Pool, origin: Origin, conn: H1Connection, read: float, deadline: float
+    ) -> None:
+        self._pool = pool
+        self._origin = origin
+        self._conn: H1Connection | None = conn
+        self._read = read
+        self._deadline = deadline
+        self.status = conn.status
+        decoded, self._decoder = _decoder(conn.headers)
+        self.headers = response_headers(conn.headers, decoded)
+        self.is_sse = _is_sse(self.headers)
 
     async def next_chunk(self) -> bytes:
+        conn = self._conn
+        if conn is None:
+            return b""
         try:
-            return await self._resp.content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            while True:
+                if conn.chunks:
+                    chunk = conn.take()
+                    if self._decoder is not None:
+                        chunk = self._decoder.decompress(chunk)
+                        if not chunk:
+                            continue
+                    return chunk
+                if conn.done:
+                    self.close()
+                    if self._decoder is not None:
+                        tail, self._decoder = self._decoder.flush(), None
+                        if tail:
+                            return tail
+                    return b""
+                if conn.error is not None:
+                    raise conn.error
+                loop = asyncio.get_running_loop()
+                timeout = min(self._read, self._deadline - loop.time())
+                async with asyncio.timeout(max(timeout, 0.0)):
+                    await conn.wait()
+        except (ConnectionLost, TimeoutError, OSError, zlib.error) as exc:
+            self.close()
             raise translate(exc, started=True) from None
 
+    async def read(self) -> bytes:
+        parts = []
+        while chunk := await self.next_chunk():
+            parts.append(chunk)
+        return b"".join(parts)
+
     def close(self) -> None:
-        self._resp.close()
+        """Idempotent. An unfinished response closes its connection: the upstream sees
+        the client leave at once, and no half-read body is ever reused."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool.release(self._origin, conn)
 
 
 class Upstream:
-    """Owns the client session; a fresh one per worker process, made inside its loop."""
+    """The per-worker client: one pool, targets prepared once per provider object."""
 
-    def __init__(self, connections: int = 1000) -> None:
-        self._connections = connections
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(self) -> None:
+        self.pool = Pool()
+        self._targets: dict[int, tuple[Provider, Target]] = {}
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._connections, ttl_dns_cache=300, keepalive_timeout=30
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            # A cookie jar would carry one tenant's cookies into another's request.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent",),
-            timeout=aiohttp.ClientTimeout(total=None),
-        )
+        pass
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self.pool.close()
+
+    def _target(self, provider: Provider) -> Target:
+        entry = self._targets.get(id(provider))
+        if entry is None or entry[0] is not provider:
+            if len(self._targets) > 4096:  # old config snapshots' providers
+                self._targets.clear()
+            entry = self._targets[id(provider)] = (provider, prepare(provider))
+        return entry[1]
 
     async def send(
         self, provider: Provider, path: str, body: bytes, client_headers: Headers
     ) -> UpstreamResponse:
         if provider.builtin is not None:
             return EchoResponse.answer(path, body)
-        assert self._session is not None, "Upstream.start() was not awaited"
+        target = self._target(provider)
         t = provider.timeout
-        timeout = aiohttp.ClientTimeout(
-            total=t.total, sock_connect=t.connect, connect=t.connect, sock_read=t.read
-        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + t.total if t.total is not None else math.inf
+        data = request_head(target, path, client_headers, len(body)) + body
+        origin = target.origin
+        pool = self.pool
         try:
-            request = self._session.request(
-                "POST",
-                provider.base_url + path,
-                data=body,
-                headers=request_headers(provider, client_headers),
-                params=dict(provider.query) or None,
-                timeout=timeout,
-                allow_redirects=False,
-            )
-            if t.first_byte is not None:
-                async with asyncio.timeout(t.first_byte):
-                    resp = await request
-            else:
-                resp = await request
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            conn, reused = await pool.acquire(origin, min(t.connect, deadline - loop.time()))
+        except (TimeoutError, OSError) as exc:
             raise translate(exc, started=False) from None
-        return AiohttpResponse(resp)
+        while True:
+            try:
+                conn.send(data)
+                first = t.first_byte if t.first_byte is not None else t.read
+                async with asyncio.timeout(max(0.0, min(first, deadline - loop.time()))):
+                    while not conn.head_done:
+                        if conn.error is not None:
+                            raise conn.error
+                        await conn.wait()
+                return H1Response(pool, origin, conn, t.read, deadline)
+            except ConnectionLost as exc:
+                conn.abort()
+                if reused and exc.before_response:
+                    # The upstream closed an idle keep-alive connection under us: the
+                    # request never reached it, so one retry on a fresh one is safe.
+                    reused = False
+                    try:
+                        conn = await pool.connect(origin, min(t.connect, deadline - loop.time()))
+                    except (TimeoutError, OSError) as again:
+                        pool.swap(origin)
+                        raise translate(again, started=False) from None
+                    continue
+                pool.swap(origin)
+                raise translate(exc, started=False) from None
+            except (TimeoutError, OSError) as exc:
+                conn.abort()
+                pool.swap(origin)
+                raise translate(exc, started=False) from None
+            except BaseException:
+                conn.abort()
+                pool.swap(origin)
+                raise

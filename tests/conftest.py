@@ -128,3 +128,13 @@ def one_provider(upstream: Upstream, slug: str = "m", **model: Any) -> str:
         f"providers:\n  p:\n    base_url: {upstream.url}\n    api_key: sk-upstream-secret\n"
         f"models:\n  {slug}:\n{extra}    providers:\n      - provider: p\n        model: upstream-model\n"
     )
+
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The loop `gateway serve` runs on (uvicorn's `loop="uvloop"`), so tests see the same."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

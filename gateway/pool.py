@@ -1,0 +1,93 @@
+"""Keep-alive connections per upstream origin, bounded, reused only when clean."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from dataclasses import dataclass
+
+from gateway.h1 import H1Connection
+
+IDLE_SECONDS = 30.0  # an idle connection older than this is closed, not reused
+MAX_PER_ORIGIN = 4096  # connections open at once to one origin; more wait for a free one
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+
+class Pool:
+    def __init__(
+        self, per_origin: int = MAX_PER_ORIGIN, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        self.per_origin = per_origin
+        self._ssl = ssl_context
+        self._idle: dict[Origin, list[H1Connection]] = {}
+        self._slots: dict[Origin, asyncio.Semaphore] = {}
+
+    def _context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            # Verification on: the default context checks the chain and the host name.
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    async def acquire(self, origin: Origin, connect_timeout: float) -> tuple[H1Connection, bool]:
+        """A connection to `origin` and whether it was reused from the pool."""
+        slots = self._slots.get(origin)
+        if slots is None:
+            slots = self._slots[origin] = asyncio.Semaphore(self.per_origin)
+        await slots.acquire()
+        try:
+            idle = self._idle.get(origin)
+            now = time.monotonic()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
+                    return conn, True
+                conn.close()
+            return await self.connect(origin, connect_timeout), False
+        except BaseException:
+            slots.release()
+            raise
+
+    async def connect(self, origin: Origin, connect_timeout: float) -> H1Connection:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(connect_timeout):
+            if origin.tls:
+                _, conn = await loop.create_connection(
+                    H1Connection,
+                    origin.host,
+                    origin.port,
+                    ssl=self._context(),
+                    server_hostname=origin.host,
+                )
+            else:
+                _, conn = await loop.create_connection(H1Connection, origin.host, origin.port)
+        return conn
+
+    def release(self, origin: Origin, conn: H1Connection) -> None:
+        """Give a connection back: pooled when its response was read to a clean end."""
+        if conn.reusable():
+            conn.idle_since = time.monotonic()
+            self._idle.setdefault(origin, []).append(conn)
+        else:
+            conn.abort()
+        self._slots[origin].release()
+
+    def swap(self, origin: Origin) -> None:
+        """Drop the slot of a connection that is being replaced (see Upstream.send)."""
+        self._slots[origin].release()
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
