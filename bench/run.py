@@ -154,14 +154,15 @@ class Processes:
         """Start a process pinned to the proxy or the load core, in its own session
         so that a Ctrl-C reaches only this script, which then stops it."""
         with contextlib.ExitStack() as stack:
-            out: Any = stdout
+            # Output to the log file, or both pipes for the caller to read, or nowhere.
+            out: Any = subprocess.DEVNULL if stdout is None else stdout
             if log is not None:
                 out = stack.enter_context(log.open("ab"))
             proc = subprocess.Popen(
                 self.argv(argv, role),
                 stdin=subprocess.DEVNULL,
-                stdout=out if out is not None else subprocess.DEVNULL,
-                stderr=out if log is not None else subprocess.PIPE,
+                stdout=out,
+                stderr=out,
                 env=env,
                 start_new_session=True,
             )
@@ -169,13 +170,18 @@ class Processes:
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+        """terminate, wait, kill; an nginx master's workers too if it had to be killed."""
         if proc.poll() is None:
+            workers = children(proc.pid)
             proc.terminate()
             try:
                 proc.wait(grace)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+                for pid in workers:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
@@ -397,10 +403,12 @@ class Bench:
             text = text.replace(f"@{key}@", str(value))
         return text
 
-    def start_nginx(self, name: str, template: str, values: dict[str, Any], role: str) -> Any:
+    def start_nginx(
+        self, name: str, template: str, values: dict[str, Any], role: str
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         prefix = self.tmp / name
         prefix.mkdir()
-        prefix.chmod(0o755)  # workers may run as nobody when started by root
+        prefix.chmod(0o755)  # workers run as nobody when the master runs as root
         conf = prefix / "nginx.conf"
         conf.write_text(self.render(template, {"PREFIX": prefix, **values}))
         log = prefix / "error.log"
@@ -436,7 +444,9 @@ class Bench:
             "UP_PACED_PORT": self.ports.up_paced,
         }
 
-    def start_nginx_proxy(self, name: str, ports: list[int]) -> tuple[Any, Path]:
+    def start_nginx_proxy(
+        self, name: str, ports: list[int]
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         values = self.nginx_proxy_values(ports)
         return self.start_nginx(name, "nginx_proxy.conf.in", values, "proxy")
 
@@ -717,6 +727,8 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("5 slow streams errors", "5_slow_streams", "errors", "count"),
     ("5 slow event delay p50 ms", "5_slow_streams", "delay_ms.p50", "ms"),
     ("5 slow event delay p99 ms", "5_slow_streams", "delay_ms.p99", "ms"),
+    ("5 slow bursts", "5_slow_streams", "bursts", "count"),
+    ("5 slow first event p99 ms", "5_slow_streams", "first_event_ms.p99", "ms"),
     ("5 slow peak RSS MiB", "5_slow_streams", "peak_rss_mib", "size"),
     ("5 slow proxy CPU %", "5_slow_streams", "cpu_percent", "count"),
     ("6 cold start ms", "6_cold_start", "ready_ms", "ms"),
@@ -953,6 +965,7 @@ def main() -> int:
     procs = Processes(cores)
     try:
         with interrupt_on_sigterm(), tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+            Path(tmp).chmod(0o755)  # for nginx workers running as nobody
             try:
                 document = run(args, procs, Path(tmp))
             finally:
@@ -969,6 +982,10 @@ def main() -> int:
         f"{document['date']} · gateway {document['machine']['gateway_commit']}"
         + (" · QUICK (smoke) run" if document["quick"] else "")
     )
+    busy = document["machine"]["busy_before"]
+    if any(value > 10 for value in busy.values()):
+        shown = ", ".join(f"{name} {value:.0f}%" for name, value in busy.items())
+        print(f"(cores already busy before the run: {shown}; figures are noisy)")
     print_table(document["table"])
     print(
         "gw/direct, gw/nginx: ratio for rates and sizes, difference for times; "

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from gateway.yamlsrc import LineList, LineMap, Source, check_keys, line_of
+from gateway.providers import Provider, ProviderDraft, Secret, Timeouts, parse_provider
+from gateway.yamlsrc import LineList, LineMap, Source, check_keys, line_of, number
 
 STRATEGIES = ("fallback", "round_robin", "weighted", "least_busy", "latency")
-BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("echo",)
 DEFAULT_COMMIT_AFTER = 5.0
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_PROVIDER_KEYS = frozenset({"base_url", "api_key", "headers", "query", "timeout", "stream_usage"})
-_TIMEOUT_KEYS = frozenset({"connect", "read", "first_byte", "total"})
 _MODEL_KEYS = frozenset(
     {
         "id",
@@ -32,55 +26,6 @@ _MODEL_KEYS = frozenset(
 )
 _TARGET_KEYS = frozenset({"provider", "model", "weight"})
 _COOLDOWN_KEYS = frozenset({"failures", "seconds"})
-
-
-class Secret:
-    """A value that must never be printed: its repr and str are masked."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect: float = 10.0
-    read: float = 300.0
-    first_byte: float | None = None
-    total: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Provider:
-    name: str
-    base_url: str
-    api_key: Secret | None = field(default=None, repr=False)
-    # Header values often carry credentials (Azure's api-key), so they stay out of repr too.
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
-    query: Mapping[str, str] = field(default_factory=dict, repr=False)
-    timeout: Timeouts = Timeouts()
-    stream_usage: bool = True
-
-    @property
-    def builtin(self) -> str | None:
-        if self.base_url.startswith(BUILTIN_PREFIX):
-            return self.base_url[len(BUILTIN_PREFIX) :]
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,125 +96,8 @@ class Routes:
         return None
 
 
-def expand(value: str, missing: list[str]) -> str:
-    """Replace ${VAR} and ${VAR:-default}; names of unset variables go to `missing`."""
-
-    def sub(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        found = os.environ.get(name)
-        if found is not None:
-            return found
-        if default is not None:
-            return default
-        missing.append(name)
-        return ""
-
-    return _VAR.sub(sub, value) if "${" in value else value
-
-
-def _number(src: Source, parent: LineMap, key: str, minimum: float, integer: bool = False) -> Any:
-    value = parent[key]
-    kind = "a whole number" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        src.problem(line_of(parent, key), f"{key} must be {kind}, got {value!r}")
-        return None
-    if value < minimum:
-        src.problem(line_of(parent, key), f"{key} must be at least {minimum:g}, got {value!r}")
-        return None
-    return value
-
-
-def _str_map(
-    src: Source, parent: LineMap, key: str, missing: list[tuple[str, int]]
-) -> dict[str, str]:
-    value = parent[key]
-    if value is None:
-        return {}
-    if not isinstance(value, LineMap):
-        src.problem(line_of(parent, key), f"{key} must be a mapping of names to strings")
-        return {}
-    out: dict[str, str] = {}
-    for name, item in value.items():
-        if isinstance(item, bool) or not isinstance(item, str | int | float):
-            src.problem(line_of(value, name), f"{key}.{name} must be a string")
-            continue
-        names: list[str] = []
-        out[name] = expand(str(item), names)
-        missing.extend((n, line_of(value, name)) for n in names)
-    return out
-
-
-@dataclass(slots=True)
-class _ProviderDraft:
-    provider: Provider
-    missing: list[tuple[str, int]]
-
-
-def _parse_provider(src: Source, name: str, raw: Any, line: int) -> _ProviderDraft | None:
-    if not isinstance(raw, LineMap):
-        src.problem(line, f"provider {name!r} must be a mapping with at least base_url")
-        return None
-    check_keys(src, raw, _PROVIDER_KEYS, f"provider {name!r}")
-    missing: list[tuple[str, int]] = []
-    base_url = raw.get("base_url")
-    if not isinstance(base_url, str) or not base_url:
-        src.problem(raw.line, f"provider {name!r} needs base_url (a string)")
-        return None
-    names: list[str] = []
-    base_url = expand(base_url, names).rstrip("/")
-    missing.extend((n, line_of(raw, "base_url")) for n in names)
-    if base_url.startswith(BUILTIN_PREFIX):
-        if base_url[len(BUILTIN_PREFIX) :] not in BUILTINS:
-            src.problem(
-                line_of(raw, "base_url"),
-                f"unknown built-in upstream {base_url!r} (known: "
-                + ", ".join(BUILTIN_PREFIX + b for b in BUILTINS)
-                + ")",
-            )
-    elif not names and not base_url.startswith(("http://", "https://")):
-        src.problem(
-            line_of(raw, "base_url"),
-            f"base_url must start with http:// or https://, got {base_url!r}",
-        )
-    api_key = None
-    if raw.get("api_key") is not None:
-        if not isinstance(raw["api_key"], str):
-            src.problem(line_of(raw, "api_key"), "api_key must be a string")
-        else:
-            names = []
-            api_key = Secret(expand(raw["api_key"], names))
-            missing.extend((n, line_of(raw, "api_key")) for n in names)
-    headers = _str_map(src, raw, "headers", missing) if "headers" in raw else {}
-    query = _str_map(src, raw, "query", missing) if "query" in raw else {}
-    timeout = Timeouts()
-    if "timeout" in raw:
-        t = raw["timeout"]
-        if not isinstance(t, LineMap):
-            src.problem(
-                line_of(raw, "timeout"), "timeout must be a mapping like {connect: 5, read: 300}"
-            )
-        else:
-            check_keys(src, t, _TIMEOUT_KEYS, f"provider {name!r} timeout")
-            values = {k: _number(src, t, k, 0.001) for k in _TIMEOUT_KEYS if k in t}
-            timeout = Timeouts(**{k: float(v) for k, v in values.items() if v is not None})
-    stream_usage = raw.get("stream_usage", True)
-    if not isinstance(stream_usage, bool):
-        src.problem(line_of(raw, "stream_usage"), "stream_usage must be true or false")
-        stream_usage = True
-    provider = Provider(
-        name=name,
-        base_url=base_url,
-        api_key=api_key,
-        headers=MappingProxyType(headers),
-        query=MappingProxyType(query),
-        timeout=timeout,
-        stream_usage=stream_usage,
-    )
-    return _ProviderDraft(provider, missing)
-
-
 def _parse_targets(
-    src: Source, slug: str, raw: LineMap, drafts: Mapping[str, _ProviderDraft], used: set[str]
+    src: Source, slug: str, raw: LineMap, drafts: Mapping[str, ProviderDraft], used: set[str]
 ) -> tuple[Target, ...]:
     items = raw.get("providers")
     line = line_of(raw, "providers", raw.line)
@@ -302,7 +130,7 @@ def _parse_targets(
             upstream = None
         weight = 1.0
         if "weight" in item:
-            w = _number(src, item, "weight", 0)
+            w = number(src, item, "weight", 0)
             weight = float(w) if w is not None else 1.0
         targets.append(
             Target(
@@ -319,7 +147,7 @@ def _parse_model(
     slug: str,
     raw: Any,
     line: int,
-    drafts: Mapping[str, _ProviderDraft],
+    drafts: Mapping[str, ProviderDraft],
     used: set[str],
 ) -> Model | None:
     if not isinstance(raw, LineMap):
@@ -353,21 +181,21 @@ def _parse_model(
             )
         else:
             check_keys(src, c, _COOLDOWN_KEYS, f"model {slug!r} cooldown")
-            failures = _number(src, c, "failures", 1, integer=True) if "failures" in c else None
-            seconds = _number(src, c, "seconds", 0) if "seconds" in c else None
+            failures = number(src, c, "failures", 1, integer=True) if "failures" in c else None
+            seconds = number(src, c, "seconds", 0) if "seconds" in c else None
             cooldown = Cooldown(
                 failures=failures if failures is not None else 3,
                 seconds=float(seconds) if seconds is not None else 30.0,
             )
     opts: dict[str, Any] = {}
     if "max_attempts" in raw:
-        opts["max_attempts"] = _number(src, raw, "max_attempts", 1, integer=True)
+        opts["max_attempts"] = number(src, raw, "max_attempts", 1, integer=True)
     if "commit_after" in raw:
-        value = _number(src, raw, "commit_after", 0)
+        value = number(src, raw, "commit_after", 0)
         if value is not None:
             opts["commit_after"] = float(value)
     if "hedge_after_ms" in raw:
-        opts["hedge_after_ms"] = _number(src, raw, "hedge_after_ms", 1, integer=True)
+        opts["hedge_after_ms"] = number(src, raw, "hedge_after_ms", 1, integer=True)
     if not targets:
         return None
     return Model(
@@ -391,13 +219,13 @@ def parse_routes(data: Any, src: Source) -> Routes:
         )
         return Routes(MappingProxyType({}), MappingProxyType({}), ())
     check_keys(src, data, frozenset({"providers", "models"}), "the routes file")
-    drafts: dict[str, _ProviderDraft] = {}
+    drafts: dict[str, ProviderDraft] = {}
     raw_providers = data.get("providers")
     if raw_providers is not None and not isinstance(raw_providers, LineMap):
         src.problem(line_of(data, "providers"), "providers must be a mapping of names to providers")
     elif raw_providers:
         for name, raw in raw_providers.items():
-            draft = _parse_provider(src, name, raw, line_of(raw_providers, name))
+            draft = parse_provider(src, name, raw, line_of(raw_providers, name))
             if draft is not None:
                 drafts[name] = draft
     models: dict[str, Model] = {}
@@ -426,3 +254,6 @@ def parse_routes(data: Any, src: Source) -> Routes:
         models=MappingProxyType(models),
         wildcards=tuple(wildcards),
     )
+
+
+__all__ = ["Provider", "Secret", "Timeouts"]  # re-exported: the catalog speaks of them

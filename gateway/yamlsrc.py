@@ -110,3 +110,15 @@ def check_keys(src: Source, mapping: LineMap, allowed: frozenset[str], where: st
             src.problem(
                 line_of(mapping, key), f"unknown key {key!r} in {where} (allowed: {choices})"
             )
+
+
+def number(src: Source, parent: LineMap, key: str, minimum: float, integer: bool = False) -> Any:
+    value = parent[key]
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        src.problem(line_of(parent, key), f"{key} must be {kind}, got {value!r}")
+        return None
+    if value < minimum:
+        src.problem(line_of(parent, key), f"{key} must be at least {minimum:g}, got {value!r}")
+        return None
+    return value

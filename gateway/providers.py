@@ -1,0 +1,175 @@
+"""Providers in routes.yaml: named upstreams, ${VAR} expansion, secrets kept out of sight."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from gateway.yamlsrc import LineMap, Source, check_keys, line_of, number
+
+BUILTIN_PREFIX = "builtin:"
+BUILTINS = ("echo",)
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_PROVIDER_KEYS = frozenset({"base_url", "api_key", "headers", "query", "timeout", "stream_usage"})
+_TIMEOUT_KEYS = frozenset({"connect", "read", "first_byte", "total"})
+
+
+class Secret:
+    """A value that must never be printed: its repr and str are masked."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 10.0
+    read: float = 300.0
+    first_byte: float | None = None
+    total: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    base_url: str
+    api_key: Secret | None = field(default=None, repr=False)
+    # Header values often carry credentials (Azure's api-key), so they stay out of repr too.
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    query: Mapping[str, str] = field(default_factory=dict, repr=False)
+    timeout: Timeouts = Timeouts()
+    stream_usage: bool = True
+
+    @property
+    def builtin(self) -> str | None:
+        if self.base_url.startswith(BUILTIN_PREFIX):
+            return self.base_url[len(BUILTIN_PREFIX) :]
+        return None
+
+
+def expand(value: str, missing: list[str]) -> str:
+    """Replace ${VAR} and ${VAR:-default}; names of unset variables go to `missing`."""
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found is not None:
+            return found
+        if default is not None:
+            return default
+        missing.append(name)
+        return ""
+
+    return _VAR.sub(sub, value) if "${" in value else value
+
+
+def _str_map(
+    src: Source, parent: LineMap, key: str, missing: list[tuple[str, int]]
+) -> dict[str, str]:
+    value = parent[key]
+    if value is None:
+        return {}
+    if not isinstance(value, LineMap):
+        src.problem(line_of(parent, key), f"{key} must be a mapping of names to strings")
+        return {}
+    out: dict[str, str] = {}
+    for name, item in value.items():
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            src.problem(line_of(value, name), f"{key}.{name} must be a string")
+            continue
+        names: list[str] = []
+        out[name] = expand(str(item), names)
+        missing.extend((n, line_of(value, name)) for n in names)
+        if any(c in name + out[name] for c in "\r\n\0"):
+            # They end up in the request head: a line break would forge headers.
+            src.problem(line_of(value, name), f"{key}.{name} must not contain line breaks")
+    return out
+
+
+@dataclass(slots=True)
+class ProviderDraft:
+    provider: Provider
+    missing: list[tuple[str, int]]
+
+
+def parse_provider(src: Source, name: str, raw: Any, line: int) -> ProviderDraft | None:
+    if not isinstance(raw, LineMap):
+        src.problem(line, f"provider {name!r} must be a mapping with at least base_url")
+        return None
+    check_keys(src, raw, _PROVIDER_KEYS, f"provider {name!r}")
+    missing: list[tuple[str, int]] = []
+    base_url = raw.get("base_url")
+    if not isinstance(base_url, str) or not base_url:
+        src.problem(raw.line, f"provider {name!r} needs base_url (a string)")
+        return None
+    names: list[str] = []
+    base_url = expand(base_url, names).rstrip("/")
+    missing.extend((n, line_of(raw, "base_url")) for n in names)
+    if base_url.startswith(BUILTIN_PREFIX):
+        if base_url[len(BUILTIN_PREFIX) :] not in BUILTINS:
+            src.problem(
+                line_of(raw, "base_url"),
+                f"unknown built-in upstream {base_url!r} (known: "
+                + ", ".join(BUILTIN_PREFIX + b for b in BUILTINS)
+                + ")",
+            )
+    elif not names and not base_url.startswith(("http://", "https://")):
+        src.problem(
+            line_of(raw, "base_url"),
+            f"base_url must start with http:// or https://, got {base_url!r}",
+        )
+    api_key = None
+    if raw.get("api_key") is not None:
+        if not isinstance(raw["api_key"], str):
+            src.problem(line_of(raw, "api_key"), "api_key must be a string")
+        else:
+            names = []
+            api_key = Secret(expand(raw["api_key"], names))
+            missing.extend((n, line_of(raw, "api_key")) for n in names)
+    headers = _str_map(src, raw, "headers", missing) if "headers" in raw else {}
+    query = _str_map(src, raw, "query", missing) if "query" in raw else {}
+    timeout = Timeouts()
+    if "timeout" in raw:
+        t = raw["timeout"]
+        if not isinstance(t, LineMap):
+            src.problem(
+                line_of(raw, "timeout"), "timeout must be a mapping like {connect: 5, read: 300}"
+            )
+        else:
+            check_keys(src, t, _TIMEOUT_KEYS, f"provider {name!r} timeout")
+            values = {k: number(src, t, k, 0.001) for k in _TIMEOUT_KEYS if k in t}
+            timeout = Timeouts(**{k: float(v) for k, v in values.items() if v is not None})
+    stream_usage = raw.get("stream_usage", True)
+    if not isinstance(stream_usage, bool):
+        src.problem(line_of(raw, "stream_usage"), "stream_usage must be true or false")
+        stream_usage = True
+    provider = Provider(
+        name=name,
+        base_url=base_url,
+        api_key=api_key,
+        headers=MappingProxyType(headers),
+        query=MappingProxyType(query),
+        timeout=timeout,
+        stream_usage=stream_usage,
+    )
+    return ProviderDraft(provider, missing)
