@@ -130,7 +130,6 @@ def one_provider(upstream: Upstream, slug: str = "m", **model: Any) -> str:
     )
 
 
-
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
