@@ -47,7 +47,9 @@ class AccessLog:
         log.info(line)
 
 
-def exchange_fields(ex: Exchange, key_name: str | None, duration: float) -> dict[str, Any]:
+def exchange_fields(
+    ex: Exchange, key_name: str | None, duration: float, charged: int = 0
+) -> dict[str, Any]:
     usage = ex.usage or {}
     return {
         "request_id": ex.request_id.decode(),
@@ -63,6 +65,10 @@ def exchange_fields(ex: Exchange, key_name: str | None, duration: float) -> dict
         "hedged": ex.hedged,
         "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000, 2),
         "duration_ms": round(duration * 1000, 2),
+        # Where counted tokens came from: the upstream's usage, or the gateway's estimate
+        # (a stream cut short, or a provider that takes no stream_options).
+        "usage": "upstream" if ex.usage is not None else ("estimated" if charged else None),
+        "tokens_charged": charged or None,
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
         "client_disconnected": ex.client_gone,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from gateway.auth import check_allowed
 from gateway.body import ParsedBody, ProviderPrefs
@@ -81,9 +82,14 @@ def build_plan(
     if not plan:
         if cooling:
             wait = max(0.0, min(cooling) - health.clock())
+            until = datetime.now(UTC) + timedelta(seconds=wait)
             raise NoProviderAvailable(
                 "every provider of this model is cooling down after failures",
-                {"retry_after_seconds": round(wait, 3), "models": list(parsed.slugs)},
+                {
+                    "retry_after_seconds": round(wait, 3),
+                    "retry_at": until.isoformat(timespec="seconds"),
+                    "models": list(parsed.slugs),
+                },
                 # The gateway already stands for every candidate: SDK retries add nothing.
                 headers={"retry-after": str(max(1, math.ceil(wait))), "x-should-retry": "false"},
             )

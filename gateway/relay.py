@@ -72,6 +72,7 @@ class Relay:
         if hedge_after is not None:
             self._hedge_allowance = min(1.0, self._hedge_allowance + self.hedge_share)
         commit_at = loop.time() + model.commit_after if ex.parsed.stream else math.inf
+        give_up_at = loop.time() + model.attempts_timeout
         keepalive_at = hedge_at = math.inf
         last: Failure | None = None
         timed_out = False
@@ -92,13 +93,19 @@ class Relay:
         try:
             start()
             while running:
-                wake = min(hedge_at, keepalive_at if ex.started else commit_at)
+                wake = min(hedge_at, give_up_at, keepalive_at if ex.started else commit_at)
                 timeout = None if wake == math.inf else max(0.0, wake - loop.time())
                 done, _ = await asyncio.wait(
                     running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
                 if not done:
                     now = loop.time()
+                    if now >= give_up_at:
+                        # The request's time is up: the attempts still running are
+                        # cancelled below and the client hears of a timeout.
+                        timed_out = True
+                        pending.clear()
+                        break
                     if now >= hedge_at:
                         hedge_at = math.inf
                         if pending and self._take_hedge():

@@ -12,6 +12,7 @@ from gateway.yamlsrc import LineList, LineMap, Source, check_keys, line_of, numb
 
 STRATEGIES = ("fallback", "round_robin", "weighted", "least_busy", "latency")
 DEFAULT_COMMIT_AFTER = 5.0
+DEFAULT_ATTEMPTS_TIMEOUT = 300.0
 _MODEL_KEYS = frozenset(
     {
         "id",
@@ -22,6 +23,7 @@ _MODEL_KEYS = frozenset(
         "cooldown",
         "commit_after",
         "hedge_after_ms",
+        "attempts_timeout",
     }
 )
 _TARGET_KEYS = frozenset({"provider", "model", "weight"})
@@ -52,6 +54,8 @@ class Model:
     cooldown: Cooldown = Cooldown()
     commit_after: float = DEFAULT_COMMIT_AFTER
     hedge_after_ms: int | None = None
+    # Seconds all attempts of one request may take before the answer starts.
+    attempts_timeout: float = DEFAULT_ATTEMPTS_TIMEOUT
 
     @property
     def is_wildcard(self) -> bool:
@@ -194,6 +198,10 @@ def _parse_model(
         value = number(src, raw, "commit_after", 0)
         if value is not None:
             opts["commit_after"] = float(value)
+    if "attempts_timeout" in raw:
+        value = number(src, raw, "attempts_timeout", 0.001)
+        if value is not None:
+            opts["attempts_timeout"] = float(value)
     if "hedge_after_ms" in raw:
         opts["hedge_after_ms"] = number(src, raw, "hedge_after_ms", 1, integer=True)
     if not targets:

@@ -61,7 +61,7 @@ class Runtime:
                     if isinstance(value, int) and value > 0:
                         m.tokens.labels(key.name, kind).inc(value)
         if self.access.enabled():
-            self.access.write(exchange_fields(ex, key.name if key else None, duration))
+            self.access.write(exchange_fields(ex, key.name if key else None, duration, tokens))
 
     def refused(
         self, exc: GatewayError, key: Key | None, request_id: bytes, path: str, duration: float

@@ -836,3 +836,23 @@ def test_problems_from_load_config_use_path_as_given(
     (problem,) = info.value.problems
     assert str(problem).startswith("conf/r.yaml:8: ")
     assert "nope" in str(problem)
+
+
+def test_attempts_timeout_defaults_and_validation() -> None:
+    base = "providers:\n  p: {base_url: http://127.0.0.1:1/v1}\nmodels:\n  m:\n"
+    routes = good_routes(base + "    providers: [{provider: p}]\n")
+    assert routes.models["m"].attempts_timeout == 300.0
+    routes = good_routes(base + "    attempts_timeout: 2.5\n    providers: [{provider: p}]\n")
+    assert routes.models["m"].attempts_timeout == 2.5
+    _, problems = routes_of(base + "    attempts_timeout: -1\n    providers: [{provider: p}]\n")
+    assert [(p.line, "attempts_timeout" in p.message) for p in problems] == [(5, True)]
+
+
+def test_provider_header_with_a_line_break_is_refused() -> None:
+    text = (
+        "providers:\n  p:\n    base_url: http://127.0.0.1:1/v1\n"
+        '    headers: {X-Bad: "a\\r\\nInjected: yes"}\n'
+        "models:\n  m: {providers: [{provider: p}]}\n"
+    )
+    _, problems = routes_of(text)
+    assert [(p.line, "line breaks" in p.message) for p in problems] == [(4, True)]

@@ -1,0 +1,62 @@
+"""A request's attempts are bounded in time as well as in number (`attempts_timeout`)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.conftest import GatewayFactory
+from tests.upstream import Hang, Upstream
+
+
+def two_hanging(a: Upstream, b: Upstream, **model: object) -> str:
+    extra = "".join(f"    {k}: {v}\n" for k, v in model.items())
+    return (
+        "providers:\n"
+        f"  a:\n    base_url: {a.url}\n    timeout: {{read: 30}}\n"
+        f"  b:\n    base_url: {b.url}\n    timeout: {{read: 30}}\n"
+        "models:\n  m:\n"
+        f"{extra}"
+        "    hedge_after_ms: 100\n"
+        "    providers: [{provider: a}, {provider: b}]\n"
+    )
+
+
+async def test_attempts_timeout_ends_a_request_with_504_and_closes_attempts(
+    gateway: GatewayFactory, make_upstream: object, client: httpx.AsyncClient
+) -> None:
+    a, b = await make_upstream(), await make_upstream()  # type: ignore[operator]
+    a.default, b.default = Hang(), Hang()
+    gw = await gateway(two_hanging(a, b, attempts_timeout=0.5))
+    t0 = time.monotonic()
+    r = await client.post(
+        f"{gw.base_url}/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+    )
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 504
+    assert r.json()["error"]["code"] == "upstream_timeout"
+    assert r.headers["x-should-retry"] == "false"
+    assert elapsed < 5  # far below the providers' 30 s read timeout
+    # Both attempts (the second one a hedge) were closed, not left hanging.
+    await a.wait_closed()
+    await b.wait_closed()
+
+
+async def test_attempts_timeout_after_keepalive_commit_ends_with_timeout_event(
+    gateway: GatewayFactory, make_upstream: object, client: httpx.AsyncClient
+) -> None:
+    a, b = await make_upstream(), await make_upstream()  # type: ignore[operator]
+    a.default, b.default = Hang(), Hang()
+    gw = await gateway(two_hanging(a, b, attempts_timeout=0.6, commit_after=0.1))
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    async with client.stream("POST", f"{gw.base_url}/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        raw = b"".join([chunk async for chunk in r.aiter_raw()])
+    assert raw.startswith(b": keep-alive\n\n")
+    assert raw.endswith(b"\n\n")
+    last = raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert last.startswith(b"data: {")
+    assert b'"code":"upstream_timeout"' in last
+    assert b"[DONE]" not in raw
