@@ -369,11 +369,12 @@ class Ports:
     nginx_json: int
     nginx_sse: int
     nginx_paced: int
+    nginx_floor: int  # nginx on the proxy core answering by itself
     gateway: int
 
     @classmethod
     def pick(cls) -> Ports:
-        return cls(*free_ports(7))
+        return cls(*free_ports(8))
 
     def of(self, target: str, kind: str) -> int:
         """The port a target answers `kind` (json, sse, paced) on."""
@@ -439,6 +440,8 @@ class Bench:
             "JSON_PORT": ports[0],
             "SSE_PORT": ports[1],
             "PACED_PORT": ports[2],
+            "FLOOR_PORT": ports[3],
+            "JSON_BODY": nginx_string(completion_body()),
             "UP_JSON_PORT": self.ports.up_json,
             "UP_SSE_PORT": self.ports.up_sse,
             "UP_PACED_PORT": self.ports.up_paced,
@@ -563,6 +566,19 @@ def wrk_scenario(
         )
 
 
+def cross_core_floor(bench: Bench, seconds: int) -> None:
+    """wrk at one connection against nginx answering by itself on the proxy core: what
+    crossing cores and back costs on this machine, with no proxying at all."""
+    port = bench.ports.nginx_floor
+    wrk(bench, port, JSON_BODY, 1, 1)
+    got = wrk(bench, port, JSON_BODY, 1, seconds)
+    bench.results["2_cross_core_floor"] = {"direct": got}
+    progress(
+        f"2 c1 floor: nginx answering on the proxy core: {got['rps']:>9,.0f} req/s"
+        f"  p50 {got['p50_ms']:.2f} ms  p99 {got['p99_ms']:.2f} ms"
+    )
+
+
 # ---------------------------------------------------------------- stream scenarios
 
 
@@ -675,7 +691,7 @@ def cold_starts(bench: Bench) -> None:
     found: dict[str, list[tuple[float, float]]] = {"nginx": [], "gateway": []}
     for i in range(runs):
         for target in found:
-            port = free_ports(3)
+            port = free_ports(4)
             log = bench.tmp / f"cold-{target}-{i}.log"
             began = time.monotonic()
             if target == "gateway":
@@ -706,8 +722,9 @@ def cold_starts(bench: Bench) -> None:
 
 # ---------------------------------------------------------------- the table
 
-# (label, scenario, metric path, kind): kind picks the ratio columns.
-ROWS: list[tuple[str, str, str, str]] = [
+# (label, scenario, metric path, kind[, scenario for the direct column]): kind picks
+# the formatting and the comparison columns.
+ROWS: list[tuple[str, ...]] = [
     ("1 non-stream c64 req/s", "1_nonstream_c64", "rps", "rate"),
     ("1 non-stream c64 p50 ms", "1_nonstream_c64", "p50_ms", "ms"),
     ("1 non-stream c64 p99 ms", "1_nonstream_c64", "p99_ms", "ms"),
@@ -716,6 +733,10 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("2 non-stream c1 req/s", "2_nonstream_c1", "rps", "rate"),
     ("2 non-stream c1 p50 ms", "2_nonstream_c1", "p50_ms", "ms"),
     ("2 non-stream c1 p99 ms", "2_nonstream_c1", "p99_ms", "ms"),
+    # The direct column here: one hop across cores (wrk to nginx answering on the proxy
+    # core), so gw/direct is what the gateway adds beyond crossing cores.
+    ("2 c1 p50 ms vs cross-core", "2_nonstream_c1", "p50_ms", "ms", "2_cross_core_floor"),
+    ("2 c1 p99 ms vs cross-core", "2_nonstream_c1", "p99_ms", "ms", "2_cross_core_floor"),
     ("3 stream c64 req/s", "3_stream_c64", "rps", "rate"),
     ("3 stream c64 p50 ms", "3_stream_c64", "p50_ms", "ms"),
     ("3 stream c64 p99 ms", "3_stream_c64", "p99_ms", "ms"),
@@ -769,8 +790,10 @@ def compare(gateway: float | None, other: float | None, kind: str) -> str:
 
 def table(results: dict[str, Any]) -> list[list[str]]:
     rows = [["scenario", "direct", "nginx", "gateway", "gw/direct", "gw/nginx"]]
-    for label, scenario, path, kind in ROWS:
+    for label, scenario, path, kind, *direct_from in ROWS:
         d, n, g = (metric(results, scenario, path, t) for t in TARGETS)
+        if direct_from:
+            d = metric(results, direct_from[0], path, "direct")
         rows.append([label, cell(d, kind), cell(n, kind), cell(g, kind)])
         rows[-1] += [compare(g, d, kind), compare(g, n, kind)]
     return rows
@@ -917,6 +940,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     progress("upstreams up: nginx (fixed JSON and SSE) and the paced SSE server")
     cold_starts(bench)
     ports = [bench.ports.nginx_json, bench.ports.nginx_sse, bench.ports.nginx_paced]
+    ports.append(bench.ports.nginx_floor)
     proc, log = bench.start_nginx_proxy("proxy", ports)
     for port in ports:
         wait_listening(port, proc, log)
@@ -927,6 +951,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     long, short = (2, 2) if quick else (10, 5)
     wrk_scenario(bench, "1_nonstream_c64", "1 non-stream c64", "json", 64, long)
     wrk_scenario(bench, "2_nonstream_c1", "2 non-stream c1 ", "json", 1, short)
+    cross_core_floor(bench, short)
     wrk_scenario(bench, "3_stream_c64", f"3 stream ({SSE_EVENT_COUNT} events) c64", "sse", 64, long)
     paced_scenario(bench)
     slow_streams(bench)

@@ -6,6 +6,7 @@ The key's name is logged, never its secret; bodies and headers are never logged.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -20,6 +21,16 @@ log = logging.getLogger("gateway.access")
 def _utc_now() -> str:
     now = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+_BARE = re.compile(r"[A-Za-z0-9._:/@+-]*")
+
+
+def _text(value: Any) -> str:
+    """A value for `key=value` text: bare when safe, else a JSON string, so a client's
+    session id can neither forge fields nor start a new line."""
+    text = str(value)
+    return text if _BARE.fullmatch(text) else orjson.dumps(text).decode()
 
 
 def configure(level: str) -> None:
@@ -41,7 +52,7 @@ class AccessLog:
     def write(self, fields: dict[str, Any]) -> None:
         fields = {"time": _utc_now(), **fields}
         if self.text:
-            line = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            line = " ".join(f"{k}={_text(v)}" for k, v in fields.items() if v is not None)
         else:
             line = orjson.dumps(fields).decode()
         log.info(line)

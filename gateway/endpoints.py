@@ -91,7 +91,8 @@ class ProxyEndpoint:
         runtime = self.runtime
         config = runtime.config  # this request's snapshot, whatever a reload does meanwhile
         if scope["method"] != "POST":
-            await send_error(send, MethodNotAllowed("use POST"), rid, [(b"allow", b"POST")])
+            extra = [(b"allow", b"POST"), server_timing(t0)]
+            await send_error(send, MethodNotAllowed("use POST"), rid, extra)
             return
         key: Key | None = None
         limiter = runtime.limiter
@@ -132,7 +133,9 @@ class ProxyEndpoint:
             log.exception("request %s failed inside the gateway", rid.decode())
             if not ex.started:
                 ex.status = 500
-                await send_error(send, GatewayError("internal gateway error"), rid)
+                await send_error(
+                    send, GatewayError("internal gateway error"), rid, [server_timing(t0)]
+                )
         finally:
             watcher.cancel()
             runtime.metrics.in_flight.dec()
@@ -151,18 +154,20 @@ class JsonEndpoint:
         self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
         incoming = Incoming(scope["headers"])
         rid = incoming.request_id
         if scope["method"] not in ("GET", "HEAD"):
-            await send_error(send, MethodNotAllowed("use GET"), rid, [(b"allow", b"GET")])
+            extra = [(b"allow", b"GET"), server_timing(t0)]
+            await send_error(send, MethodNotAllowed("use GET"), rid, extra)
             return
         try:
             key = authenticate(self.runtime.config.keys, incoming.token()) if self.auth else None
             body = orjson.dumps(self.answer(key, scope.get("path_params", {})))
         except GatewayError as exc:
-            await send_error(send, exc, rid)
+            await send_error(send, exc, rid, [server_timing(t0)])
             return
-        await send_bytes(send, 200, body, [(b"x-request-id", rid)])
+        await send_bytes(send, 200, body, [(b"x-request-id", rid), server_timing(t0)])
 
     def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -236,9 +241,11 @@ class MetricsEndpoint:
         self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
         rid = Incoming(scope["headers"]).request_id
         body = self.runtime.metrics.render()
-        await send_bytes(send, 200, body, [(b"x-request-id", rid)], CONTENT_TYPE)
+        headers = [(b"x-request-id", rid), server_timing(t0)]
+        await send_bytes(send, 200, body, headers, CONTENT_TYPE)
 
 
 class NotFoundEndpoint:
@@ -251,6 +258,7 @@ class NotFoundEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        t0 = time.perf_counter()
         incoming = Incoming(scope["headers"])
         rid = incoming.request_id
         try:
@@ -259,4 +267,4 @@ class NotFoundEndpoint:
                 authenticate(self.runtime.config.keys, incoming.token())
             raise NotFound(f"no such endpoint: {scope['path']}")
         except GatewayError as exc:
-            await send_error(send, exc, rid)
+            await send_error(send, exc, rid, [server_timing(t0)])

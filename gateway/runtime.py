@@ -51,15 +51,14 @@ class Runtime:
             m.failovers.labels(label).inc()
         if ex.hedged:
             m.hedges.inc()
-        if tokens and key is not None:
-            usage = ex.usage
-            if usage is None:
-                m.tokens.labels(key.name, "estimated").inc(tokens)
-            else:
-                for kind in ("prompt", "completion"):
-                    value = usage.get(f"{kind}_tokens")
-                    if isinstance(value, int) and value > 0:
-                        m.tokens.labels(key.name, kind).inc(value)
+        owner = key.name if key is not None else ""
+        if ex.usage is not None:
+            for kind in ("prompt", "completion"):
+                value = ex.usage.get(f"{kind}_tokens")
+                if isinstance(value, int) and value > 0:
+                    m.tokens.labels(owner, kind).inc(value)
+        elif tokens:
+            m.tokens.labels(owner, "estimated").inc(tokens)
         if self.access.enabled():
             self.access.write(exchange_fields(ex, key.name if key else None, duration, tokens))
 

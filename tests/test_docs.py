@@ -1,0 +1,412 @@
+"""Keep the docs honest: the recipes validate, the deploy files say what they must, and
+the SDK examples run against a real gateway serving the built-in `echo` model."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import GatewayFactory, RunningGateway
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+RECIPES = DOCS / "recipes.md"
+SDK_EXAMPLES = DOCS / "sdk-examples.md"
+UNIT = DOCS / "deploy" / "gateway.service"
+K8S = DOCS / "deploy" / "k8s-sidecar.yaml"
+
+DOC_ORIGIN = "http://127.0.0.1:8080"  # what the docs say; tests swap in a real gateway's
+DOC_BASE_URL = DOC_ORIGIN + "/v1"
+SKIP_MARKER = "# docs-test: skip"
+DRAIN_SECONDS = 30.0  # the gateway's default --drain-seconds
+
+FENCE = re.compile(r"^```[ \t]*([\w+-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
+SECRET_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:-)?\}")
+SECRET_HEADERS = {"authorization", "api-key", "x-api-key"}
+
+# Every provider the recipes promise, by the base_url it must use.
+PROVIDER_URLS = {
+    "OpenAI": "https://api.openai.com/v1",
+    "Azure OpenAI v1": ".openai.azure.com/openai/v1",
+    "Groq": "https://api.groq.com/openai/v1",
+    "Mistral": "https://api.mistral.ai/v1",
+    "OpenRouter": "https://openrouter.ai/api/v1",
+    "vLLM": "http://127.0.0.1:8000/v1",
+    "Ollama": "http://127.0.0.1:11434/v1",
+}
+
+
+@dataclass(frozen=True)
+class Block:
+    path: Path
+    lang: str
+    code: str
+    line: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.path.name}:{self.line}"
+
+
+def fenced(path: Path) -> list[Block]:
+    text = path.read_text()
+    return [
+        Block(path, m.group(1).lower(), m.group(2), text.count("\n", 0, m.start()) + 1)
+        for m in FENCE.finditer(text)
+    ]
+
+
+def top_level(code: str, key: str) -> bool:
+    return re.search(rf"^{key}:", code, re.M) is not None
+
+
+RECIPE_BLOCKS = [b for b in fenced(RECIPES) if b.lang == "yaml"]
+ROUTE_BLOCKS = [b for b in RECIPE_BLOCKS if top_level(b.code, "providers")]
+KEY_BLOCKS = [b for b in RECIPE_BLOCKS if top_level(b.code, "keys")]
+SDK_BLOCKS = fenced(SDK_EXAMPLES)
+PYTHON_BLOCKS = [b for b in SDK_BLOCKS if b.lang == "python"]
+
+
+def curl_commands(blocks: list[Block]) -> list[tuple[str, str]]:
+    """(id, command) for every `curl` command in the sh blocks, continuations joined."""
+    out = []
+    for block in blocks:
+        if block.lang not in ("sh", "bash", "shell"):
+            continue
+        for n, line in enumerate(block.code.replace("\\\n", " ").splitlines()):
+            if line.strip().startswith("curl "):
+                out.append((f"{block.id}#{n}", line.strip()))
+    return out
+
+
+CURL_COMMANDS = curl_commands(SDK_BLOCKS)
+
+
+def check_env(*texts: str) -> dict[str, str]:
+    """The environment for `gateway check`: dummies for every ${VAR} without a default;
+    variables with a default are left unset so the default is what gets checked."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    for text in texts:
+        for name, default in VAR.findall(text):
+            env.pop(name, None)
+            if not default:
+                env[name] = "dummy-" + name.lower().replace("_", "-")
+    return env
+
+
+def gateway_check(tmp_path: Path, routes: str, keys: str = "") -> subprocess.CompletedProcess[str]:
+    (tmp_path / "routes.yaml").write_text(routes)
+    (tmp_path / "keys.yaml").write_text(keys)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "check",
+            "--routes",
+            "routes.yaml",
+            "--keys",
+            "keys.yaml",
+        ],
+        cwd=tmp_path,
+        env=check_env(routes, keys),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def with_gateway(text: str, gw: RunningGateway) -> str:
+    """The docs' URL swapped for the test gateway's; nothing may still point at :8080."""
+    assert DOC_ORIGIN in text, "example does not use http://127.0.0.1:8080"
+    swapped = text.replace(DOC_BASE_URL, gw.base_url).replace(DOC_ORIGIN, gw.url)
+    assert "8080" not in swapped, f"example reaches port 8080 some other way:\n{swapped}"
+    return swapped
+
+
+async def serve_echo(gateway: GatewayFactory) -> RunningGateway:
+    """A gateway on the routes.yaml that `make run` serves, with no keys."""
+    return await gateway((ROOT / "routes.yaml").read_text())
+
+
+# ---------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("block", ROUTE_BLOCKS, ids=[b.id for b in ROUTE_BLOCKS])
+def test_recipe_passes_gateway_check(block: Block, tmp_path: Path) -> None:
+    result = gateway_check(tmp_path, block.code)
+    assert result.returncode == 0, f"{block.id} fails `gateway check`:\n{result.stderr}"
+    assert "OK" in result.stdout
+
+
+@pytest.mark.parametrize("block", KEY_BLOCKS, ids=[b.id for b in KEY_BLOCKS])
+def test_recipe_keys_pass_gateway_check(block: Block, tmp_path: Path) -> None:
+    routes = (ROOT / "routes.yaml").read_text()
+    result = gateway_check(tmp_path, routes, block.code)
+    assert result.returncode == 0, f"{block.id} fails `gateway check`:\n{result.stderr}"
+
+
+def test_recipes_cover_every_provider_and_the_combined_example() -> None:
+    assert len(ROUTE_BLOCKS) >= 9
+    orphans = [b.id for b in RECIPE_BLOCKS if b not in ROUTE_BLOCKS and b not in KEY_BLOCKS]
+    assert not orphans, f"yaml blocks no test validates: {orphans}"
+    parsed = [yaml.safe_load(b.code) for b in ROUTE_BLOCKS]
+    urls = [p["base_url"] for doc in parsed for p in doc["providers"].values()]
+    for provider, url in PROVIDER_URLS.items():
+        assert any(url in u for u in urls), f"no {provider} recipe with base_url {url}"
+    local = [u for u in urls if u.startswith("http://127.0.0.1:")]
+    assert any(u not in PROVIDER_URLS.values() for u in local), "no llama.cpp recipe"
+    assert not [u for u in urls if ":8080" in u], "an upstream on the gateway's own port"
+    combined = [
+        doc
+        for doc in parsed
+        if any("*" in slug for slug in doc["models"])
+        and any(
+            len({e["provider"] for e in m["providers"]}) >= 2
+            and m.get("strategy", "fallback") == "fallback"
+            for m in doc["models"].values()
+        )
+    ]
+    assert combined, "no example with a fallback across two providers and a wildcard"
+
+
+@pytest.mark.parametrize("block", ROUTE_BLOCKS, ids=[b.id for b in ROUTE_BLOCKS])
+def test_recipe_secrets_come_from_the_environment(block: Block) -> None:
+    for name, provider in yaml.safe_load(block.code)["providers"].items():
+        secrets = [provider["api_key"]] if "api_key" in provider else []
+        headers = provider.get("headers") or {}
+        secrets += [v for k, v in headers.items() if k.lower() in SECRET_HEADERS]
+        for value in secrets:
+            assert SECRET_REF.fullmatch(str(value)), f"{block.id}: {name} has a literal secret"
+
+
+# ---------------------------------------------------------------- deploy files
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for raw in UNIT.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return settings
+
+
+def seconds(value: str) -> float:
+    units = {"": 1, "s": 1, "sec": 1, "min": 60, "m": 60, "ms": 0.001}
+    total = 0.0
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value):
+        total += float(number) * units[unit]
+    return total
+
+
+def test_systemd_unit() -> None:
+    s = unit_settings()
+    assert any(re.search(r"kill -HUP \$MAINPID", v) for v in s["Service.ExecReload"])
+    assert s["Service.KillSignal"] == ["SIGTERM"]
+    drain = DRAIN_SECONDS
+    for env in s.get("Service.Environment", []):
+        if env.startswith("GATEWAY_DRAIN_SECONDS="):
+            drain = float(env.partition("=")[2])
+        if env.startswith("GATEWAY_HOST="):
+            assert env.partition("=")[2] in ("127.0.0.1", "localhost", "::1")
+    assert seconds(s["Service.TimeoutStopSec"][-1]) > max(drain, DRAIN_SECONDS)
+    assert any(" serve" in v for v in s["Service.ExecStart"])
+    assert s["Service.WorkingDirectory"] and s["Service.EnvironmentFile"]
+    assert s.get("Service.DynamicUser") == ["yes"] or "Service.User" in s
+    assert s.get("Service.NoNewPrivileges") == ["yes"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = tmp_path / "gateway.service"
+    unit.write_text(UNIT.read_text())
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=30
+    )
+    problems = [ln for ln in (result.stdout + result.stderr).splitlines() if unit.name in ln]
+    assert not problems, "\n".join(problems)
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(K8S.read_text()) if d is not None]
+
+
+def k8s_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return pod
+
+
+def k8s_gateway(pod: dict[str, Any]) -> dict[str, Any]:
+    containers = pod.get("initContainers", []) + pod["containers"]
+    (gateway,) = [c for c in containers if "serve" in c.get("command", []) + c.get("args", [])]
+    return gateway
+
+
+def probe_commands(container: dict[str, Any]) -> list[list[str]]:
+    return [
+        container[p]["exec"]["command"]
+        for p in ("startupProbe", "readinessProbe", "livenessProbe")
+        if p in container
+    ]
+
+
+def test_k8s_manifest() -> None:
+    docs = k8s_docs()
+    pod = k8s_pod(docs)
+    gateway = k8s_gateway(pod)
+    env = {e["name"]: e.get("value") for e in gateway.get("env", [])}
+    assert env.get("GATEWAY_HOST", "127.0.0.1") in ("127.0.0.1", "localhost", "::1")
+    assert env.get("GATEWAY_PORT", "8080") == "8080"
+    drain = float(env.get("GATEWAY_DRAIN_SECONDS") or DRAIN_SECONDS)
+    assert pod["terminationGracePeriodSeconds"] > max(drain, DRAIN_SECONDS)
+    assert "readinessProbe" in gateway and "livenessProbe" in gateway
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if name in gateway:
+            probe = gateway[name]
+            target = probe.get("httpGet", {}).get("path") or " ".join(probe["exec"]["command"])
+            assert "/healthz" in target, f"{name} does not check /healthz"
+    requests = gateway["resources"]["requests"]
+    assert (requests["cpu"], requests["memory"]) == ("50m", "64Mi")
+    for mount in gateway["volumeMounts"]:
+        assert "subPath" not in mount, "subPath mounts never see ConfigMap updates"
+    app_env = [e.get("value") for c in pod["containers"] for e in c.get("env", [])]
+    assert DOC_BASE_URL in app_env, "the app is not pointed at the sidecar"
+
+
+def test_k8s_config_passes_gateway_check(tmp_path: Path) -> None:
+    docs = k8s_docs()
+    (routes,) = [d["data"]["routes.yaml"] for d in docs if d["kind"] == "ConfigMap"]
+    (keys,) = [
+        d["stringData"]["keys.yaml"]
+        for d in docs
+        if d["kind"] == "Secret" and "keys.yaml" in d.get("stringData", {})
+    ]
+    result = gateway_check(tmp_path, routes, keys)
+    assert result.returncode == 0, result.stderr
+    provider_env = {
+        name
+        for d in docs
+        if d["kind"] == "Secret"
+        for name in d.get("stringData", {})
+        if name.isupper()
+    }
+    assert {name for name, _ in VAR.findall(routes)} <= provider_env
+
+
+async def test_k8s_probes_pass_against_a_gateway(gateway: GatewayFactory) -> None:
+    gw = await serve_echo(gateway)
+    commands = probe_commands(k8s_gateway(k8s_pod(k8s_docs())))
+    assert commands
+    for command in commands:
+        assert command[0].startswith("python")
+        argv = [
+            sys.executable,
+            *(with_gateway(a, gw) if DOC_ORIGIN in a else a for a in command[1:]),
+        ]
+        result = await asyncio.to_thread(
+            subprocess.run, argv, capture_output=True, text=True, timeout=10
+        )
+        assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- SDK examples
+
+
+def missing_imports(code: str) -> list[str]:
+    modules = re.findall(r"^(?:from|import)\s+([A-Za-z_][\w]*)", code, re.M)
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def test_python_examples_are_there() -> None:
+    runnable = [b for b in PYTHON_BLOCKS if SKIP_MARKER not in b.code]
+    assert len(runnable) >= 2, "fewer than 2 Python examples run"
+    for block in PYTHON_BLOCKS:
+        if SKIP_MARKER in block.code:
+            assert missing_imports(block.code), f"{block.id} is skipped but could run"
+    langchain = [b for b in PYTHON_BLOCKS if "langchain_openai" in b.code]
+    assert langchain and all(
+        "ChatOpenAI(" in b.code and f'base_url="{DOC_BASE_URL}"' in b.code for b in langchain
+    )
+    assert any("stream=True" in b.code for b in runnable)
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[b.id for b in PYTHON_BLOCKS])
+async def test_python_example_runs(
+    block: Block,
+    gateway: GatewayFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if SKIP_MARKER in block.code and missing_imports(block.code):
+        pytest.skip(f"needs {', '.join(missing_imports(block.code))}")
+    monkeypatch.delenv("GATEWAY_KEY", raising=False)
+    gw = await serve_echo(gateway)
+    code = with_gateway(block.code, gw)
+    namespace: dict[str, Any] = {"__name__": "__docs__"}
+    await asyncio.wait_for(asyncio.to_thread(exec, code, namespace), 20)
+    out = capsys.readouterr().out
+    assert "echo: hello" in out, f"{block.id} printed:\n{out}"
+
+
+@pytest.mark.parametrize("command", CURL_COMMANDS, ids=[c[0] for c in CURL_COMMANDS])
+async def test_curl_example_runs(command: tuple[str, str], gateway: GatewayFactory) -> None:
+    gw = await serve_echo(gateway)
+    cmd = with_gateway(command[1], gw)
+    # --fail-with-body: an HTTP error status is a failure, not just any output.
+    cmd = "curl --fail-with-body --max-time 10 " + cmd.removeprefix("curl ")
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_KEY"}
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, f"{cmd}\n{err.decode()}{out.decode()}"
+    assert out.strip(), f"{cmd} printed nothing"
+    if '"model": "echo"' in cmd:
+        assert b"echo" in out
+
+
+def test_curl_examples_are_there() -> None:
+    commands = [c for _, c in CURL_COMMANDS]
+    assert any("/v1/chat/completions" in c and '"stream": true' in c for c in commands)
+    assert any("/v1/chat/completions" in c and '"stream"' not in c for c in commands)
+
+
+def test_node_example(tmp_path: Path) -> None:
+    (block,) = [b for b in SDK_BLOCKS if b.lang in ("js", "javascript", "mjs")]
+    for needed in (
+        'import OpenAI from "openai"',
+        f'baseURL: "{DOC_BASE_URL}"',
+        "apiKey: process.env.GATEWAY_KEY",
+        'model: "echo"',
+        "stream: true",
+        "for await",
+    ):
+        assert needed in block.code, f"the Node example lacks {needed!r}"
+    node = shutil.which("node")
+    if node is None:
+        return
+    script = tmp_path / "app.mjs"
+    script.write_text(block.code)
+    # Syntax only: the openai package is not installed here, and --check does not load it.
+    result = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
