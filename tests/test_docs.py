@@ -98,11 +98,12 @@ def check_env(*texts: str) -> dict[str, str]:
     """The environment for `gateway check`: dummies for every ${VAR} without a default;
     variables with a default are left unset so the default is what gets checked."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    for text in texts:
-        for name, default in VAR.findall(text):
-            env.pop(name, None)
-            if not default:
-                env[name] = "dummy-" + name.lower().replace("_", "-")
+    found = [match for text in texts for match in VAR.findall(text)]
+    for name, _ in found:
+        env.pop(name, None)
+    for name, default in found:
+        if not default:
+            env[name] = "dummy-" + name.lower().replace("_", "-")
     return env
 
 
@@ -132,7 +133,8 @@ def with_gateway(text: str, gw: RunningGateway) -> str:
     """The docs' URL swapped for the test gateway's; nothing may still point at :8080."""
     assert DOC_ORIGIN in text, "example does not use http://127.0.0.1:8080"
     swapped = text.replace(DOC_BASE_URL, gw.base_url).replace(DOC_ORIGIN, gw.url)
-    assert "8080" not in swapped, f"example reaches port 8080 some other way:\n{swapped}"
+    stray = re.search(r"(127\.0\.0\.1|localhost|\[::1\]):8080(?!\d)", swapped)
+    assert stray is None, f"example reaches port 8080 some other way:\n{swapped}"
     return swapped
 
 
