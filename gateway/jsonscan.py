@@ -104,24 +104,29 @@ def replace_value(data: bytes, key: bytes, value: bytes, start: int = 0) -> byte
 
     Every one, not the first: with duplicate keys a JSON parser keeps the last.
     """
-    spans = [(vs, ve) for raw, _, vs, ve in iter_members(data, start) if raw == key]
+    return replace_and_find(data, key, value, b"", start)[0]
+
+
+def replace_and_find(
+    data: bytes, key: bytes, value: bytes, find: bytes, start: int = 0
+) -> tuple[bytes, bytes | None]:
+    """replace_value, and in the same pass the raw value of the last `find` member."""
+    spans = []
+    found = None
+    for raw, _, vs, ve in iter_members(data, start):
+        if raw == key:
+            spans.append((vs, ve))
+        elif raw == find:
+            found = data[vs:ve]
     if not spans:
-        return data
+        return data, found
     out: list[bytes] = []
     pos = 0
     for vstart, vend in spans:
         out += (data[pos:vstart], value)
         pos = vend
     out.append(data[pos:])
-    return b"".join(out)
-
-
-def member_value(data: bytes, key: bytes) -> bytes | None:
-    """The raw value of the first top-level member whose raw key is `key`."""
-    for raw, _, vstart, vend in iter_members(data):
-        if raw == key:
-            return data[vstart:vend]
-    return None
+    return b"".join(out), found
 
 
 def rewrite_members(

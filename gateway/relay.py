@@ -61,14 +61,17 @@ class Relay:
         return False
 
     async def run(self, ex: Exchange, plan: list[Candidate]) -> None:
-        loop = asyncio.get_running_loop()
-        pending = list(plan)
-        running: dict[asyncio.Task[Opened | Failure], Candidate] = {}
         model = plan[0].model
         ex.label = model.slug
         hedge_after = (
             model.hedge_after_ms / 1000 if model.hedge_after_ms and len(plan) > 1 else None
         )
+        if hedge_after is None and not ex.parsed.stream:
+            await self._run_in_turn(ex, plan)
+            return
+        loop = asyncio.get_running_loop()
+        pending = list(plan)
+        running: dict[asyncio.Task[Opened | Failure], Candidate] = {}
         if hedge_after is not None:
             self._hedge_allowance = min(1.0, self._hedge_allowance + self.hedge_share)
         commit_at = loop.time() + model.commit_after if ex.parsed.stream else math.inf
@@ -156,6 +159,40 @@ class Relay:
     def _gauge(self, cand: Candidate) -> None:
         up = 1.0 if self.health.available(cand.key) else 0.0
         self.metrics.provider_up.labels(*cand.key).set(up)
+
+    async def _run_in_turn(self, ex: Exchange, plan: list[Candidate]) -> None:
+        """No hedge and no commit to hold: one attempt after another, awaited directly
+        (no task per attempt; the common non-streaming case)."""
+        last: Failure | None = None
+        timed_out = False
+        count = len(plan)
+
+        def is_last() -> bool:
+            return ex.attempts == count
+
+        try:
+            async with asyncio.timeout(plan[0].model.attempts_timeout):
+                for cand in plan:
+                    ex.attempts += 1
+                    self.metrics.attempts.labels(cand.target.provider.name).inc()
+                    result = await open_attempt(self.upstream, self.health, ex, cand, is_last)
+                    if isinstance(result, Opened):
+                        break
+                    self._gauge(cand)
+                    if result.error is not None:
+                        timed_out = timed_out or isinstance(result.error, UpstreamTimeout)
+                        if last is None or last.error is not None:
+                            last = result
+                    else:
+                        last = result
+                else:
+                    result = None
+        except TimeoutError:
+            timed_out, result = True, None
+        if isinstance(result, Opened):
+            await self._serve(ex, result)
+        else:
+            await self._give_up(ex, last, timed_out)
 
     def _discard(self, opened: Opened) -> None:
         opened.resp.close()

@@ -6,14 +6,13 @@ from typing import Any
 
 import orjson
 
-from gateway.jsonscan import member_value
 from gateway.sse import data_payloads, payload_of
 
 USAGE_KEY = b'"usage"'
 
 
-def usage_in_body(body: bytes) -> dict[str, Any] | None:
-    raw = member_value(body, USAGE_KEY)
+def parse_usage(raw: bytes | None) -> dict[str, Any] | None:
+    """The `usage` object from its raw JSON value (see jsonscan.replace_and_find)."""
     if raw is None:
         return None
     try:
