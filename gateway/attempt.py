@@ -14,11 +14,11 @@ import orjson
 from gateway.errors import GatewayError, UpstreamUnavailable
 from gateway.exchange import Exchange, Failure, Opened
 from gateway.health import Health
-from gateway.jsonscan import replace_and_find
+from gateway.jsonscan import replace_value
 from gateway.plan import Candidate
 from gateway.sse import CONTENT, ERROR, MODEL_KEY, classify, payload_of, splice_model
 from gateway.upstream import Headers, Upstream
-from gateway.usage import USAGE_KEY, Tally, parse_usage
+from gateway.usage import Tally, usage_in_body
 
 
 def retryable(status: int) -> bool:
@@ -91,9 +91,9 @@ async def open_attempt(
                 health.failed(key, cooldown)
                 return Failure(error=exc)
             if resp.status < 300:
-                raw, usage = replace_and_find(raw, MODEL_KEY, model_json, USAGE_KEY)
+                raw = replace_value(raw, MODEL_KEY, model_json)
                 opened.tally = Tally(False)
-                opened.tally.usage = parse_usage(usage)
+                opened.tally.usage = usage_in_body(raw)
             opened.body = raw
             opened.ttfb = time.monotonic() - t0
             keep = True

@@ -8,8 +8,9 @@ from typing import Any
 import orjson
 
 from gateway.errors import BadRequest, PayloadTooLarge, ValidationFailed
-from gateway.jsonscan import rewrite_members
+from gateway.jsonscan import rewrite_members, splice_verified
 
+MODEL_KEY = b'"model"'
 GATEWAY_FIELDS = frozenset({"models", "route", "provider", "session_id"})
 MAX_SESSION_ID = 128
 # What each endpoint needs besides `model`: the field and a word for the message.
@@ -45,6 +46,11 @@ class ParsedBody:
         tokens from it and hides it from a client that did not ask).
         """
         replace = {"model": orjson.dumps(upstream_model)}
+        if not inject_usage and not self.needs_rewrite and "model" in self.data:
+            expect = {**self.data, "model": upstream_model}
+            fast = splice_verified(self.raw, MODEL_KEY, replace["model"], expect)
+            if fast is not None:
+                return fast
         inserts = [] if "model" in self.data else [b'"model":' + replace["model"]]
         if inject_usage:
             options = self.data.get("stream_options")

@@ -165,6 +165,9 @@ def cmd_serve(settings: Settings) -> int:
         "access_log": False,
         "server_header": False,
         "date_header": False,
+        # The gateway reads no client address; uvicorn's X-Forwarded-For parsing would
+        # only cost time on every request.
+        "proxy_headers": False,
         "timeout_graceful_shutdown": settings.drain_seconds,
         "http": "httptools",
         "loop": "uvloop",
