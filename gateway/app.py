@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.routing import Route, Router
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Config
 from gateway.endpoints import (
@@ -24,15 +25,39 @@ from gateway.runtime import Runtime
 from gateway.settings import Settings
 
 
-def create_app(settings: Settings, config: Config) -> Router:
+class Gateway:
+    """The ASGI app: the relaying paths are looked up in a dict and called directly; all
+    else (the catalog, health, metrics, 404s, lifespan) goes through Starlette's router.
+
+    Measured with `make bench`: the router's two extra coroutine levels per request are
+    paid again on every resume of a relaying request (see README, Performance).
+    """
+
+    def __init__(self, router: Router, hot: dict[str, ASGIApp], runtime: Runtime) -> None:
+        self.router = router
+        self.hot = hot
+        self.state = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self.hot.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is not None:
+            await endpoint(scope, receive, send)
+        else:
+            await self.router(scope, receive, send)
+
+
+def create_app(settings: Settings, config: Config) -> Gateway:
     runtime = Runtime(settings, config)
     chat = ProxyEndpoint(runtime, "/chat/completions")
+    hot: dict[str, ASGIApp] = {
+        "/v1/chat/completions": chat,
+        "/chat/completions": chat,
+        "/api/v1/chat/completions": chat,
+        "/v1/completions": ProxyEndpoint(runtime, "/completions"),
+        "/v1/embeddings": ProxyEndpoint(runtime, "/embeddings"),
+    }
     routes = [
-        Route("/v1/chat/completions", chat),
-        Route("/chat/completions", chat),
-        Route("/api/v1/chat/completions", chat),
-        Route("/v1/completions", ProxyEndpoint(runtime, "/completions")),
-        Route("/v1/embeddings", ProxyEndpoint(runtime, "/embeddings")),
+        *(Route(path, endpoint) for path, endpoint in hot.items()),
         Route("/v1/models", ModelList(runtime)),
         Route("/v1/models/{slug:path}", ModelRetrieve(runtime)),
         Route("/v1/router/models", RouterModels(runtime)),
@@ -53,11 +78,10 @@ def create_app(settings: Settings, config: Config) -> Router:
             await runtime.stop()
 
     router = Router(routes, default=NotFoundEndpoint(runtime), lifespan=lifespan)
-    router.state = runtime  # type: ignore[attr-defined]
-    return router
+    return Gateway(router, hot, runtime)
 
 
-def app_from_env() -> Router:
+def app_from_env() -> Gateway:
     """Factory for worker processes (`--workers N`): settings come from GATEWAY_* variables."""
     from gateway.accesslog import configure as configure_access_log
     from gateway.config import load_config

@@ -16,7 +16,7 @@ from gateway.jsonscan import replace_value
 # A line ending followed by another one ends an event. `\r` directly followed by `\n` is
 # one ending (`\r\n`), never two.
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
-_DATA_LINE = re.compile(rb"(?:^|(?<=[\r\n]))data:[ ]?", re.M)
+_DATA_LINE = re.compile(rb"(?:^|(?<=[\r\n]))data:[ ]?([^\r\n]*)", re.M)
 MODEL_KEY = b'"model"'
 
 
@@ -52,15 +52,7 @@ class EventSplitter:
 
 def data_payloads(event: bytes) -> list[tuple[int, int]]:
     """(start, end) of each `data:` field value in the event, without its line ending."""
-    spans = []
-    for match in _DATA_LINE.finditer(event):
-        start = match.end()
-        end = start
-        length = len(event)
-        while end < length and event[end] not in (10, 13):
-            end += 1
-        spans.append((start, end))
-    return spans
+    return [m.span(1) for m in _DATA_LINE.finditer(event)]
 
 
 def splice_model(event: bytes, model_json: bytes) -> bytes:
