@@ -5,6 +5,7 @@ The key's name is logged, never its secret; bodies and headers are never logged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
@@ -18,9 +19,48 @@ from gateway.exchange import Exchange
 log = logging.getLogger("gateway.access")
 
 
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
 def _utc_now() -> str:
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    whole = int(now)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
+
+
+FLUSH_EVERY = 0.2  # seconds an access line may wait in memory before reaching stdout
+
+
+class BatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Collects lines and writes them in one call shortly after: a write (and a flush)
+    per request would be a syscall or two on the hot path."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.lines: list[str] = []
+        self.scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        if len(self.lines) >= 512:
+            self.flush()
+        elif not self.scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self.scheduled = True
+            loop.call_later(FLUSH_EVERY, self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if self.lines:
+            lines, self.lines = self.lines, []
+            self.stream.write("\n".join(lines) + "\n")
+        super().flush()
 
 
 _BARE = re.compile(r"[A-Za-z0-9._:/@+-]*")
@@ -33,10 +73,14 @@ def _text(value: Any) -> str:
     return text if _BARE.fullmatch(text) else orjson.dumps(text).decode()
 
 
+def flush() -> None:
+    for handler in log.handlers:
+        handler.flush()
+
+
 def configure(level: str) -> None:
     """Access lines go to stdout, one per line, nothing around them; diagnostics to stderr."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler = BatchedHandler(sys.stdout)
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(level.upper())

@@ -6,6 +6,7 @@ a whole answer, or a stream read up to its first content-bearing event.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -54,6 +55,7 @@ async def open_attempt(
     ex: Exchange,
     cand: Candidate,
     is_last: Callable[[], bool],
+    deadline: float = math.inf,
 ) -> Opened | Failure:
     """Send the request and read until the answer can be relayed.
 
@@ -70,7 +72,9 @@ async def open_attempt(
         injected = ex.inject_usage and cand.target.provider.stream_usage
         body = ex.parsed.for_upstream(cand.upstream_model, injected)
         try:
-            resp = await upstream.send(cand.target.provider, ex.path, body, ex.client_headers)
+            resp = await upstream.send(
+                cand.target.provider, ex.path, body, ex.client_headers, deadline
+            )
         except GatewayError as exc:
             health.failed(key, cooldown)
             return Failure(error=exc)

@@ -27,6 +27,11 @@ class ConnectionLost(Exception):
         self.before_response = before_response
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class H1Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -127,12 +132,16 @@ class H1Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    async def wait(self) -> None:
-        """Until something new happened (head, body, end, error)."""
-        self.waiter = asyncio.get_running_loop().create_future()
+    async def wait(self, seconds: float) -> None:
+        """Until something new happened (head, body, end, error); TimeoutError after
+        `seconds`. One timer handle: cheaper than asyncio.timeout() per chunk."""
+        loop = asyncio.get_running_loop()
+        waiter = self.waiter = loop.create_future()
+        timer = loop.call_later(max(seconds, 0.0), _expire, waiter)
         try:
-            await self.waiter
+            await waiter
         finally:
+            timer.cancel()
             self.waiter = None
 
     def take(self) -> bytes:

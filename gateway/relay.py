@@ -88,7 +88,7 @@ class Relay:
             nonlocal hedge_at
             cand = pending.pop(0)
             ex.attempts += 1
-            self.metrics.attempts.labels(cand.target.provider.name).inc()
+            self.metrics.attempts(cand.target.provider.name).inc()
             attempt = open_attempt(self.upstream, self.health, ex, cand, is_last)
             running[asyncio.ensure_future(attempt)] = cand
             hedge_at = loop.time() + hedge_after if hedge_after and pending else math.inf
@@ -158,7 +158,7 @@ class Relay:
 
     def _gauge(self, cand: Candidate) -> None:
         up = 1.0 if self.health.available(cand.key) else 0.0
-        self.metrics.provider_up.labels(*cand.key).set(up)
+        self.metrics.provider_up(*cand.key).set(up)
 
     async def _run_in_turn(self, ex: Exchange, plan: list[Candidate]) -> None:
         """No hedge and no commit to hold: one attempt after another, awaited directly
@@ -170,25 +170,27 @@ class Relay:
         def is_last() -> bool:
             return ex.attempts == count
 
-        try:
-            async with asyncio.timeout(plan[0].model.attempts_timeout):
-                for cand in plan:
-                    ex.attempts += 1
-                    self.metrics.attempts.labels(cand.target.provider.name).inc()
-                    result = await open_attempt(self.upstream, self.health, ex, cand, is_last)
-                    if isinstance(result, Opened):
-                        break
-                    self._gauge(cand)
-                    if result.error is not None:
-                        timed_out = timed_out or isinstance(result.error, UpstreamTimeout)
-                        if last is None or last.error is not None:
-                            last = result
-                    else:
-                        last = result
-                else:
-                    result = None
-        except TimeoutError:
-            timed_out, result = True, None
+        # The request's time bound travels with each attempt as a deadline: no timer
+        # context of its own around the loop.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + plan[0].model.attempts_timeout
+        result: Opened | Failure | None = None
+        for cand in plan:
+            if loop.time() >= deadline:
+                timed_out, result = True, None
+                break
+            ex.attempts += 1
+            self.metrics.attempts(cand.target.provider.name).inc()
+            result = await open_attempt(self.upstream, self.health, ex, cand, is_last, deadline)
+            if isinstance(result, Opened):
+                break
+            self._gauge(cand)
+            if result.error is not None:
+                timed_out = timed_out or isinstance(result.error, UpstreamTimeout)
+                if last is None or last.error is not None:
+                    last = result
+            else:
+                last = result
         if isinstance(result, Opened):
             await self._serve(ex, result)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from gateway.accesslog import AccessLog, exchange_fields
+from gateway.accesslog import flush as flush_access_log
 from gateway.config import Config
 from gateway.errors import GatewayError, QuotaExhausted, RateLimited
 from gateway.exchange import Exchange
@@ -37,18 +38,19 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.upstream.close()
+        flush_access_log()
 
     def served(self, ex: Exchange, key: Key | None, tokens: int, duration: float) -> None:
         """Metrics and the access-log line for a request that reached the relay."""
         m = self.metrics
         label = ex.label or "(none)"
         stream = "true" if ex.parsed.stream else "false"
-        m.requests.labels(label, ex.provider or "", str(ex.status), stream).inc()
-        m.duration.labels(label).observe(duration)
+        m.requests(label, ex.provider or "", str(ex.status), stream).inc()
+        m.duration(label).observe(duration)
         if ex.ttfb is not None and ex.provider is not None:
-            m.ttfb.labels(label, ex.provider).observe(ex.ttfb)
+            m.ttfb(label, ex.provider).observe(ex.ttfb)
         if ex.attempts > 1:
-            m.failovers.labels(label).inc()
+            m.failovers(label).inc()
         if ex.hedged:
             m.hedges.inc()
         owner = key.name if key is not None else ""
@@ -56,9 +58,9 @@ class Runtime:
             for kind in ("prompt", "completion"):
                 value = ex.usage.get(f"{kind}_tokens")
                 if isinstance(value, int) and value > 0:
-                    m.tokens.labels(owner, kind).inc(value)
+                    m.tokens(owner, kind).inc(value)
         elif tokens:
-            m.tokens.labels(owner, "estimated").inc(tokens)
+            m.tokens(owner, "estimated").inc(tokens)
         if self.access.enabled():
             self.access.write(exchange_fields(ex, key.name if key else None, duration, tokens))
 
@@ -66,10 +68,10 @@ class Runtime:
         self, exc: GatewayError, key: Key | None, request_id: bytes, path: str, duration: float
     ) -> None:
         """Metrics and the access-log line for a request refused before any upstream."""
-        self.metrics.requests.labels("(none)", "", str(exc.status), "").inc()
+        self.metrics.requests("(none)", "", str(exc.status), "").inc()
         if isinstance(exc, RateLimited | QuotaExhausted) and key is not None:
             limit = str(exc.details.get("limit", "token_quota"))
-            self.metrics.rejections.labels(key.name, limit).inc()
+            self.metrics.rejections(key.name, limit).inc()
         if self.access.enabled():
             self.access.write(
                 {

@@ -220,9 +220,7 @@ class H1Response:
                 if conn.error is not None:
                     raise conn.error
                 loop = asyncio.get_running_loop()
-                timeout = min(self._read, self._deadline - loop.time())
-                async with asyncio.timeout(max(timeout, 0.0)):
-                    await conn.wait()
+                await conn.wait(min(self._read, self._deadline - loop.time()))
         except (ConnectionLost, TimeoutError, OSError, zlib.error) as exc:
             self.close()
             raise translate(exc, started=True) from None
@@ -263,14 +261,22 @@ class Upstream:
         return entry[1]
 
     async def send(
-        self, provider: Provider, path: str, body: bytes, client_headers: Headers
+        self,
+        provider: Provider,
+        path: str,
+        body: bytes,
+        client_headers: Headers,
+        deadline: float = math.inf,
     ) -> UpstreamResponse:
+        """Send the request; return once the response head is in. `deadline` (loop time)
+        bounds the whole exchange, body included, on top of the provider's timeouts."""
         if provider.builtin is not None:
             return EchoResponse.answer(path, body)
         target = self._target(provider)
         t = provider.timeout
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + t.total if t.total is not None else math.inf
+        if t.total is not None:
+            deadline = min(deadline, loop.time() + t.total)
         data = request_head(target, path, client_headers, len(body)) + body
         origin = target.origin
         pool = self.pool
@@ -282,11 +288,11 @@ class Upstream:
             try:
                 conn.send(data)
                 first = t.first_byte if t.first_byte is not None else t.read
-                async with asyncio.timeout(max(0.0, min(first, deadline - loop.time()))):
-                    while not conn.head_done:
-                        if conn.error is not None:
-                            raise conn.error
-                        await conn.wait()
+                head_by = loop.time() + min(first, deadline - loop.time())
+                while not conn.head_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait(head_by - loop.time())
                 return H1Response(pool, origin, conn, t.read, deadline)
             except ConnectionLost as exc:
                 conn.abort()

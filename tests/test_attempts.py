@@ -60,3 +60,29 @@ async def test_attempts_timeout_after_keepalive_commit_ends_with_timeout_event(
     assert last.startswith(b"data: {")
     assert b'"code":"upstream_timeout"' in last
     assert b"[DONE]" not in raw
+
+
+async def test_attempts_timeout_without_hedging_bounds_a_plain_request(
+    gateway: GatewayFactory, make_upstream: object, client: httpx.AsyncClient
+) -> None:
+    a, b = await make_upstream(), await make_upstream()  # type: ignore[operator]
+    a.default = Hang()
+    routes = (
+        "providers:\n"
+        f"  a:\n    base_url: {a.url}\n    timeout: {{read: 30}}\n"
+        f"  b:\n    base_url: {b.url}\n"
+        "models:\n  m:\n    attempts_timeout: 0.4\n"
+        "    providers: [{provider: a}, {provider: b}]\n"
+    )
+    gw = await gateway(routes)
+    t0 = time.monotonic()
+    r = await client.post(
+        f"{gw.base_url}/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert r.status_code == 504
+    assert r.json()["error"]["code"] == "upstream_timeout"
+    assert time.monotonic() - t0 < 5
+    await a.wait_closed()
+    # The time was spent on a: b was never tried once the request's time was up.
+    assert b.requests == []
