@@ -53,6 +53,7 @@ class Relay:
         self.metrics = metrics
         self.hedge_share = hedge_share
         self._hedge_allowance = 1.0
+        self._up: dict[tuple[str, str], float] = {}
 
     def _take_hedge(self) -> bool:
         if self._hedge_allowance >= 1.0:
@@ -157,8 +158,11 @@ class Relay:
             await self._serve(ex, winner)
 
     def _gauge(self, cand: Candidate) -> None:
+        """gateway_provider_up for the entry, written only when it changes."""
         up = 1.0 if self.health.available(cand.key) else 0.0
-        self.metrics.provider_up(*cand.key).set(up)
+        if self._up.get(cand.key) != up:
+            self._up[cand.key] = up
+            self.metrics.provider_up(*cand.key).set(up)
 
     async def _run_in_turn(self, ex: Exchange, plan: list[Candidate]) -> None:
         """No hedge and no commit to hold: one attempt after another, awaited directly
