@@ -27,11 +27,6 @@ class ConnectionLost(Exception):
         self.before_response = before_response
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
 class H1Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -51,6 +46,11 @@ class H1Connection(asyncio.Protocol):
         self.buffered = 0
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
+        # One watchdog timer per connection, re-armed only when it fires early: arming
+        # and cancelling a timer for every chunk of a stream costs more than the chunk.
+        self.wait_due = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_due = 0.0
 
     # asyncio.Protocol
 
@@ -67,6 +67,7 @@ class H1Connection(asyncio.Protocol):
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_watchdog()
         self.closed = True
         if self.head_done and not self.done and self.eof_body and exc is None:
             self.done = True
@@ -133,16 +134,30 @@ class H1Connection(asyncio.Protocol):
         self.transport.write(data)
 
     async def wait(self, seconds: float) -> None:
-        """Until something new happened (head, body, end, error); TimeoutError after
-        `seconds`. One timer handle: cheaper than asyncio.timeout() per chunk."""
+        """Until something new happened (head, body, end, error); TimeoutError when
+        nothing did for `seconds`."""
         loop = asyncio.get_running_loop()
         waiter = self.waiter = loop.create_future()
-        timer = loop.call_later(max(seconds, 0.0), _expire, waiter)
+        due = self.wait_due = loop.time() + max(seconds, 0.0)
+        if self.timer is None or self.timer_due > due:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer, self.timer_due = loop.call_at(due, self._watchdog), due
         try:
             await waiter
         finally:
-            timer.cancel()
             self.waiter = None
+
+    def _watchdog(self) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self.wait_due:
+            waiter.set_exception(TimeoutError())
+        else:
+            self.timer, self.timer_due = loop.call_at(self.wait_due, self._watchdog), self.wait_due
 
     def take(self) -> bytes:
         chunk = self.chunks.popleft()
@@ -155,12 +170,19 @@ class H1Connection(asyncio.Protocol):
     def reusable(self) -> bool:
         return self.done and self.keep_alive and not self.closed and not self.chunks
 
+    def _stop_watchdog(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def close(self) -> None:
+        self._stop_watchdog()
         self.closed = True
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        self._stop_watchdog()
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
