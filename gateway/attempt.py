@@ -17,7 +17,15 @@ from gateway.exchange import Exchange, Failure, Opened
 from gateway.health import Health
 from gateway.jsonscan import replace_value
 from gateway.plan import Candidate
-from gateway.sse import CONTENT, ERROR, MODEL_KEY, classify, payload_of, splice_model
+from gateway.sse import (
+    CONTENT,
+    ERROR,
+    MODEL_KEY,
+    classify,
+    payload_of,
+    splice_block,
+    splice_model,
+)
 from gateway.upstream import Headers, Upstream
 from gateway.usage import Tally, usage_in_body
 
@@ -129,14 +137,17 @@ async def open_attempt(
             events = opened.splitter.feed(chunk)
             if opened.tally is not None:
                 events = opened.tally.events(events)
-            for event in events:
-                if not content:
-                    kind = classify(event)
-                    if kind == ERROR:
-                        health.failed(key, cooldown)
-                        return inband_failure(event)
-                    content = kind == CONTENT
+            for i, event in enumerate(events):
+                kind = classify(event)
+                if kind == ERROR:
+                    health.failed(key, cooldown)
+                    return inband_failure(event)
                 held.append(splice_model(event, model_json))
+                if kind == CONTENT:
+                    # Content: what else came in this read is relayed as it is.
+                    content = True
+                    held.append(splice_block(b"".join(events[i + 1 :]), model_json))
+                    break
         opened.ttfb = time.monotonic() - t0
         keep = True
         return opened

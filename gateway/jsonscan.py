@@ -105,7 +105,9 @@ def key_name(raw: bytes) -> str:
 # An object's opening and members whose values are all scalars: a key right after such a
 # prefix is certainly top-level. Matched in C, it spares the token loop for the usual
 # `{"id":…,"object":…,"created":…,"model":…` of OpenAI answers and chunks.
-_STR = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
+STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, as a regex (unrolled)
+SCALAR = rb"(?:" + STRING + rb"|[-+0-9.eE]+|true|false|null)"
+_STR = STRING
 _SCALAR_PREFIX = re.compile(
     rb"[ \t\r\n]*\{(?:[ \t\r\n]*"
     + _STR

@@ -26,7 +26,7 @@ from gateway.health import Health
 from gateway.metrics import Metrics
 from gateway.plan import Candidate
 from gateway.respond import send_bytes, send_error, server_timing
-from gateway.sse import splice_model
+from gateway.sse import splice_block, splice_model, split_events
 from gateway.upstream import Headers, Upstream
 
 KEEPALIVE_EVERY = 10.0
@@ -292,11 +292,13 @@ class Relay:
                     rest = splice_model(rest, model_json)
                     await send({"type": "http.response.body", "body": rest, "more_body": True})
                 return True
-            events = splitter.feed(chunk)
-            if tally is not None:
-                events = tally.events(events)
-            if events:
-                out = b"".join([splice_model(e, model_json) for e in events])
+            block = splitter.feed_block(chunk)
+            if not block:
+                continue
+            if tally is not None and tally.wants(block):
+                block = b"".join(tally.events(split_events(block)))
+            out = splice_block(block, model_json)
+            if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 delay.observe(clock() - arrived)
 

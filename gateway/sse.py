@@ -11,13 +11,25 @@ import re
 
 import orjson
 
-from gateway.jsonscan import replace_value
+from gateway.jsonscan import SCALAR, replace_value
 
 # A line ending followed by another one ends an event. `\r` directly followed by `\n` is
 # one ending (`\r\n`), never two.
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 _DATA_LINE = re.compile(rb"(?:^|(?<=[\r\n]))data:[ ]?([^\r\n]*)", re.M)
 MODEL_KEY = b'"model"'
+# In a block of whole events: each `data:` line whose JSON object starts with scalar
+# members, then `"model"` with a scalar value. With `subn`, every such value is replaced
+# in one C pass; the count tells whether that was every `"model"` in the block.
+_LINE_MODEL = re.compile(
+    rb"(?m)^(data:[ ]?[ \t]*\{(?:[ \t]*"
+    + SCALAR
+    + rb"[ \t]*:[ \t]*"
+    + SCALAR
+    + rb'[ \t]*,)*[ \t]*"model"[ \t]*:[ \t]*)'
+    + SCALAR
+)
+_TERMINATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 class EventSplitter:
@@ -44,10 +56,44 @@ class EventSplitter:
         self._buf = buf[pos:]
         return events
 
+    def feed_block(self, chunk: bytes) -> bytes:
+        """Like feed, but the complete events come back as one block of bytes."""
+        buf = self._buf + chunk if self._buf else chunk
+        end = max(buf.rfind(t) + len(t) if t in buf else 0 for t in _TERMINATORS)
+        # Mixed endings (`\n\r\n`) are not among the three: the regex finds any after.
+        while (match := _EVENT_END.search(buf, end)) is not None:
+            end = match.end()
+        self._buf = buf[end:]
+        return buf[:end]
+
     def rest(self) -> bytes:
         """Bytes of an unfinished event, for a stream that ended without a blank line."""
         rest, self._buf = self._buf, b""
         return rest
+
+
+def split_events(block: bytes) -> list[bytes]:
+    """A block of whole events (see feed_block) as a list of events."""
+    events = []
+    pos = 0
+    for match in _EVENT_END.finditer(block):
+        events.append(block[pos : match.end()])
+        pos = match.end()
+    if pos < len(block):
+        events.append(block[pos:])
+    return events
+
+
+def splice_block(block: bytes, model_json: bytes) -> bytes:
+    """splice_model over a block of whole events, in one regex pass when it can."""
+    occurrences = block.count(MODEL_KEY)
+    if not occurrences:
+        return block
+    template = b"\\g<1>" + model_json.replace(b"\\", b"\\\\")
+    out, replaced = _LINE_MODEL.subn(template, block)
+    if replaced == occurrences:
+        return out
+    return b"".join([splice_model(e, model_json) for e in split_events(block)])
 
 
 def data_payloads(event: bytes) -> list[tuple[int, int]]:

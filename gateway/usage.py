@@ -51,6 +51,10 @@ class Tally:
         self.usage: dict[str, Any] | None = None
         self.content_chars = 0
 
+    def wants(self, block: bytes) -> bool:
+        """Whether a block of events has anything for this tally to read."""
+        return self.count_content or USAGE_KEY in block
+
     def events(self, events: list[bytes]) -> list[bytes]:
         """The events to relay: all, less the usage-only chunk the gateway asked for."""
         kept = []
