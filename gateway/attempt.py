@@ -22,9 +22,11 @@ from gateway.sse import (
     ERROR,
     MODEL_KEY,
     classify,
+    event_spans,
     payload_of,
     splice_block,
     splice_model,
+    split_events,
 )
 from gateway.upstream import Headers, Upstream
 from gateway.usage import Tally, usage_in_body
@@ -134,19 +136,23 @@ async def open_attempt(
                 opened.ended = True
                 keep = True
                 return opened
-            events = opened.splitter.feed(chunk)
-            if opened.tally is not None:
-                events = opened.tally.events(events)
-            for i, event in enumerate(events):
+            block = opened.splitter.feed_block(chunk)
+            if not block:
+                continue
+            tally = opened.tally
+            if tally is not None and tally.wants(block):
+                block = b"".join(tally.events(split_events(block)))
+            for start, end in event_spans(block):
+                event = block[start:end]
                 kind = classify(event)
                 if kind == ERROR:
                     health.failed(key, cooldown)
                     return inband_failure(event)
                 held.append(splice_model(event, model_json))
                 if kind == CONTENT:
-                    # Content: what else came in this read is relayed as it is.
+                    # What came after the first content in the same read goes out as is.
                     content = True
-                    held.append(splice_block(b"".join(events[i + 1 :]), model_json))
+                    held.append(splice_block(block[end:], model_json))
                     break
         opened.ttfb = time.monotonic() - t0
         keep = True

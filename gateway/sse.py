@@ -8,6 +8,7 @@ reach the client as the upstream sent it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import orjson
 
@@ -21,8 +22,11 @@ MODEL_KEY = b'"model"'
 # In a block of whole events: each `data:` line whose JSON object starts with scalar
 # members, then `"model"` with a scalar value. With `subn`, every such value is replaced
 # in one C pass; the count tells whether that was every `"model"` in the block.
+# The pattern starts with the literal `\ndata:` so `re` can skip ahead to candidates
+# (a `^` in multiline mode would make it try every byte); the block gets a leading
+# newline for the duration of the pass.
 _LINE_MODEL = re.compile(
-    rb"(?m)^(data:[ ]?[ \t]*\{(?:[ \t]*"
+    rb"(\ndata:[ ]?[ \t]*\{(?:[ \t]*"
     + SCALAR
     + rb"[ \t]*:[ \t]*"
     + SCALAR
@@ -72,16 +76,18 @@ class EventSplitter:
         return rest
 
 
-def split_events(block: bytes) -> list[bytes]:
-    """A block of whole events (see feed_block) as a list of events."""
-    events = []
+def event_spans(block: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) of each event in a block of whole events (see feed_block), lazily."""
     pos = 0
     for match in _EVENT_END.finditer(block):
-        events.append(block[pos : match.end()])
+        yield pos, match.end()
         pos = match.end()
     if pos < len(block):
-        events.append(block[pos:])
-    return events
+        yield pos, len(block)
+
+
+def split_events(block: bytes) -> list[bytes]:
+    return [block[start:end] for start, end in event_spans(block)]
 
 
 def splice_block(block: bytes, model_json: bytes) -> bytes:
@@ -90,9 +96,9 @@ def splice_block(block: bytes, model_json: bytes) -> bytes:
     if not occurrences:
         return block
     template = b"\\g<1>" + model_json.replace(b"\\", b"\\\\")
-    out, replaced = _LINE_MODEL.subn(template, block)
+    out, replaced = _LINE_MODEL.subn(template, b"\n" + block)
     if replaced == occurrences:
-        return out
+        return out[1:]
     return b"".join([splice_model(e, model_json) for e in split_events(block)])
 
 
