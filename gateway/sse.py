@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import orjson
 
-from gateway.jsonscan import SCALAR, replace_value
+from gateway.jsonscan import SCALAR, STRING, replace_value
 
 # A line ending followed by another one ends an event. `\r` directly followed by `\n` is
 # one ending (`\r\n`), never two.
@@ -27,10 +27,11 @@ MODEL_KEY = b'"model"'
 # newline for the duration of the pass.
 _LINE_MODEL = re.compile(
     rb"(\ndata:[ ]?[ \t]*\{(?:[ \t]*"
-    + SCALAR
+    + STRING
     + rb"[ \t]*:[ \t]*"
     + SCALAR
-    + rb'[ \t]*,)*[ \t]*"model"[ \t]*:[ \t]*)'
+    # Lazy: try `"model"` at each member first (greedy backtracking cost 2.5x here).
+    + rb'[ \t]*,)*?[ \t]*"model"[ \t]*:[ \t]*)'
     + SCALAR
 )
 _TERMINATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
