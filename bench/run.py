@@ -138,7 +138,7 @@ class Processes:
     running: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def argv(self, argv: list[str], role: str) -> list[str]:
-        if self.cores is None:
+        if self.cores is None or role == "any":
             return argv
         core = self.cores[0] if role == "proxy" else self.cores[1]
         return ["taskset", "-c", str(core), *argv]
@@ -477,7 +477,8 @@ class Bench:
         routes, keys = self.tmp / "routes.yaml", self.tmp / "keys.yaml"
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         argv = [*gateway_command(), "serve", "--routes", str(routes), "--keys", str(keys)]
-        argv += ["--port", str(port), "--log-level", "warning", "--drain-seconds", "1"]
+        # The default log level: the access log (one line per request) is part of the cost.
+        argv += ["--port", str(port), "--drain-seconds", "1"]
         return self.procs.start(argv, "proxy", log=log, env=env)
 
     def pids(self, target: str) -> list[int]:
@@ -564,6 +565,40 @@ def wrk_scenario(
             f"{title} · {target:7}: {got['rps']:>9,.0f} req/s  p50 {got['p50_ms']:.2f} ms"
             f"  p99 {got['p99_ms']:.2f} ms{cpu}{errors}"
         )
+
+
+def workers_scenario(bench: Bench, seconds: int) -> None:
+    """7: `--workers 2`. With two cores the load generator cannot run elsewhere, so this
+    measures what a core of gateway CPU serves with two workers (req/s over the workers'
+    CPU-seconds per second) against one worker's figure from scenario 1. With a core per
+    worker and the load elsewhere, two workers serve 2 x eff2 / eff1 of one."""
+    one = bench.results.get("1_nonstream_c64", {}).get("gateway", {}).get("rps_per_core")
+    port = free_ports(1)[0]
+    routes, keys = bench.tmp / "routes.yaml", bench.tmp / "keys.yaml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    argv = [*gateway_command(), "serve", "--routes", str(routes), "--keys", str(keys)]
+    argv += ["--port", str(port), "--workers", "2", "--drain-seconds", "1"]
+    log = bench.tmp / "workers2.log"
+    proc = bench.procs.start(argv, "any", log=log, env=env)
+    try:
+        wait_answered(port, proc, log, time.monotonic() + 30)
+        wrk(bench, port, JSON_BODY, 64, 1)
+        pids = [proc.pid, *children(proc.pid)]
+        cpu_start = cpu_seconds(pids)
+        got = wrk(bench, port, JSON_BODY, 64, seconds)
+        share = (cpu_seconds(pids) - cpu_start) / got["seconds"]
+        got["cpu_percent"] = round(100 * share, 1)
+        got["rps_per_core"] = round(got["rps"] / share, 1) if share > 0 else None
+        if one and got["rps_per_core"]:
+            got["projected_scaling"] = round(2 * got["rps_per_core"] / one, 2)
+        bench.results["7_workers2"] = {"gateway": got}
+        progress(
+            f"7 --workers 2 c64: {got['rps']:,.0f} req/s sharing both cores with wrk and the "
+            f"upstream, {got['cpu_percent']:.0f}% CPU, {got['rps_per_core'] or 0:,.0f} req/s "
+            f"per gateway core; projected 2-core scaling {got.get('projected_scaling')}x"
+        )
+    finally:
+        bench.procs.stop(proc)
 
 
 def cross_core_floor(bench: Bench, seconds: int) -> None:
@@ -955,6 +990,7 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     wrk_scenario(bench, "3_stream_c64", f"3 stream ({SSE_EVENT_COUNT} events) c64", "sse", 64, long)
     paced_scenario(bench)
     slow_streams(bench)
+    workers_scenario(bench, long)
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": quick,

@@ -26,7 +26,6 @@ from gateway.sse import (
     payload_of,
     splice_block,
     splice_model,
-    split_events,
 )
 from gateway.upstream import Headers, Upstream
 from gateway.usage import Tally, usage_in_body
@@ -139,9 +138,8 @@ async def open_attempt(
             block = opened.splitter.feed_block(chunk)
             if not block:
                 continue
-            tally = opened.tally
-            if tally is not None and tally.wants(block):
-                block = b"".join(tally.events(split_events(block)))
+            if opened.tally is not None:
+                block = opened.tally.block(block)
             for start, end in event_spans(block):
                 event = block[start:end]
                 kind = classify(event)

@@ -26,7 +26,7 @@ from gateway.health import Health
 from gateway.metrics import Metrics
 from gateway.plan import Candidate
 from gateway.respond import send_bytes, send_error, server_timing
-from gateway.sse import splice_block, splice_model, split_events
+from gateway.sse import splice_block, splice_model
 from gateway.upstream import Headers, Upstream
 
 KEEPALIVE_EVERY = 10.0
@@ -295,8 +295,8 @@ class Relay:
             block = splitter.feed_block(chunk)
             if not block:
                 continue
-            if tally is not None and tally.wants(block):
-                block = b"".join(tally.events(split_events(block)))
+            if tally is not None:
+                block = tally.block(block)
             out = splice_block(block, model_json)
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})

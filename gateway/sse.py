@@ -34,7 +34,7 @@ _LINE_MODEL = re.compile(
     + rb'[ \t]*,)*?[ \t]*"model"[ \t]*:[ \t]*)'
     + SCALAR
 )
-_TERMINATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+TERMINATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 class EventSplitter:
@@ -64,7 +64,7 @@ class EventSplitter:
     def feed_block(self, chunk: bytes) -> bytes:
         """Like feed, but the complete events come back as one block of bytes."""
         buf = self._buf + chunk if self._buf else chunk
-        end = max(buf.rfind(t) + len(t) if t in buf else 0 for t in _TERMINATORS)
+        end = max(buf.rfind(t) + len(t) if t in buf else 0 for t in TERMINATORS)
         # Mixed endings (`\n\r\n`) are not among the three: the regex finds any after.
         while (match := _EVENT_END.search(buf, end)) is not None:
             end = match.end()
@@ -85,6 +85,12 @@ def event_spans(block: bytes) -> Iterator[tuple[int, int]]:
         pos = match.end()
     if pos < len(block):
         yield pos, len(block)
+
+
+def event_end(block: bytes, at: int) -> int:
+    """End of the event that holds position `at`."""
+    match = _EVENT_END.search(block, at)
+    return match.end() if match is not None else len(block)
 
 
 def split_events(block: bytes) -> list[bytes]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from gateway.sse import data_payloads, payload_of
+from gateway.sse import TERMINATORS, data_payloads, event_end, payload_of, split_events
 
 USAGE_KEY = b'"usage"'
 
@@ -51,9 +51,30 @@ class Tally:
         self.usage: dict[str, Any] | None = None
         self.content_chars = 0
 
-    def wants(self, block: bytes) -> bool:
-        """Whether a block of events has anything for this tally to read."""
-        return self.count_content or USAGE_KEY in block
+    def block(self, block: bytes) -> bytes:
+        """A block of whole events to relay, read like `events`. Without token limits
+        only the events that name `usage` are found (by byte search) and parsed."""
+        if self.count_content:
+            return b"".join(self.events(split_events(block)))
+        at = block.find(USAGE_KEY)
+        if at < 0:
+            return block
+        parts: list[bytes] = []
+        done = 0
+        while at >= 0:
+            start = done
+            for t in TERMINATORS:
+                found = block.rfind(t, done, at)
+                if found >= 0:
+                    start = max(start, found + len(t))
+            end = event_end(block, at)
+            kept = self.events([block[start:end]])
+            if not kept:
+                parts.append(block[done:start])
+                done = end
+            at = block.find(USAGE_KEY, end)
+        parts.append(block[done:])
+        return b"".join(parts)
 
     def events(self, events: list[bytes]) -> list[bytes]:
         """The events to relay: all, less the usage-only chunk the gateway asked for."""
