@@ -21,11 +21,10 @@ from gateway.sse import (
     CONTENT,
     ERROR,
     MODEL_KEY,
+    Splicer,
     classify,
     event_spans,
     payload_of,
-    splice_block,
-    splice_model,
 )
 from gateway.upstream import Headers, Upstream
 from gateway.usage import Tally, usage_in_body
@@ -113,6 +112,7 @@ async def open_attempt(
             return opened
 
         opened.tally = Tally(injected, count_content=ex.count_tokens)
+        splicer = opened.splicer = Splicer(model_json)
         held = opened.held
         content = False
         while not content:
@@ -124,7 +124,7 @@ async def open_attempt(
             if not chunk:
                 rest = opened.splitter.rest()
                 if rest:
-                    held.append(splice_model(rest, model_json))
+                    held.append(splicer.event(rest))
                 if not is_last():
                     health.failed(key, cooldown)
                     return Failure(
@@ -146,11 +146,11 @@ async def open_attempt(
                 if kind == ERROR:
                     health.failed(key, cooldown)
                     return inband_failure(event)
-                held.append(splice_model(event, model_json))
+                held.append(splicer.event(event))
                 if kind == CONTENT:
                     # What came after the first content in the same read goes out as is.
                     content = True
-                    held.append(splice_block(block[end:], model_json))
+                    held.append(splicer.block(block[end:]))
                     break
         opened.ttfb = time.monotonic() - t0
         keep = True

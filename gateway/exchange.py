@@ -9,7 +9,7 @@ from gateway.body import ParsedBody
 from gateway.errors import GatewayError
 from gateway.plan import Candidate
 from gateway.respond import Send
-from gateway.sse import EventSplitter
+from gateway.sse import EventSplitter, Splicer
 from gateway.upstream import Headers, UpstreamResponse
 from gateway.usage import Tally
 
@@ -75,6 +75,7 @@ class Opened:
     body: bytes | None = None  # a whole (non-SSE) answer, already spliced
     held: list[bytes] = field(default_factory=list)  # SSE events up to the first content
     splitter: EventSplitter = field(default_factory=EventSplitter)
+    splicer: Splicer | None = None  # set for SSE: the slug into each event's `model`
     ended: bool = False  # the stream ended before content (last candidate: relay it)
     latency: float = 0.0  # seconds to the response head
     ttfb: float | None = None  # seconds to the first content

@@ -26,7 +26,7 @@ from gateway.health import Health
 from gateway.metrics import Metrics
 from gateway.plan import Candidate
 from gateway.respond import send_bytes, send_error, server_timing
-from gateway.sse import splice_block, splice_model
+from gateway.sse import Splicer
 from gateway.upstream import Headers, Upstream
 
 KEEPALIVE_EVERY = 10.0
@@ -276,7 +276,7 @@ class Relay:
     async def _pump(self, ex: Exchange, opened: Opened) -> bool:
         """Relay the rest of the stream; False when it broke (the error event was sent)."""
         send, resp, splitter, tally = ex.send, opened.resp, opened.splitter, opened.tally
-        model_json = orjson.dumps(opened.cand.slug)
+        splicer = opened.splicer or Splicer(orjson.dumps(opened.cand.slug))
         delay = self.metrics.event_delay
         clock = time.perf_counter
         while True:
@@ -289,7 +289,7 @@ class Relay:
             if not chunk:
                 rest = splitter.rest()
                 if rest:
-                    rest = splice_model(rest, model_json)
+                    rest = splicer.event(rest)
                     await send({"type": "http.response.body", "body": rest, "more_body": True})
                 return True
             block = splitter.feed_block(chunk)
@@ -297,7 +297,7 @@ class Relay:
                 continue
             if tally is not None:
                 block = tally.block(block)
-            out = splice_block(block, model_json)
+            out = splicer.block(block)
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 delay.observe(clock() - arrived)

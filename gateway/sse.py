@@ -31,8 +31,9 @@ _LINE_MODEL = re.compile(
     + rb"[ \t]*:[ \t]*"
     + SCALAR
     # Lazy: try `"model"` at each member first (greedy backtracking cost 2.5x here).
-    + rb'[ \t]*,)*?[ \t]*"model"[ \t]*:[ \t]*)'
+    + rb'[ \t]*,)*?[ \t]*"model"[ \t]*:[ \t]*)('
     + SCALAR
+    + rb")"
 )
 TERMINATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
@@ -97,16 +98,49 @@ def split_events(block: bytes) -> list[bytes]:
     return [block[start:end] for start, end in event_spans(block)]
 
 
+class Splicer:
+    """Puts the client's slug into every top-level `model` of one stream's events.
+
+    The first block goes through the regex; its first rewritten line teaches the exact
+    bytes up to and including the old value (`\ndata: {"id":"…","object":"…",
+    "created":…,"model":"upstream-id"`), which OpenAI-style streams repeat in every
+    chunk. Later blocks whose every `"model"` sits in such a line are rewritten with one
+    bytes.replace; anything else falls back to the regex, then to event by event.
+    """
+
+    __slots__ = ("learned", "model_json", "template")
+
+    def __init__(self, model_json: bytes) -> None:
+        self.model_json = model_json
+        self.template = b"\\g<1>" + model_json.replace(b"\\", b"\\\\")
+        self.learned: tuple[bytes, bytes] | None = None
+
+    def event(self, event: bytes) -> bytes:
+        return splice_model(event, self.model_json)
+
+    def block(self, block: bytes) -> bytes:
+        occurrences = block.count(MODEL_KEY)
+        if not occurrences:
+            return block
+        work = b"\n" + block
+        if self.learned is not None:
+            old, new = self.learned
+            if work.count(old) == occurrences:
+                return work.replace(old, new)[1:]
+        out, replaced = _LINE_MODEL.subn(self.template, work)
+        if replaced != occurrences:
+            return b"".join([self.event(e) for e in split_events(block)])
+        if self.learned is None:
+            first = _LINE_MODEL.search(work)
+            if first is not None and first.group(2).startswith(b'"'):
+                head = first.group(1)
+                self.learned = (head + first.group(2), head + self.model_json)
+        return out[1:]
+
+
 def splice_block(block: bytes, model_json: bytes) -> bytes:
     """splice_model over a block of whole events, in one regex pass when it can."""
-    occurrences = block.count(MODEL_KEY)
-    if not occurrences:
-        return block
-    template = b"\\g<1>" + model_json.replace(b"\\", b"\\\\")
-    out, replaced = _LINE_MODEL.subn(template, b"\n" + block)
-    if replaced == occurrences:
-        return out[1:]
-    return b"".join([splice_model(e, model_json) for e in split_events(block)])
+    return Splicer(model_json).block(block)
 
 
 def data_payloads(event: bytes) -> list[tuple[int, int]]:
