@@ -251,6 +251,8 @@ class Upstream:
 
     async def close(self) -> None:
         self.pool.close()
+        # Closed transports finish closing on the loop's next turn.
+        await asyncio.sleep(0)
 
     def _target(self, provider: Provider) -> Target:
         entry = self._targets.get(id(provider))
