@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench pyz clean
+.PHONY: install run test test-tools lint bench pyz clean
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) and installing the gateway with its dev tools (about a minute the first time)"
@@ -19,7 +19,16 @@ run: $(STAMP)
 	$(BIN)/gateway serve
 
 test: $(STAMP)
+	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && command -v openssl >/dev/null \
+		|| $(MAKE) --no-print-directory test-tools
 	$(BIN)/python -m pytest -q
+
+# The upstream client's tests run against a real nginx, and TLS ones need openssl.
+# RUNLEVEL=1 keeps Debian's package scripts from starting a system-wide nginx.
+test-tools:
+	@echo "== installing nginx and openssl from Debian (needs root and apt-get)"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends nginx openssl
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests
