@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from dataclasses import dataclass
 
 import orjson
 
@@ -38,6 +39,23 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 HEDGE_SHARE = 0.1  # at most this share of hedge-eligible requests start a second attempt
+
+
+@dataclass(slots=True)
+class Tried:
+    """What a request's failed attempts come to: the failure to report (the last one with
+    an HTTP status, else the last one) and whether any timed out."""
+
+    last: Failure | None = None
+    timed_out: bool = False
+
+    def add(self, failure: Failure) -> None:
+        if failure.error is None:
+            self.last = failure
+            return
+        self.timed_out = self.timed_out or isinstance(failure.error, UpstreamTimeout)
+        if self.last is None or self.last.error is not None:
+            self.last = failure
 
 
 class Relay:
@@ -78,8 +96,7 @@ class Relay:
         commit_at = loop.time() + model.commit_after if ex.parsed.stream else math.inf
         give_up_at = loop.time() + model.attempts_timeout
         keepalive_at = hedge_at = math.inf
-        last: Failure | None = None
-        timed_out = False
+        tried = Tried()
         winner: Opened | None = None
 
         def is_last() -> bool:
@@ -107,7 +124,7 @@ class Relay:
                     if now >= give_up_at:
                         # The request's time is up: the attempts still running are
                         # cancelled below and the client hears of a timeout.
-                        timed_out = True
+                        tried.timed_out = True
                         pending.clear()
                         break
                     if now >= hedge_at:
@@ -134,12 +151,7 @@ class Relay:
                             self._discard(result)
                         continue
                     self._gauge(cand)
-                    if result.error is not None:
-                        timed_out = timed_out or isinstance(result.error, UpstreamTimeout)
-                        if last is None or last.error is not None:
-                            last = result
-                    else:
-                        last = result
+                    tried.add(result)
                 if winner is not None:
                     break
                 if not running and pending:
@@ -153,7 +165,7 @@ class Relay:
                     if isinstance(outcome, Opened):
                         self._discard(outcome)
         if winner is None:
-            await self._give_up(ex, last, timed_out)
+            await self._give_up(ex, tried.last, tried.timed_out)
         else:
             await self._serve(ex, winner)
 
@@ -167,8 +179,7 @@ class Relay:
     async def _run_in_turn(self, ex: Exchange, plan: list[Candidate]) -> None:
         """No hedge and no commit to hold: one attempt after another, awaited directly
         (no task per attempt; the common non-streaming case)."""
-        last: Failure | None = None
-        timed_out = False
+        tried = Tried()
         count = len(plan)
 
         def is_last() -> bool:
@@ -181,7 +192,7 @@ class Relay:
         result: Opened | Failure | None = None
         for cand in plan:
             if loop.time() >= deadline:
-                timed_out, result = True, None
+                tried.timed_out, result = True, None
                 break
             ex.attempts += 1
             self.metrics.attempts(cand.target.provider.name).inc()
@@ -189,16 +200,11 @@ class Relay:
             if isinstance(result, Opened):
                 break
             self._gauge(cand)
-            if result.error is not None:
-                timed_out = timed_out or isinstance(result.error, UpstreamTimeout)
-                if last is None or last.error is not None:
-                    last = result
-            else:
-                last = result
+            tried.add(result)
         if isinstance(result, Opened):
             await self._serve(ex, result)
         else:
-            await self._give_up(ex, last, timed_out)
+            await self._give_up(ex, tried.last, tried.timed_out)
 
     def _discard(self, opened: Opened) -> None:
         opened.resp.close()
