@@ -138,11 +138,6 @@ class Splicer:
         return out[1:]
 
 
-def splice_block(block: bytes, model_json: bytes) -> bytes:
-    """splice_model over a block of whole events, in one regex pass when it can."""
-    return Splicer(model_json).block(block)
-
-
 def data_payloads(event: bytes) -> list[tuple[int, int]]:
     """(start, end) of each `data:` field value in the event, without its line ending."""
     return [m.span(1) for m in _DATA_LINE.finditer(event)]
