@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,9 @@ from gateway.errors import BadRequest, PayloadTooLarge, ValidationFailed
 from gateway.jsonscan import rewrite_members, splice_verified
 
 MODEL_KEY = b'"model"'
+# A slug (and what a wildcard captures of it) ends up in response headers such as
+# x-upstream-model: no control characters, so no line breaks.
+_SLUG = re.compile(r"[^\x00-\x1f\x7f]{1,512}")
 GATEWAY_FIELDS = frozenset({"models", "route", "provider", "session_id"})
 MAX_SESSION_ID = 128
 # What each endpoint needs besides `model`: the field and a word for the message.
@@ -138,15 +142,15 @@ def parse_body(raw: bytes, path: str, header_session: str | None = None) -> Pars
     slugs: list[str] = []
     model = data.get("model")
     if model is not None:
-        if not isinstance(model, str) or not model:
-            raise _fail("model", "model must be a non-empty string")
+        if not isinstance(model, str) or not _SLUG.fullmatch(model):
+            raise _fail("model", "model must be a non-empty string without control characters")
         slugs.append(model)
     models = data.get("models")
     if models is not None:
         if (
             not isinstance(models, list)
             or not models
-            or not all(isinstance(m, str) and m for m in models)
+            or not all(isinstance(m, str) and _SLUG.fullmatch(m) for m in models)
         ):
             raise _fail("models", "models must be a non-empty list of model slugs")
         slugs.extend(m for m in models if m not in slugs)

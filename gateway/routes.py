@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -26,6 +27,8 @@ _MODEL_KEYS = frozenset(
         "attempts_timeout",
     }
 )
+# Names and slugs travel in response headers (x-gateway-provider): no control characters.
+_NAME = re.compile(r"[^\x00-\x1f\x7f]+")
 _TARGET_KEYS = frozenset({"provider", "model", "weight"})
 _COOLDOWN_KEYS = frozenset({"failures", "seconds"})
 
@@ -233,6 +236,11 @@ def parse_routes(data: Any, src: Source) -> Routes:
         src.problem(line_of(data, "providers"), "providers must be a mapping of names to providers")
     elif raw_providers:
         for name, raw in raw_providers.items():
+            if not _NAME.fullmatch(name):
+                src.problem(
+                    line_of(raw_providers, name), f"provider name {name!r} has control characters"
+                )
+                continue
             draft = parse_provider(src, name, raw, line_of(raw_providers, name))
             if draft is not None:
                 drafts[name] = draft
@@ -244,6 +252,11 @@ def parse_routes(data: Any, src: Source) -> Routes:
         src.problem(line_of(data, "models"), "models must be a mapping of slugs to models")
     elif raw_models:
         for slug, raw in raw_models.items():
+            if not _NAME.fullmatch(slug):
+                src.problem(
+                    line_of(raw_models, slug), f"model slug {slug!r} has control characters"
+                )
+                continue
             model = _parse_model(src, slug, raw, line_of(raw_models, slug), drafts, used)
             if model is None:
                 continue

@@ -856,3 +856,13 @@ def test_provider_header_with_a_line_break_is_refused() -> None:
     )
     _, problems = routes_of(text)
     assert [(p.line, "line breaks" in p.message) for p in problems] == [(4, True)]
+
+
+def test_names_with_control_characters_are_refused() -> None:
+    text = (
+        'providers:\n  "p\\r\\nx": {base_url: "http://127.0.0.1:1/v1"}\n'
+        "  q: {base_url: http://127.0.0.1:1/v1}\n"
+        'models:\n  "m\\n": {providers: [{provider: q}]}\n'
+    )
+    _, problems = routes_of(text)
+    assert [(p.line, "control characters" in p.message) for p in problems] == [(2, True), (5, True)]
