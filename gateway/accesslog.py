@@ -43,7 +43,11 @@ class BatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.scheduled = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+        self.add(record.getMessage())
+
+    def add(self, line: str) -> None:
+        """Take a line directly: what `emit` does, without a LogRecord per request."""
+        self.lines.append(line)
         if len(self.lines) >= 512:
             self.flush()
         elif not self.scheduled:
@@ -78,10 +82,16 @@ def flush() -> None:
         handler.flush()
 
 
+# The handler `configure` installed, fed directly by AccessLog.write. Unset (tests, or
+# logging set up by an embedding program), lines go through logging as usual.
+_direct: list[BatchedHandler | None] = [None]
+
+
 def configure(level: str) -> None:
     """Access lines go to stdout, one per line, nothing around them; diagnostics to stderr."""
     handler = BatchedHandler(sys.stdout)
     log.handlers[:] = [handler]
+    _direct[0] = handler
     log.propagate = False
     log.setLevel(level.upper())
 
@@ -99,7 +109,11 @@ class AccessLog:
             line = " ".join(f"{k}={_text(v)}" for k, v in fields.items() if v is not None)
         else:
             line = orjson.dumps(fields).decode()
-        log.info(line)
+        handler = _direct[0]
+        if handler is not None and log.handlers == [handler]:
+            handler.add(line)
+        else:
+            log.info(line)
 
 
 def exchange_fields(
