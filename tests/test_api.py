@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import GatewayFactory, RunningGateway
+from tests.helpers import assert_envelope as error_of
 from tests.upstream import Upstream
 
 UPSTREAM_SECRET = "sk-upstream-TOPSECRET-5f2c"
@@ -131,25 +132,6 @@ def assert_no_secrets(r: httpx.Response) -> None:
     blob = r.content + b"\n".join(k.encode() + b": " + v.encode() for k, v in r.headers.items())
     for secret in (UPSTREAM_SECRET, *CLIENT_SECRETS):
         assert secret.encode() not in blob, secret
-
-
-def error_of(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """Check the envelope exactly; return the inner error object."""
-    assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"].startswith("application/json")
-    assert r.headers.get("x-request-id")
-    body = r.json()
-    assert list(body) == ["error"]
-    err = body["error"]
-    assert set(err) == {"message", "type", "code", "param", "details"}
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["type"], str) and err["type"]
-    assert err["code"] == code
-    assert err["param"] is None
-    assert isinstance(err["details"], dict)
-    assert "Traceback" not in r.text
-    assert_no_secrets(r)
-    return err
 
 
 def names_field(err: dict[str, Any], field: str) -> bool:

@@ -18,6 +18,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.keys import digest_of
+from tests.helpers import free_port
 
 PYTHON = sys.executable
 CONSOLE_SCRIPT = Path(sys.executable).parent / "gateway"
@@ -67,13 +68,6 @@ def gateway(
 
 def stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def new_key(cwd: Path, name: str, *extra: str) -> str:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import GatewayFactory, RunningGateway
+from tests.helpers import assert_envelope
 from tests.upstream import Drop, Hang, Json, Reply, Upstream, chat_completion
 
 MakeUpstream = Callable[[], Awaitable[Upstream]]
@@ -45,21 +46,6 @@ def chain(urls: dict[str, str], timeout: dict[str, float] | None = None, **model
 
 async def chat(client: httpx.AsyncClient, gw: RunningGateway, **extra: Any) -> httpx.Response:
     return await client.post(f"{gw.base_url}/chat/completions", json={**BODY, **extra})
-
-
-def assert_envelope(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}
-    err = body["error"]
-    assert set(err) == {"message", "type", "code", "param", "details"}
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["type"], str) and err["type"]
-    assert err["param"] is None
-    assert isinstance(err["details"], dict)
-    assert err["code"] == code
-    assert r.headers.get("x-request-id")
-    return err
 
 
 async def ups(make_upstream: MakeUpstream, n: int) -> list[Upstream]:

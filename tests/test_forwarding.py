@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import GatewayFactory, RunningGateway
+from tests.helpers import assert_envelope
 from tests.upstream import Json, Upstream, chat_completion
 
 MakeUpstream = Callable[[], Awaitable[Upstream]]
@@ -47,20 +48,6 @@ async def post_raw(
         content=body,
         headers={"content-type": "application/json", **(headers or {})},
     )
-
-
-def assert_envelope(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}
-    err = body["error"]
-    assert set(err) == {"message", "type", "code", "param", "details"}
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["type"], str) and err["type"]
-    assert err["param"] is None
-    assert isinstance(err["details"], dict)
-    assert err["code"] == code
-    return err
 
 
 def names_field(details: dict[str, Any], field: str) -> bool:

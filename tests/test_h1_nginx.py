@@ -14,15 +14,10 @@ import pytest
 
 from gateway.routes import Provider
 from gateway.upstream import Upstream
+from tests.helpers import free_port as _free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 BODY = b'{"id":"x","object":"chat.completion","model":"upstream-model","choices":[]}'
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

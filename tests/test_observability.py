@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import GatewayFactory, RunningGateway
+from tests.helpers import free_port
 from tests.upstream import DONE, Drop, Json, Sse, Upstream, chunk
 
 ACCESS = "gateway.access"
@@ -581,13 +581,6 @@ models:
     providers:
       - provider: echo
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def worker_request_counts(supervisor: int) -> dict[int, float] | None:

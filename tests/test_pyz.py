@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.helpers import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIV = Path(sys.executable).parent / "shiv"
@@ -41,12 +42,6 @@ def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=240,
     )
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_pyz_serves_a_chat_completion_in_a_bare_venv(pyz: Path, tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import GatewayFactory, RunningGateway
+from tests.helpers import free_port
 from tests.upstream import DONE, Sse, Upstream, chunk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,12 +222,6 @@ async def _version_differs(client: httpx.AsyncClient, base: str, old: str) -> bo
 
 
 # --- `gateway serve` subprocesses: SIGHUP, reload under load, drain ---------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:

@@ -17,6 +17,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from tests.conftest import GatewayFactory, RunningGateway
+from tests.helpers import free_port
 from tests.upstream import DONE, Json, Sse, Upstream, chunk
 
 UPSTREAM_SECRET = "sk-upstream-sdk-SECRET-77"
@@ -32,14 +33,6 @@ keys:
 """
 MESSAGES: list[Any] = [{"role": "user", "content": "hello world"}]
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
 
 
 def routes(upstream: Upstream, dead_port: int) -> str:
