@@ -76,7 +76,9 @@ RECIPE_BLOCKS = [b for b in fenced(RECIPES) if b.lang == "yaml"]
 ROUTE_BLOCKS = [b for b in RECIPE_BLOCKS if top_level(b.code, "providers")]
 KEY_BLOCKS = [b for b in RECIPE_BLOCKS if top_level(b.code, "keys")]
 SDK_BLOCKS = fenced(SDK_EXAMPLES)
-PYTHON_BLOCKS = [b for b in SDK_BLOCKS if b.lang == "python"]
+# The README's quick start shows the Python SDK and curl too: they run the same way.
+README_BLOCKS = fenced(ROOT / "README.md")
+PYTHON_BLOCKS = [b for b in SDK_BLOCKS + README_BLOCKS if b.lang == "python"]
 
 
 def curl_commands(blocks: list[Block]) -> list[tuple[str, str]]:
@@ -91,7 +93,7 @@ def curl_commands(blocks: list[Block]) -> list[tuple[str, str]]:
     return out
 
 
-CURL_COMMANDS = curl_commands(SDK_BLOCKS)
+CURL_COMMANDS = curl_commands(SDK_BLOCKS + README_BLOCKS)
 
 
 def check_env(*texts: str) -> dict[str, str]:
@@ -412,3 +414,25 @@ def test_node_example(tmp_path: Path) -> None:
     # Syntax only: the openai package is not installed here, and --check does not load it.
     result = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+README_ROUTES = [b for b in README_BLOCKS if b.lang == "yaml" and top_level(b.code, "providers")]
+
+
+def test_readme_routes_reference_passes_gateway_check(tmp_path: Path) -> None:
+    assert README_ROUTES, "the README lost its routes.yaml reference"
+    for block in README_ROUTES:
+        result = gateway_check(tmp_path, block.code)
+        assert result.returncode == 0, f"{block.id} fails `gateway check`:\n{result.stderr}"
+
+
+def test_readme_keys_reference_parses_with_a_real_digest(tmp_path: Path) -> None:
+    """The README's keys.yaml abbreviates the digest (`5e88...`); with a real one in its
+    place every field it shows must be accepted."""
+    blocks = [b for b in README_BLOCKS if b.lang == "yaml" and top_level(b.code, "keys")]
+    assert blocks
+    for block in blocks:
+        keys = re.sub(r"sha256: \S+", "sha256: " + "ab" * 32, block.code)
+        routes = "providers: {}\nmodels: {}\n"
+        result = gateway_check(tmp_path, routes, keys)
+        assert result.returncode == 0, f"{block.id} fails `gateway check`:\n{result.stderr}"
