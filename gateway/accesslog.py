@@ -19,17 +19,6 @@ from gateway.exchange import Exchange
 log = logging.getLogger("gateway.access")
 
 
-_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
-
-
-def _utc_now() -> str:
-    now = time.time()
-    whole = int(now)
-    if whole != _second[0]:
-        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
-
-
 FLUSH_EVERY = 0.2  # seconds an access line may wait in memory before reaching stdout
 
 
@@ -82,16 +71,10 @@ def flush() -> None:
         handler.flush()
 
 
-# The handler `configure` installed, fed directly by AccessLog.write. Unset (tests, or
-# logging set up by an embedding program), lines go through logging as usual.
-_direct: list[BatchedHandler | None] = [None]
-
-
 def configure(level: str) -> None:
     """Access lines go to stdout, one per line, nothing around them; diagnostics to stderr."""
     handler = BatchedHandler(sys.stdout)
     log.handlers[:] = [handler]
-    _direct[0] = handler
     log.propagate = False
     log.setLevel(level.upper())
 
@@ -99,19 +82,31 @@ def configure(level: str) -> None:
 class AccessLog:
     def __init__(self, fmt: str = "json") -> None:
         self.text = fmt == "text"
+        self._second = -1  # the last whole second formatted, and its text
+        self._second_text = ""
+
+    def _utc_now(self) -> str:
+        now = time.time()
+        whole = int(now)
+        if whole != self._second:
+            self._second = whole
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        return f"{self._second_text}.{int((now - whole) * 1000):03d}Z"
 
     def enabled(self) -> bool:
         return log.isEnabledFor(logging.INFO)
 
     def write(self, fields: dict[str, Any]) -> None:
-        fields = {"time": _utc_now(), **fields}
+        fields = {"time": self._utc_now(), **fields}
         if self.text:
             line = " ".join(f"{k}={_text(v)}" for k, v in fields.items() if v is not None)
         else:
             line = orjson.dumps(fields).decode()
-        handler = _direct[0]
-        if handler is not None and log.handlers == [handler]:
-            handler.add(line)
+        # The handler `configure` installs takes the line directly (no LogRecord per
+        # request); any other set-up (tests, an embedding program) gets it via logging.
+        handlers = log.handlers
+        if len(handlers) == 1 and isinstance(handlers[0], BatchedHandler):
+            handlers[0].add(line)
         else:
             log.info(line)
 

@@ -68,7 +68,6 @@ def create_app(settings: Settings, config: Config) -> Gateway:
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        await runtime.start()
         reloader = Reloader(runtime, settings.reload_interval)
         reloader.start()
         try:

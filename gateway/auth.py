@@ -13,11 +13,15 @@ from gateway.keys import Key, Keys
 def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     for name, value in headers:
         if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            if scheme.lower() == b"bearer" and token.strip():
-                return token.strip()
-            return None
+            return bearer_token(value)
     return None
+
+
+def bearer_token(value: bytes) -> bytes | None:
+    """The token of an `Authorization: Bearer <token>` value."""
+    scheme, _, token = value.partition(b" ")
+    token = token.strip()
+    return token if scheme.lower() == b"bearer" and token else None
 
 
 def authenticate(keys: Keys, token: bytes | None, now: datetime | None = None) -> Key | None:

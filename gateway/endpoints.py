@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from gateway.auth import authenticate, bearer
+from gateway.auth import authenticate, bearer_token
 from gateway.body import ClientGone, parse_body, read_body
 from gateway.errors import (
     BadRequest,
@@ -57,7 +57,7 @@ class Incoming:
     def token(self) -> bytes | None:
         if self.authorization is None:
             return None
-        return bearer([(b"authorization", self.authorization)])
+        return bearer_token(self.authorization)
 
     def declared_length(self) -> int | None:
         if self.content_length is None:

@@ -105,8 +105,7 @@ class Relay:
         def start() -> None:
             nonlocal hedge_at
             cand = pending.pop(0)
-            ex.attempts += 1
-            self.metrics.attempts(cand.target.provider.name).inc()
+            self._count_attempt(ex, cand)
             attempt = open_attempt(self.upstream, self.health, ex, cand, is_last)
             running[asyncio.ensure_future(attempt)] = cand
             hedge_at = loop.time() + hedge_after if hedge_after and pending else math.inf
@@ -169,6 +168,10 @@ class Relay:
         else:
             await self._serve(ex, winner)
 
+    def _count_attempt(self, ex: Exchange, cand: Candidate) -> None:
+        ex.attempts += 1
+        self.metrics.attempts(cand.target.provider.name).inc()
+
     def _gauge(self, cand: Candidate) -> None:
         """gateway_provider_up for the entry, written only when it changes."""
         up = 1.0 if self.health.available(cand.key) else 0.0
@@ -194,8 +197,7 @@ class Relay:
             if loop.time() >= deadline:
                 tried.timed_out, result = True, None
                 break
-            ex.attempts += 1
-            self.metrics.attempts(cand.target.provider.name).inc()
+            self._count_attempt(ex, cand)
             result = await open_attempt(self.upstream, self.health, ex, cand, is_last, deadline)
             if isinstance(result, Opened):
                 break

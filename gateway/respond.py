@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from gateway.errors import GatewayError
@@ -40,7 +40,7 @@ async def send_error(
     send: Send,
     exc: GatewayError,
     request_id: bytes,
-    extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+    extra: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
     headers = [(b"x-request-id", request_id), *extra]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]

@@ -33,9 +33,6 @@ class Runtime:
         self.access = AccessLog(settings.log_format)
         self.relay = Relay(self.upstream, self.health, self.metrics)
 
-    async def start(self) -> None:
-        await self.upstream.start()
-
     async def stop(self) -> None:
         await self.upstream.close()
         flush_access_log()

@@ -246,9 +246,6 @@ class Upstream:
         self.pool = Pool()
         self._targets: dict[int, tuple[Provider, Target]] = {}
 
-    async def start(self) -> None:
-        pass
-
     async def close(self) -> None:
         self.pool.close()
         # Closed transports finish closing on the loop's next turn.

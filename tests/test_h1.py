@@ -80,7 +80,6 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[Server]]]:
 @pytest.fixture
 async def client() -> AsyncIterator[Upstream]:
     up = Upstream()
-    await up.start()
     yield up
     await up.close()
 
