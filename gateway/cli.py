@@ -134,6 +134,8 @@ def _bind(settings: Settings) -> socket.socket:
 def cmd_serve(settings: Settings) -> int:
     import uvicorn
 
+    from gateway.server import ServerProtocol
+
     configure_access_log(settings.log_level)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
@@ -169,7 +171,8 @@ def cmd_serve(settings: Settings) -> int:
         # only cost time on every request.
         "proxy_headers": False,
         "timeout_graceful_shutdown": settings.drain_seconds,
-        "http": "httptools",
+        # Our HTTP/1.1 protocol (gateway/server.py) in place of uvicorn's httptools one.
+        "http": ServerProtocol,
         "loop": "uvloop",
     }
     print(

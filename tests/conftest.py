@@ -12,6 +12,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import load_config
+from gateway.server import ServerProtocol
 from gateway.settings import Settings
 from tests.upstream import Upstream
 
@@ -60,6 +61,7 @@ async def start_gateway(
         access_log=False,
         server_header=False,
         date_header=False,
+        http=ServerProtocol,  # as `gateway serve` runs
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
