@@ -70,6 +70,7 @@ def create_app(settings: Settings, config: Config) -> Gateway:
     async def lifespan(app: Any) -> AsyncIterator[None]:
         reloader = Reloader(runtime, settings.reload_interval)
         reloader.start()
+        runtime.metrics.dump()  # with --workers N, each worker is in the sums from its start
         try:
             yield
         finally:

@@ -192,7 +192,7 @@ def cmd_serve(settings: Settings) -> int:
         _export(settings)
         # Workers share metric values through files here; removed when the supervisor ends.
         metrics_dir = tempfile.TemporaryDirectory(prefix="gateway-metrics-")
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir.name)
+        os.environ.setdefault("GATEWAY_METRICS_DIR", metrics_dir.name)
         uv_config = uvicorn.Config(
             "gateway.app:app_from_env", factory=True, workers=settings.workers, **common
         )

@@ -35,6 +35,7 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.upstream.close()
+        self.metrics.dump()
         flush_access_log()
 
     def served(self, ex: Exchange, key: Key | None, tokens: int, duration: float) -> None:
@@ -58,6 +59,7 @@ class Runtime:
                     m.tokens(owner, kind).inc(value)
         elif tokens:
             m.tokens(owner, "estimated").inc(tokens)
+        m.changed()
         if self.access.enabled():
             self.access.write(exchange_fields(ex, key.name if key else None, duration, tokens))
 
@@ -69,6 +71,7 @@ class Runtime:
         if isinstance(exc, RateLimited | QuotaExhausted) and key is not None:
             limit = str(exc.details.get("limit", "token_quota"))
             self.metrics.rejections(key.name, limit).inc()
+        self.metrics.changed()
         if self.access.enabled():
             self.access.write(
                 {

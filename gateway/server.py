@@ -121,26 +121,30 @@ class Cycle:
             waiter.set_result(None)
 
     async def run(self, app: Any) -> None:
-        conn = self.conn
         try:
             await app(self.scope, self.receive, self.send)
         except BaseException:
             logger.exception("exception in the ASGI application")
-            if not self.started and not self.disconnected:
-                self.started = self.complete = True
-                conn.transport.write(
-                    _closing(b"500 Internal Server Error", GatewayError("internal error"))
-                )
-            conn.transport.close()
+            self.fail()
         else:
             if not self.complete and not self.disconnected:
                 logger.error("the ASGI application returned without completing its response")
-                if not self.started:
-                    self.started = self.complete = True
-                    conn.transport.write(
-                        _closing(b"500 Internal Server Error", GatewayError("internal error"))
-                    )
-                conn.transport.close()
+                self.fail()
+
+    def fail(self) -> None:
+        """The app broke off: a 500 if none of its answer is out yet, else the connection
+        ends and the client sees the response cut short."""
+        conn = self.conn
+        # The head waits for the first body bytes, so a started response whose head is
+        # still here has sent nothing: closing silently would read as a dead keep-alive
+        # connection, which clients may take as a reason to send the request again.
+        if not self.disconnected and (not self.started or self.head is not None):
+            self.started = self.complete = True
+            self.head = None
+            conn.transport.write(
+                _closing(b"500 Internal Server Error", GatewayError("internal error"))
+            )
+        conn.transport.close()
 
     async def receive(self) -> Message:
         conn = self.conn
@@ -323,9 +327,11 @@ class ServerProtocol(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # No upgrades here: the request is answered as plain HTTP, and the bytes
-            # after its head are not HTTP, so the connection ends with the answer.
-            if self.parsing is not None:
-                self.parsing.keep_alive = False
+            # after its head are not HTTP, so the connection ends with the answer. The
+            # parser stops after the request's end, so it is the last one begun.
+            cycle = self.parsing or (self.queued[-1] if self.queued else self.cycle)
+            if cycle is not None:
+                cycle.keep_alive = False
         except (httptools.HttpParserError, UnicodeDecodeError):
             self._reject()
 
@@ -361,8 +367,8 @@ class ServerProtocol(asyncio.Protocol):
         parser = self.parser
         url = self.url
         if url[:1] == b"/":
-            raw_path, _, query = url.partition(b"?")
-            raw_path = raw_path.partition(b"#")[0]
+            # A fragment (which clients should not send) belongs to neither part.
+            raw_path, _, query = url.partition(b"#")[0].partition(b"?")
         else:  # absolute form (a client talking to a proxy) or `*`
             parsed = httptools.parse_url(url)
             raw_path, query = parsed.path or b"/", parsed.query or b""
@@ -466,7 +472,13 @@ class ServerProtocol(asyncio.Protocol):
             self.timer = self.loop.call_at(due, self._expire)
 
     def _reject(self) -> None:
-        if self.cycle is None or self.cycle.complete:
+        cycle = self.cycle
+        if cycle is None or not cycle.started or cycle.head is not None:
+            # None of an answer is out yet (a bad chunk in a body the app is reading, say):
+            # the client gets the 400, and the app is told the client left.
+            if cycle is not None:
+                cycle.disconnected = True
+                cycle.wake()
             self.transport.write(_closing(b"400 Bad Request", BadRequest("malformed HTTP request")))
         self.transport.close()
 

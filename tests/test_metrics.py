@@ -1,0 +1,118 @@
+"""gateway/metrics.py on its own: the text format (read back by prometheus-client's own
+parser) and how a scrape adds up other workers' files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import DIR_ENV, Metrics
+
+
+def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(m.render().decode())
+        for s in family.samples
+    }
+
+
+def test_counters_gauges_and_label_escaping_read_back_exactly() -> None:
+    m = Metrics()
+    m.requests('we"ird\\slug\n', "p", "200", "false").inc()
+    m.requests('we"ird\\slug\n', "p", "200", "false").inc()
+    m.tokens("svc", "prompt").inc(1234)
+    m.in_flight.inc()
+    m.in_flight.inc()
+    m.in_flight.dec()
+    m.provider_up("p", "m").set(0)
+    got = samples(m)
+    labels = (("provider", "p"), ("slug", 'we"ird\\slug\n'), ("status", "200"), ("stream", "false"))
+    assert got[("gateway_requests_total", labels)] == 2
+    assert got[("gateway_tokens_total", (("key", "svc"), ("kind", "prompt")))] == 1234
+    assert got[("gateway_in_flight_requests", ())] == 1
+    assert got[("gateway_provider_up", (("model", "m"), ("provider", "p")))] == 0
+    text = m.render().decode()
+    assert "# TYPE gateway_requests counter" in text
+    assert "# TYPE gateway_in_flight_requests gauge" in text
+
+
+def test_histogram_buckets_are_cumulative_and_le_inclusive() -> None:
+    m = Metrics()
+    h = m.duration("s")
+    for value in (0.005, 0.006, 0.3, 500.0):  # on a bound, between, mid, past the last
+        h.observe(value)
+    got = samples(m)
+
+    def bucket(le: str) -> float:
+        return got[("gateway_request_duration_seconds_bucket", (("le", le), ("slug", "s")))]
+
+    assert bucket("0.005") == 1  # le: a value equal to the bound counts in it
+    assert bucket("0.01") == 2
+    assert bucket("0.25") == 2
+    assert bucket("0.5") == 3
+    assert bucket("300.0") == 3
+    assert bucket("+Inf") == 4
+    assert got[("gateway_request_duration_seconds_count", (("slug", "s"),))] == 4
+    assert got[("gateway_request_duration_seconds_sum", (("slug", "s"),))] == pytest.approx(500.311)
+
+
+def test_scrape_adds_other_workers_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DIR_ENV, str(tmp_path))
+    # A worker that has exited: its counters and histograms still count, its gauges not.
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    dead_pid = int(gone.stdout)
+    other = Metrics()
+    other.requests("m", "p", "200", "false").inc(5)
+    other.duration("m").observe(0.02)
+    other.in_flight.inc(7)
+    other.provider_up("p", "m").set(0)
+    snapshot = {f.name: [[*k, c.state()] for k, c in f.children.items()] for f in other.families}
+    (tmp_path / f"metrics-{dead_pid}.json").write_bytes(orjson.dumps(snapshot))
+    # A worker still running (this test's parent process stands in for it).
+    live = Metrics()
+    live.requests("m", "p", "200", "false").inc(2)
+    live.in_flight.inc(3)
+    live.provider_up("p", "m").set(1)
+    live_snapshot = {
+        f.name: [[*k, c.state()] for k, c in f.children.items()] for f in live.families
+    }
+    (tmp_path / f"metrics-{os.getppid()}.json").write_bytes(orjson.dumps(live_snapshot))
+    (tmp_path / "metrics-999999999.json").write_bytes(b"{half a fi")  # unreadable: skipped
+
+    mine = Metrics()
+    mine.requests("m", "p", "200", "false").inc()
+    mine.in_flight.inc()
+    mine.provider_up("p", "m").set(1)
+    got = samples(mine)
+    req = (("provider", "p"), ("slug", "m"), ("status", "200"), ("stream", "false"))
+    assert got[("gateway_requests_total", req)] == 5 + 2 + 1
+    assert got[("gateway_request_duration_seconds_count", (("slug", "m"),))] == 1
+    assert got[("gateway_in_flight_requests", ())] == 3 + 1  # the exited worker's 7 is gone
+    # min across running workers: the exited worker's 0 no longer holds it down
+    assert got[("gateway_provider_up", (("model", "m"), ("provider", "p")))] == 1
+
+
+def test_dump_writes_this_workers_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DIR_ENV, str(tmp_path))
+    m = Metrics()
+    m.attempts("p").inc(4)
+    m.dump()
+    data = orjson.loads((tmp_path / f"metrics-{os.getpid()}.json").read_bytes())
+    assert data["gateway_upstream_attempts"] == [["p", 4.0]]
+    assert not list(tmp_path.glob("*.tmp"))
+    # Without the directory (one worker) nothing is written anywhere.
+    monkeypatch.delenv(DIR_ENV)
+    Metrics().dump()
+    assert len(list(tmp_path.iterdir())) == 1
