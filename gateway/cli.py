@@ -198,9 +198,10 @@ def cmd_serve(settings: Settings) -> int:
         )
         Multiprocess(uv_config, sockets=[sock]).run()
         return 0
-    from gateway.app import create_app
+    from gateway.app import create_app, settle_heap
 
     uv_config = uvicorn.Config(create_app(settings, config), **common)
+    settle_heap()
     uvicorn.Server(uv_config).run(sockets=[sock])
     return 0
 
