@@ -101,11 +101,11 @@ def split_events(block: bytes) -> list[bytes]:
 class Splicer:
     """Puts the client's slug into every top-level `model` of one stream's events.
 
-    The first block goes through the regex; its first rewritten line teaches the exact
-    bytes up to and including the old value (`\ndata: {"id":"…","object":"…",
-    "created":…,"model":"upstream-id"`), which OpenAI-style streams repeat in every
-    chunk. Later blocks whose every `"model"` sits in such a line are rewritten with one
-    bytes.replace; anything else falls back to the regex, then to event by event.
+    The first line the regex finds teaches the exact bytes up to and including the old
+    value (`\ndata: {"id":"…","object":"…","created":…,"model":"upstream-id"`), which
+    OpenAI-style streams repeat in every chunk. A block whose every `"model"` sits in
+    such a line, the first block included, is rewritten with one bytes.replace; anything
+    else falls back to the regex, then to event by event.
     """
 
     __slots__ = ("learned", "model_json", "template")
@@ -123,6 +123,14 @@ class Splicer:
         if not occurrences:
             return block
         work = b"\n" + block
+        if self.learned is None:
+            # Learnt from the first line before the first rewrite: a fast upstream's
+            # whole stream can arrive as one block, and `subn` with a template runs
+            # Python code for every match.
+            first = _LINE_MODEL.search(work)
+            if first is not None and first.group(2).startswith(b'"'):
+                head = first.group(1)
+                self.learned = (head + first.group(2), head + self.model_json)
         if self.learned is not None:
             old, new = self.learned
             if work.count(old) == occurrences:
@@ -130,11 +138,6 @@ class Splicer:
         out, replaced = _LINE_MODEL.subn(self.template, work)
         if replaced != occurrences:
             return b"".join([self.event(e) for e in split_events(block)])
-        if self.learned is None:
-            first = _LINE_MODEL.search(work)
-            if first is not None and first.group(2).startswith(b'"'):
-                head = first.group(1)
-                self.learned = (head + first.group(2), head + self.model_json)
         return out[1:]
 
 
