@@ -183,5 +183,8 @@ class EchoResponse:
         self._sent += 1
         return self._events.pop(0)
 
+    def ready(self) -> bool:
+        return not (self._events and self._sent)
+
     def close(self) -> None:
         pass

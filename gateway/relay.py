@@ -215,11 +215,14 @@ class Relay:
     async def _commit(
         self, ex: Exchange, headers: Headers, first: bytes, upstream: float | None = None
     ) -> None:
+        await self._start(ex, headers, upstream)
+        await ex.send({"type": "http.response.body", "body": first, "more_body": True})
+
+    async def _start(self, ex: Exchange, headers: Headers, upstream: float | None) -> None:
         ex.status = 200
         ex.started = True
         head = [*headers, (b"x-request-id", ex.request_id), server_timing(ex.t0, upstream)]
         await ex.send({"type": "http.response.start", "status": 200, "headers": head})
-        await ex.send({"type": "http.response.body", "body": first, "more_body": True})
 
     def _headers(self, ex: Exchange, opened: Opened) -> Headers:
         cand = opened.cand
@@ -258,16 +261,15 @@ class Relay:
                     ]
                     await send_bytes(ex.send, resp.status, opened.body, headers, None)
                 return
-            first = b"".join(opened.held)
-            if ex.started:
-                await ex.send({"type": "http.response.body", "body": first, "more_body": True})
-            else:
+            if not ex.started:
+                # The head goes out with the first body bytes (gateway/server.py).
                 headers = [*self._headers(ex, opened), *SSE_HEADERS[1:]]
-                await self._commit(ex, headers, first, opened.latency)
-            if not opened.ended:
-                broke = not await self._pump(ex, opened)
-            if not broke:
-                await ex.send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self._start(ex, headers, opened.latency)
+            first = b"".join(opened.held)
+            if opened.ended:
+                await ex.send({"type": "http.response.body", "body": first})
+            else:
+                broke = not await self._pump(ex, opened, first)
         finally:
             key = cand.key
             if broke:
@@ -281,34 +283,49 @@ class Relay:
                 ex.usage = opened.tally.usage
                 ex.content_chars = opened.tally.content_chars
 
-    async def _pump(self, ex: Exchange, opened: Opened) -> bool:
-        """Relay the rest of the stream; False when it broke (the error event was sent)."""
+    async def _pump(self, ex: Exchange, opened: Opened, held: bytes) -> bool:
+        """Relay `held` and the rest of the stream, and end the response; False when it
+        broke (the error event was sent).
+
+        Bytes leave as soon as nothing more is already waiting behind them: what has
+        arrived together (a fast upstream's whole stream, its end included) goes out in
+        one write, and nothing waits for bytes still to come."""
         send, resp, splitter, tally = ex.send, opened.resp, opened.splitter, opened.tally
         splicer = opened.splicer or Splicer(orjson.dumps(opened.cand.slug))
         delay = self.metrics.event_delay
         clock = time.perf_counter
+        pending = [held] if held else []
+        arrived = clock()
         while True:
+            if pending and not resp.ready():
+                out = b"".join(pending) if len(pending) > 1 else pending[0]
+                pending.clear()
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+                delay.observe(clock() - arrived)
             try:
                 chunk = await resp.next_chunk()
-                arrived = clock()
             except GatewayError as exc:
+                if pending:
+                    await send(
+                        {"type": "http.response.body", "body": b"".join(pending), "more_body": True}
+                    )
                 await self._break(ex, exc)
                 return False
+            if not pending:
+                arrived = clock()
             if not chunk:
                 rest = splitter.rest()
                 if rest:
-                    rest = splicer.event(rest)
-                    await send({"type": "http.response.body", "body": rest, "more_body": True})
+                    pending.append(splicer.event(rest))
+                await send({"type": "http.response.body", "body": b"".join(pending)})
                 return True
             block = splitter.feed_block(chunk)
-            if not block:
-                continue
-            if tally is not None:
-                block = tally.block(block)
-            out = splicer.block(block)
-            if out:
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-                delay.observe(clock() - arrived)
+            if block:
+                if tally is not None:
+                    block = tally.block(block)
+                out = splicer.block(block)
+                if out:
+                    pending.append(out)
 
     async def _give_up(self, ex: Exchange, last: Failure | None, timed_out: bool) -> None:
         attempts = (b"x-gateway-attempts", str(ex.attempts).encode())

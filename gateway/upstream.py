@@ -57,6 +57,10 @@ class UpstreamResponse(Protocol):
         """The next bytes of the body as they arrive; b"" at the end."""
         ...
 
+    def ready(self) -> bool:
+        """next_chunk() would not wait: bytes, the end or an error are already here."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -224,6 +228,10 @@ class H1Response:
         except (ConnectionLost, TimeoutError, OSError, zlib.error) as exc:
             self.close()
             raise translate(exc, started=True) from None
+
+    def ready(self) -> bool:
+        conn = self._conn
+        return conn is None or bool(conn.chunks) or conn.done or conn.error is not None
 
     async def read(self) -> bytes:
         parts = []

@@ -17,7 +17,7 @@ import httpx
 import yaml
 
 from tests.conftest import GatewayFactory, RunningGateway
-from tests.upstream import DONE, Hang, Sse, Upstream, chunk
+from tests.upstream import DONE, Hang, Raw, Sse, Upstream, chunk
 
 MakeUpstream = Callable[[], Awaitable[Upstream]]
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -221,6 +221,54 @@ async def test_paced_events_arrive_one_by_one(gateway: GatewayFactory, upstream:
     # And none waits for more than about one pacing interval plus slack.
     total = arrivals[-1] - arrivals[0]
     assert total < pace * 4 + 0.5, total
+
+
+async def test_stream_arriving_at_once_leaves_in_one_message(
+    gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    """What has already arrived goes out together, the end included: one body message
+    after the head (the server writes the head with it: one syscall for the stream)."""
+    events = [role_chunk(), *(chunk(str(i)) for i in range(5)), DONE]
+    body = b"".join(events)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    upstream.script(Raw(head + b"content-length: %d\r\n\r\n" % len(body) + body))
+    gw = await gateway(single(upstream))
+    request = json.dumps(STREAM_BODY).encode()
+    sent: list[dict[str, Any]] = []
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not sent and not gone.is_set():
+            gone.set()  # the first call gets the body; later ones wait for a disconnect
+            return {"type": "http.request", "body": request, "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(request)).encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", gw.port),
+    }
+    await asyncio.wait_for(gw.app(scope, receive, send), 10)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"], sent
+    assert sent[0]["status"] == 200
+    assert sent[1]["body"] == b"".join(rewritten(e) for e in events)
+    assert not sent[1].get("more_body", False)
 
 
 # --- breaks after the start -----------------------------------------------------------
