@@ -186,5 +186,8 @@ class EchoResponse:
     def ready(self) -> bool:
         return not (self._events and self._sent)
 
+    def relax(self) -> None:
+        pass
+
     def close(self) -> None:
         pass

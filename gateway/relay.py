@@ -58,6 +58,44 @@ class Tried:
             self.last = failure
 
 
+class KeepAlive:
+    """A stream's late commit while its attempts run in turn: once `commit_after`
+    passes with no content, the 200 goes out with `: keep-alive`, then one every
+    KEEPALIVE_EVERY seconds. A timer until then; a task only if it fires."""
+
+    __slots__ = ("ex", "relay", "task", "timer")
+
+    def __init__(self, relay: Relay, ex: Exchange, after: float) -> None:
+        self.relay, self.ex = relay, ex
+        self.task: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = loop.call_later(after, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        ex = self.ex
+        if not ex.started:
+            await self.relay._commit(ex, [*SSE_HEADERS, *ex.extra_headers], KEEPALIVE)
+        while True:
+            await asyncio.sleep(KEEPALIVE_EVERY)
+            await ex.send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+
+    async def stop(self) -> None:
+        """Before the relay sends anything else: the task is gone when this returns."""
+        if self.timer is not None:
+            self.timer.cancel()
+        task = self.task
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+            failed = None if task.cancelled() else task.exception()
+            if failed is not None:
+                raise failed
+
+
 class Relay:
     def __init__(
         self,
@@ -85,7 +123,7 @@ class Relay:
         hedge_after = (
             model.hedge_after_ms / 1000 if model.hedge_after_ms and len(plan) > 1 else None
         )
-        if hedge_after is None and not ex.parsed.stream:
+        if hedge_after is None:
             await self._run_in_turn(ex, plan)
             return
         loop = asyncio.get_running_loop()
@@ -180,8 +218,9 @@ class Relay:
             self.metrics.provider_up(*cand.key).set(up)
 
     async def _run_in_turn(self, ex: Exchange, plan: list[Candidate]) -> None:
-        """No hedge and no commit to hold: one attempt after another, awaited directly
-        (no task per attempt; the common non-streaming case)."""
+        """No hedge: one attempt after another, awaited directly (no task per attempt).
+        A stream's late commit and keep-alives come from a timer, and a task only once
+        it fires (a slow upstream)."""
         tried = Tried()
         count = len(plan)
 
@@ -191,19 +230,27 @@ class Relay:
         # The request's time bound travels with each attempt as a deadline: no timer
         # context of its own around the loop.
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + plan[0].model.attempts_timeout
+        model = plan[0].model
+        deadline = loop.time() + model.attempts_timeout
+        keepalive = KeepAlive(self, ex, model.commit_after) if ex.parsed.stream else None
         result: Opened | Failure | None = None
-        for cand in plan:
-            if loop.time() >= deadline:
-                tried.timed_out, result = True, None
-                break
-            self._count_attempt(ex, cand)
-            result = await open_attempt(self.upstream, self.health, ex, cand, is_last, deadline)
-            if isinstance(result, Opened):
-                break
-            self._gauge(cand)
-            tried.add(result)
+        try:
+            for cand in plan:
+                if loop.time() >= deadline:
+                    tried.timed_out, result = True, None
+                    break
+                self._count_attempt(ex, cand)
+                result = await open_attempt(self.upstream, self.health, ex, cand, is_last, deadline)
+                if isinstance(result, Opened):
+                    break
+                self._gauge(cand)
+                tried.add(result)
+        finally:
+            if keepalive is not None:
+                await keepalive.stop()
         if isinstance(result, Opened):
+            # attempts_timeout bounds the tries, not an answer that has started.
+            result.resp.relax()
             await self._serve(ex, result)
         else:
             await self._give_up(ex, tried.last, tried.timed_out)
@@ -219,10 +266,11 @@ class Relay:
         await ex.send({"type": "http.response.body", "body": first, "more_body": True})
 
     async def _start(self, ex: Exchange, headers: Headers, upstream: float | None) -> None:
-        ex.status = 200
-        ex.started = True
         head = [*headers, (b"x-request-id", ex.request_id), server_timing(ex.t0, upstream)]
         await ex.send({"type": "http.response.start", "status": 200, "headers": head})
+        # Only once sent: a keep-alive task cancelled inside the send started nothing.
+        ex.status = 200
+        ex.started = True
 
     def _headers(self, ex: Exchange, opened: Opened) -> Headers:
         cand = opened.cand

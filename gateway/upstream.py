@@ -61,6 +61,11 @@ class UpstreamResponse(Protocol):
         """next_chunk() would not wait: bytes, the end or an error are already here."""
         ...
 
+    def relax(self) -> None:
+        """The answer has started: from here only the provider's own timeouts bound it,
+        not the request's attempts deadline."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -183,19 +188,27 @@ class H1Response:
         "_origin",
         "_pool",
         "_read",
+        "_total_deadline",
         "headers",
         "is_sse",
         "status",
     )
 
     def __init__(
-        self, pool: Pool, origin: Origin, conn: H1Connection, read: float, deadline: float
+        self,
+        pool: Pool,
+        origin: Origin,
+        conn: H1Connection,
+        read: float,
+        deadline: float,
+        total_deadline: float = math.inf,
     ) -> None:
         self._pool = pool
         self._origin = origin
         self._conn: H1Connection | None = conn
         self._read = read
         self._deadline = deadline
+        self._total_deadline = total_deadline
         self.status = conn.status
         decoded, self._decoder = _decoder(conn.headers)
         self.headers = response_headers(conn.headers, decoded)
@@ -228,6 +241,9 @@ class H1Response:
         except (ConnectionLost, TimeoutError, OSError, zlib.error) as exc:
             self.close()
             raise translate(exc, started=True) from None
+
+    def relax(self) -> None:
+        self._deadline = self._total_deadline
 
     def ready(self) -> bool:
         conn = self._conn
@@ -282,8 +298,8 @@ class Upstream:
         target = self._target(provider)
         t = provider.timeout
         loop = asyncio.get_running_loop()
-        if t.total is not None:
-            deadline = min(deadline, loop.time() + t.total)
+        total = math.inf if t.total is None else loop.time() + t.total
+        deadline = min(deadline, total)
         data = request_head(target, path, client_headers, len(body)) + body
         origin = target.origin
         pool = self.pool
@@ -300,7 +316,7 @@ class Upstream:
                     if conn.error is not None:
                         raise conn.error
                     await conn.wait(head_by - loop.time())
-                return H1Response(pool, origin, conn, t.read, deadline)
+                return H1Response(pool, origin, conn, t.read, deadline, total)
             except ConnectionLost as exc:
                 conn.abort()
                 if reused and exc.before_response:

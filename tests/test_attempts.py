@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
+from gateway import relay
 from tests.conftest import GatewayFactory
-from tests.upstream import Hang, Upstream
+from tests.upstream import DONE, Hang, Sse, Upstream, chunk
 
 
 def two_hanging(a: Upstream, b: Upstream, **model: object) -> str:
@@ -86,3 +88,72 @@ async def test_attempts_timeout_without_hedging_bounds_a_plain_request(
     await a.wait_closed()
     # The time was spent on a: b was never tried once the request's time was up.
     assert b.requests == []
+
+
+def one_provider(a: Upstream, **model: object) -> str:
+    extra = "".join(f"    {k}: {v}\n" for k, v in model.items())
+    return (
+        "providers:\n"
+        f"  a:\n    base_url: {a.url}\n    stream_usage: false\n"
+        "models:\n  m:\n"
+        f"{extra}"
+        "    providers: [{provider: a, model: up}]\n"
+    )
+
+
+STREAM = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+
+
+async def test_attempts_timeout_does_not_cut_a_stream_that_has_started(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    # Content at once, then an event every 0.2 s for 1.2 s: past the 0.5 s bound on tries.
+    events = [chunk(str(i)) for i in range(6)]
+    upstream.script(Sse([*events, DONE], delay=0.2))
+    gw = await gateway(one_provider(upstream, attempts_timeout=0.5))
+    t0 = time.monotonic()
+    async with client.stream("POST", f"{gw.base_url}/chat/completions", json=STREAM) as r:
+        assert r.status_code == 200
+        raw = b"".join([part async for part in r.aiter_raw()])
+    assert time.monotonic() - t0 > 1.0
+    assert raw.endswith(DONE), raw[-200:]
+    assert b"upstream_timeout" not in raw
+    assert raw.count(b"data: {") == len(events)
+
+
+async def test_attempts_timeout_after_keepalive_commit_without_hedging(
+    gateway: GatewayFactory, make_upstream: object, client: httpx.AsyncClient
+) -> None:
+    a = await make_upstream()  # type: ignore[operator]
+    a.default = Hang()
+    gw = await gateway(one_provider(a, attempts_timeout=0.6, commit_after=0.1))
+    t0 = time.monotonic()
+    async with client.stream("POST", f"{gw.base_url}/chat/completions", json=STREAM) as r:
+        assert r.status_code == 200
+        raw = b"".join([part async for part in r.aiter_raw()])
+    assert time.monotonic() - t0 < 5
+    assert raw.startswith(b": keep-alive\n\n")
+    last = raw.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert last.startswith(b"data: {") and b'"code":"upstream_timeout"' in last
+    assert b"[DONE]" not in raw
+    await a.wait_closed()
+
+
+async def test_keepalives_repeat_until_content_then_the_stream_follows(
+    gateway: GatewayFactory,
+    upstream: Upstream,
+    client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay, "KEEPALIVE_EVERY", 0.15)
+    # Content after 1 s; commit at 0.1 s, then a keep-alive every 0.15 s meanwhile.
+    upstream.script(Sse([chunk("late"), DONE], first_delay=1.0))
+    gw = await gateway(one_provider(upstream, commit_after=0.1))
+    async with client.stream("POST", f"{gw.base_url}/chat/completions", json=STREAM) as r:
+        assert r.status_code == 200
+        raw = b"".join([part async for part in r.aiter_raw()])
+    keepalives = raw.count(b": keep-alive\n\n")
+    assert 3 <= keepalives <= 8, raw
+    body = raw.replace(b": keep-alive\n\n", b"")
+    assert body == (chunk("late") + DONE).replace(b'"model": "upstream-model"', b'"model": "m"'), body
+    assert raw.startswith(b": keep-alive\n\n" * keepalives)  # none after the content
