@@ -46,7 +46,7 @@ def retry_after(headers: Headers) -> float | None:
 
 def inband_failure(event: bytes) -> Failure:
     """A 200 stream whose first event is an error: an HTTP error if nothing else serves."""
-    payload = payload_of(event)
+    payload = payload_of(event) or b""
     status = 502
     try:
         code = orjson.loads(payload)["error"].get("code")
@@ -146,7 +146,8 @@ async def open_attempt(
                 if kind == ERROR:
                     health.failed(key, cooldown)
                     return inband_failure(event)
-                held.append(splicer.event(event))
+                # One event is a block: the learnt line head makes it a bytes.replace.
+                held.append(splicer.block(event))
                 if kind == CONTENT:
                     # What came after the first content in the same read goes out as is.
                     content = True

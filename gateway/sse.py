@@ -173,20 +173,22 @@ _CONTENT_FIELDS = (
 )
 
 
-def payload_of(event: bytes) -> bytes:
-    """The event's data (several `data:` lines joined by newlines)."""
+def payload_of(event: bytes) -> bytes | None:
+    """The event's data (several `data:` lines joined by newlines); None without any."""
     spans = data_payloads(event)
     if len(spans) == 1:
         start, end = spans[0]
         return event[start:end]
+    if not spans:
+        return None
     return b"\n".join(event[s:e] for s, e in spans)
 
 
 def classify(event: bytes) -> int:
     """CONTENT once the model said something (text, tool calls, reasoning, a finish)."""
-    if not data_payloads(event):
-        return NOTHING
     payload = payload_of(event)
+    if payload is None:
+        return NOTHING
     if payload.strip() == b"[DONE]":
         return DONE
     try:

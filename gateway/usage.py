@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from gateway.sse import TERMINATORS, data_payloads, event_end, payload_of, split_events
+from gateway.sse import TERMINATORS, event_end, payload_of, split_events
 
 USAGE_KEY = b'"usage"'
 
@@ -80,9 +80,10 @@ class Tally:
         """The events to relay: all, less the usage-only chunk the gateway asked for."""
         kept = []
         for event in events:
-            if (self.count_content or USAGE_KEY in event) and data_payloads(event):
+            payload = payload_of(event) if self.count_content or USAGE_KEY in event else None
+            if payload is not None:
                 try:
-                    obj = orjson.loads(payload_of(event))
+                    obj = orjson.loads(payload)
                 except orjson.JSONDecodeError:
                     obj = None
                 if isinstance(obj, dict):
