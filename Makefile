@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-tools lint bench pyz clean
+.PHONY: install run test test-tools lint bench bench-instructions bench-instructions-tools pyz clean
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) and installing the gateway with its dev tools (about a minute the first time)"
@@ -37,6 +37,19 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# Instructions per relayed request, counted by callgrind: noise-free where req/s is not.
+# Options through ARGS, e.g. make bench-instructions ARGS="--quick --against HEAD~3"
+bench-instructions: $(STAMP)
+	@{ command -v valgrind || test -x /usr/bin/valgrind; } >/dev/null \
+		&& { command -v nginx || test -x /usr/sbin/nginx; } >/dev/null \
+		|| $(MAKE) --no-print-directory bench-instructions-tools
+	$(BIN)/python bench/instructions.py $(ARGS)
+
+bench-instructions-tools:
+	@echo "== installing valgrind and nginx from Debian (needs root and apt-get)"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends valgrind nginx
 
 # One file that runs with `python dist/gateway.pyz serve` where only Python is installed;
 # compiled dependencies are unpacked once into ~/.shiv (SHIV_ROOT) on first start.

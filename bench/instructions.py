@@ -1,0 +1,654 @@
+"""`make bench-instructions`: user-space instructions per relayed request, counted by callgrind.
+
+Wall-clock throughput on a small shared VM moves by tens of percent from one minute to
+the next; the number of instructions the gateway executes per request does not. This
+starts the fast nginx upstream of `make bench` (bench/run.py) on 127.0.0.1 and, for each
+case, one gateway under `valgrind --tool=callgrind` (default log level, access log to
+/dev/null), answers one GET /healthz, relays N requests over 8 keep-alive connections,
+stops it with SIGINT and reads the instruction total callgrind wrote. Cases: a baseline
+of 0 requests (start-up and shutdown), N chat completions, N streams (22 events each);
+per request = (case total - baseline total) / N.
+
+With --against REV the same cases run with the gateway package of that git revision
+(`git archive REV gateway`, imported through PYTHONPATH), and the table shows new/old.
+Results go to bench/results/instructions-<UTC time>.json and instructions-latest.json.
+
+Usage: bench/instructions.py [--quick] [--against REV] [--requests N] [--streams N]
+                             [--connections N] [--profiles DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# bench/run.py (`make bench`): upstream bodies, process handling, progress output.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # found through the sys.path entry above
+
+BenchError = run.BenchError
+ROOT = run.ROOT
+RESULTS = run.RESULTS
+PYTHON = sys.executable
+CALLGRIND_FILE = "cg.%p"  # %p: the pid; valgrind runs the gateway in its own process
+HEALTH_SECONDS = 60.0  # start-up under valgrind takes ~10 s on a small VM
+STOP_SECONDS = 120.0  # graceful shutdown plus callgrind writing its output
+REQUEST_SECONDS = 60.0  # one request under valgrind, queued behind the other connections
+HASH_SEED = "0"  # the same str hashes (dict and set layouts) in every case
+DEFAULT_COUNTS = {"json": 2000, "stream": 1000}
+QUICK_COUNTS = {"json": 300, "stream": 150}
+KINDS = ("json", "stream")
+
+
+# ---------------------------------------------------------------- tools
+
+
+def ensure_tools() -> dict[str, str]:
+    """valgrind and nginx; `make bench-instructions` installs them when missing."""
+    tools = {name: run.find_binary(name) for name in ("valgrind", "nginx")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        names = " ".join(missing)
+        raise BenchError(
+            f"{' and '.join(missing)} not found: run `make bench-instructions` (it installs "
+            f"them) or `apt-get install -y --no-install-recommends {names}` (as root)"
+        )
+    return {name: str(path) for name, path in tools.items()}
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"`git {' '.join(args)}` failed: {done.stderr.strip()[-500:]}")
+    return done.stdout.strip()
+
+
+# ---------------------------------------------------------------- the gateway trees
+
+
+@dataclass
+class Tree:
+    """One gateway package to measure: the working tree, or a revision archived to tmp."""
+
+    key: str  # "tree" or "rev-<short hash>": names its case folders and profiles
+    label: str  # for the table: "103d9d4", "103d9d4+changes", "9784982", ...
+    commit: str  # full hash (of HEAD for the working tree)
+    path: Path  # the folder holding gateway/: what PYTHONPATH points at
+    cases: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "PYTHON"))}
+        env["PYTHONPATH"] = str(self.path)
+        env["PYTHONHASHSEED"] = HASH_SEED
+        return env
+
+
+def working_tree() -> Tree:
+    head = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--", "gateway")
+    label = f"{head}+changes" if dirty else head
+    return Tree("tree", label, git("rev-parse", "HEAD"), ROOT)
+
+
+def revision_tree(rev: str, tmp: Path) -> Tree:
+    """`git archive REV gateway | tar -x -C tmp/rev-<hash>`."""
+    try:
+        commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except BenchError:
+        commit = ""
+    if not commit:
+        raise BenchError(
+            f"--against {rev}: not a revision of this repository; give a commit, tag or "
+            "branch (see `git log --oneline`)"
+        )
+    short = git("rev-parse", "--short", commit)
+    folder = tmp / f"rev-{short}"
+    folder.mkdir()
+    archive = tmp / f"rev-{short}.tar"
+    git("archive", "--format=tar", "-o", str(archive), commit, "gateway")
+    done = subprocess.run(
+        ["tar", "-x", "-f", str(archive), "-C", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"unpacking `git archive {short} gateway` failed: {done.stderr[-500:]}")
+    if not (folder / "gateway" / "__main__.py").is_file():
+        raise BenchError(f"revision {short} has no gateway/__main__.py: nothing to compare with")
+    return Tree(folder.name, short if short == rev else f"{rev} ({short})", commit, folder)
+
+
+def prepare(tree: Tree, workdir: Path) -> None:
+    """Compile the package (so no case pays for compiling it), then check that
+    `python -m gateway` really imports it from tree.path with this environment."""
+    env = tree.env()
+    done = subprocess.run(
+        [PYTHON, "-m", "compileall", "-q", str(tree.path / "gateway")],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"compiling {tree.path / 'gateway'} failed:\n{done.stdout}{done.stderr}")
+    probe = "import gateway, gateway.cli; print(gateway.__file__)"
+    done = subprocess.run(
+        [PYTHON, "-c", probe], cwd=workdir, env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(
+            f"{PYTHON} cannot import the gateway from {tree.path}:\n{done.stderr[-1500:]}\n"
+            "run this with the venv's Python: `make bench-instructions` or "
+            "`.venv/bin/python bench/instructions.py`"
+        )
+    found = Path(done.stdout.strip()).resolve().parent
+    want = (tree.path / "gateway").resolve()
+    if found != want:
+        raise BenchError(
+            f"{tree.label}: Python imports the gateway from {found}, not from {want}; "
+            "is something in PYTHONSTARTUP, a .pth file or sitecustomize putting it first?"
+        )
+
+
+# ---------------------------------------------------------------- the upstream
+
+
+def start_upstream(procs: run.Processes, tools: dict[str, str], tmp: Path) -> dict[str, int]:
+    """bench/nginx_upstream.conf.in with bench/run.py's JSON body and SSE events."""
+    ports = dict(zip(KINDS, run.free_ports(2), strict=True))
+    prefix = tmp / "upstream"
+    prefix.mkdir()
+    prefix.chmod(0o755)  # workers run as nobody when the master runs as root
+    values = {
+        "PREFIX": prefix,
+        "JSON_PORT": ports["json"],
+        "SSE_PORT": ports["stream"],
+        "JSON_BODY": run.nginx_string(run.completion_body()),
+        "SSE_BODY": run.nginx_string("".join(run.sse_events())),
+    }
+    text = (run.BENCH / "nginx_upstream.conf.in").read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", str(value))
+    conf = prefix / "nginx.conf"
+    conf.write_text(text)
+    log = prefix / "error.log"
+    argv = [tools["nginx"], "-p", str(prefix), "-e", str(log), "-c", str(conf)]
+    proc = procs.start([*argv, "-g", "daemon off;"], "load", log=prefix / "stderr.log")
+    for port in ports.values():
+        run.wait_listening(port, proc, log)
+    return ports
+
+
+def write_gateway_files(tmp: Path, ports: dict[str, int]) -> tuple[Path, Path]:
+    """As bench/run.py's Bench.write_gateway_files, for the two models measured here."""
+    routes = tmp / "routes.yaml"
+    lines = ["providers:"]
+    for name, port in (("bench-json", ports["json"]), ("bench-sse", ports["stream"])):
+        lines += [f"  {name}:", f"    base_url: http://127.0.0.1:{port}/v1"]
+    lines.append("models:")
+    for name in ("bench-json", "bench-sse"):
+        lines += [f"  {name}:", "    providers:", f"      - provider: {name}"]
+        lines.append(f"        model: {run.UPSTREAM_MODEL}")
+    routes.write_text("\n".join(lines) + "\n")
+    keys = tmp / "keys.yaml"
+    keys.write_text("keys: []\n")
+    return routes, keys
+
+
+# ---------------------------------------------------------------- the load
+
+
+def check_json(status: int, body: bytes) -> str | None:
+    if status != 200:
+        return f"status {status}: {body[:200]!r}"
+    if b'"model":"bench-json"' not in body:
+        return f"JSON answer without the client's model name: {body[:200]!r}"
+    return None
+
+
+def check_stream(status: int, body: bytes) -> str | None:
+    if status != 200:
+        return f"status {status}: {body[:200]!r}"
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data:")]
+    if (
+        len(events) != run.SSE_EVENT_COUNT
+        or events[-1] != b"data: [DONE]"
+        or b'"model":"bench-sse"' not in events[1]
+    ):
+        return f"stream of {len(events)} events (want {run.SSE_EVENT_COUNT}): {body[:200]!r}"
+    return None
+
+
+BODIES: dict[str, tuple[bytes, Callable[[int, bytes], str | None]]] = {
+    "json": (run.JSON_BODY, check_json),
+    "stream": (run.SSE_BODY, check_stream),
+}
+
+
+async def exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, bytes, bool]:
+    """One request on a keep-alive connection: (status, body, connection still usable)."""
+    writer.write(request)
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ", 2)[1])
+    headers = {}
+    for line in head[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip().lower()
+    keep = headers.get("connection") != "close"
+    if "chunked" in headers.get("transfer-encoding", ""):
+        chunks = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                    pass
+                break
+            chunks.append((await reader.readexactly(size + 2))[:-2])
+        return status, b"".join(chunks), keep
+    if "content-length" in headers:
+        return status, await reader.readexactly(int(headers["content-length"])), keep
+    return status, await reader.read(), False  # delimited by the close
+
+
+async def load(port: int, kind: str, count: int, connections: int) -> tuple[int, list[str]]:
+    """`count` POSTs over `connections` keep-alive connections: (failures, first reasons)."""
+    body, check = BODIES[kind]
+    request = (
+        f"POST {run.CHAT_PATH} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    remaining = count
+    failures = 0
+    reasons: list[str] = []
+
+    async def connection() -> None:
+        nonlocal remaining, failures
+        reader: asyncio.StreamReader | None = None
+        writer: asyncio.StreamWriter | None = None
+        try:
+            while remaining > 0:
+                remaining -= 1
+                keep = False
+                try:
+                    async with asyncio.timeout(REQUEST_SECONDS):
+                        if reader is None or writer is None:
+                            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                        status, answer, keep = await exchange(reader, writer, request)
+                    problem = check(status, answer)
+                except (
+                    OSError,
+                    TimeoutError,
+                    ValueError,
+                    IndexError,
+                    asyncio.IncompleteReadError,
+                ) as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                except asyncio.LimitOverrunError as exc:
+                    problem = f"response head too long: {exc}"
+                if problem is not None:
+                    failures += 1
+                    if len(reasons) < 5:
+                        reasons.append(problem)
+                if not keep and writer is not None:
+                    writer.close()
+                    reader = writer = None
+        finally:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+    await asyncio.gather(*(connection() for _ in range(connections)))
+    return failures, reasons
+
+
+# ---------------------------------------------------------------- one case
+
+
+@dataclass
+class Context:
+    procs: run.Processes
+    tools: dict[str, str]
+    tmp: Path
+    routes: Path
+    keys: Path
+    counts: dict[str, int]
+    connections: int
+    profiles: Path | None
+
+
+def wait_healthz(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """One GET /healthz, retried only while nothing listens (the gateway binds its port
+    before it loads, so a connection made early waits in the backlog until it answers)."""
+    deadline = time.monotonic() + HEALTH_SECONDS
+    while (left := deadline - time.monotonic()) > 0:
+        if proc.poll() is not None:
+            raise BenchError(
+                f"the gateway exited with {proc.returncode} while starting:\n{run.tail(log)}"
+            )
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=left)
+        try:
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            status, body = response.status, response.read()
+        except ConnectionRefusedError:
+            time.sleep(0.1)
+            continue
+        except TimeoutError:
+            break
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.1)  # reset while starting; proc.poll() above tells
+            continue
+        finally:
+            conn.close()
+        if status == 200:
+            return
+        raise BenchError(f"GET /healthz answered {status}: {body[:300]!r}\n{run.tail(log)}")
+    raise BenchError(
+        f"the gateway under valgrind did not answer /healthz within {HEALTH_SECONDS:.0f} s "
+        f"(is the machine busy?):\n{run.tail(log)}"
+    )
+
+
+def stop_gateway(procs: run.Processes, proc: subprocess.Popen[bytes], log: Path) -> None:
+    os.kill(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        procs.stop(proc)
+        raise BenchError(
+            f"the gateway did not exit within {STOP_SECONDS:.0f} s of SIGINT:\n{run.tail(log)}"
+        ) from None
+    procs.stop(proc)  # forget it; it has exited
+    if proc.returncode != 0:
+        raise BenchError(f"the gateway exited with {proc.returncode} on SIGINT:\n{run.tail(log)}")
+
+
+def callgrind_total(folder: Path, log: Path) -> int:
+    """The `totals:` line of the one callgrind output (or `summary:` if it has none)."""
+    files = sorted(folder.glob("cg.*"))
+    if len(files) != 1:
+        raise BenchError(
+            f"expected one callgrind output in {folder}, found {len(files)}:\n{run.tail(log)}"
+        )
+    found: dict[str, int] = {}
+    with files[0].open(errors="replace") as lines:
+        for line in lines:
+            if line.startswith(("totals:", "summary:")):
+                key, value = line.split(":", 1)
+                found[key] = int(value.split()[0])
+    total = found.get("totals", found.get("summary"))
+    if total is None:
+        raise BenchError(f"{files[0]} has no `totals:` or `summary:` line:\n{run.tail(log)}")
+    return total
+
+
+def run_case(ctx: Context, tree: Tree, case: str) -> dict[str, Any]:
+    """One gateway under callgrind: start, /healthz, N requests of one kind, SIGINT."""
+    count = ctx.counts.get(case, 0)
+    folder = ctx.tmp / f"{tree.key}-{case}"
+    folder.mkdir()
+    log = folder / "stderr.log"
+    port = run.free_ports(1)[0]
+    argv = [
+        ctx.tools["valgrind"],
+        "--tool=callgrind",
+        f"--callgrind-out-file={folder / CALLGRIND_FILE}",
+    ]
+    argv += [PYTHON, "-m", "gateway", "serve", "--routes", str(ctx.routes)]
+    argv += ["--keys", str(ctx.keys), "--port", str(port)]
+    began = time.monotonic()
+    with log.open("ab") as err:
+        # The access log (stdout) is part of the cost; it goes to /dev/null.
+        proc = subprocess.Popen(
+            ctx.procs.argv(argv, "proxy"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=folder,  # so `-m` puts no gateway/ of the current folder first on sys.path
+            env=tree.env(),
+            start_new_session=True,  # a Ctrl-C reaches this script only, which stops it
+        )
+    ctx.procs.running.append(proc)
+    wait_healthz(port, proc, log)
+    up = time.monotonic()
+    failures, reasons = asyncio.run(load(port, case, count, ctx.connections)) if count else (0, [])
+    loaded = time.monotonic()
+    stop_gateway(ctx.procs, proc, log)
+    total = callgrind_total(folder, log)
+    if ctx.profiles is not None:
+        for path in folder.glob("cg.*"):
+            shutil.copy(path, ctx.profiles / f"callgrind.out.{tree.key}-{case}")
+    result = {
+        "requests": count,
+        "instructions": total,
+        "failures": failures,
+        "start_seconds": round(up - began, 1),
+        "load_seconds": round(loaded - up, 1),
+        "seconds": round(time.monotonic() - began, 1),
+    }
+    if failures:
+        raise BenchError(
+            f"{tree.label} {case}: {failures} of {count} requests failed, e.g.:\n  "
+            + "\n  ".join(reasons)
+            + f"\ngateway stderr:\n{run.tail(log)}"
+        )
+    return result
+
+
+def measure(ctx: Context, tree: Tree) -> None:
+    prepare(tree, ctx.tmp)
+    progress_tree = f"{tree.label} (gateway from {tree.path / 'gateway'})"
+    run.progress(f"measuring {progress_tree}")
+    for case in ("baseline", *KINDS):
+        got = run_case(ctx, tree, case)
+        tree.cases[case] = got
+        if case == "baseline":
+            what = f"{got['instructions'] / 1e6:,.1f} M instructions for start-up and shutdown"
+        else:
+            extra = got["instructions"] - tree.cases["baseline"]["instructions"]
+            got["per_request"] = round(extra / got["requests"], 1)
+            what = (
+                f"{got['requests']} requests, {got['per_request'] / 1000:,.1f} k instructions"
+                f" per request ({got['load_seconds']:.0f} s of requests)"
+            )
+        run.progress(f"{tree.label} · {case:8}: {what}; {got['seconds']:.0f} s")
+
+
+# ---------------------------------------------------------------- table and results
+
+
+def table(trees: list[Tree], counts: dict[str, int]) -> list[list[str]]:
+    rows = [["case", *(tree.label for tree in trees)]]
+    if len(trees) == 2:
+        rows[0].append("new/old")
+    labels = {
+        "json": f"JSON, k instr/request (n={counts['json']})",
+        "stream": f"stream {run.SSE_EVENT_COUNT} events, k instr/request (n={counts['stream']})",
+        "baseline": "start-up + shutdown, M instr",
+    }
+    for case, label in labels.items():
+        if case == "baseline":
+            values = [tree.cases[case]["instructions"] / 1e6 for tree in trees]
+        else:
+            values = [tree.cases[case]["per_request"] / 1000 for tree in trees]
+        row = [label, *(f"{value:,.1f}" for value in values)]
+        if len(values) == 2:
+            row.append(f"{values[0] / values[1]:.3f}" if values[1] else "-")
+        rows.append(row)
+    return rows
+
+
+def versions(tools: dict[str, str]) -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "os": run.os_name(),
+        "python": platform.python_version(),
+        "valgrind": run.command_output([tools["valgrind"], "--version"]),
+        "nginx": run.command_output([tools["nginx"], "-v"]).replace("nginx version: ", ""),
+    }
+
+
+def write_results(document: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS / f"instructions-{stamp}.json"
+    text = json.dumps(document, indent=2) + "\n"
+    path.write_text(text)
+    (RESULTS / "instructions-latest.json").write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- main
+
+
+def bench(args: argparse.Namespace, procs: run.Processes, tmp: Path) -> dict[str, Any]:
+    tools = ensure_tools()
+    info = versions(tools)
+    counts = dict(QUICK_COUNTS if args.quick else DEFAULT_COUNTS)
+    if args.requests is not None:
+        counts["json"] = args.requests
+    if args.streams is not None:
+        counts["stream"] = args.streams
+    trees = [working_tree()]
+    if args.against:
+        trees.append(revision_tree(args.against, tmp))
+    run.progress(
+        f"{info['cpu']}, Python {info['python']}, {info['valgrind']}, nginx {info['nginx']}; "
+        f"{counts['json']} JSON requests and {counts['stream']} streams per tree over "
+        f"{args.connections} connections"
+    )
+    ports = start_upstream(procs, tools, tmp)
+    run.progress("upstream up: nginx with the fixed JSON and SSE bodies of bench/run.py")
+    routes, keys = write_gateway_files(tmp, ports)
+    profiles = None
+    if args.profiles:
+        profiles = Path(args.profiles).resolve()
+        profiles.mkdir(parents=True, exist_ok=True)
+    ctx = Context(procs, tools, tmp, routes, keys, counts, args.connections, profiles)
+    for tree in trees:
+        measure(ctx, tree)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": info,
+        "settings": {
+            "requests": counts,
+            "connections": args.connections,
+            "sse_events": run.SSE_EVENT_COUNT,
+            "pythonhashseed": HASH_SEED,
+            "pinning": {"gateway_core": procs.cores[0], "load_core": procs.cores[1]}
+            if procs.cores
+            else None,
+        },
+        "trees": [
+            {"label": t.label, "commit": t.commit, "path": str(t.path), "cases": t.cases}
+            for t in trees
+        ],
+        "table": table(trees, counts),
+        "seconds": round(time.monotonic() - run.STARTED, 1),
+    }
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description="user-space instructions per relayed request, counted by callgrind"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_COUNTS['json']} JSON requests and {QUICK_COUNTS['stream']} streams "
+        f"(default {DEFAULT_COUNTS['json']} and {DEFAULT_COUNTS['stream']})",
+    )
+    parser.add_argument(
+        "--against", metavar="REV", help="also measure the gateway of this git revision"
+    )
+    parser.add_argument("--requests", type=positive, metavar="N", help="JSON requests per tree")
+    parser.add_argument("--streams", type=positive, metavar="N", help="streams per tree")
+    parser.add_argument(
+        "--connections", type=positive, default=8, help="keep-alive connections (default 8)"
+    )
+    parser.add_argument(
+        "--profiles",
+        metavar="DIR",
+        help="keep the callgrind outputs there (for callgrind_annotate or kcachegrind)",
+    )
+    args = parser.parse_args()
+    cores = run.pick_cores()
+    if cores is not None:
+        os.sched_setaffinity(0, {cores[1]})  # the client stays off the gateway's core
+    procs = run.Processes(cores)
+    try:
+        with (
+            run.interrupt_on_sigterm(),
+            tempfile.TemporaryDirectory(prefix="gateway-instructions-") as tmp,
+        ):
+            Path(tmp).chmod(0o755)  # for nginx workers running as nobody
+            try:
+                document = bench(args, procs, Path(tmp))
+            finally:
+                procs.stop_all()
+    except BenchError as exc:
+        print(f"bench-instructions: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "bench-instructions: interrupted; every process it started is stopped", file=sys.stderr
+        )
+        return 130
+    print()
+    print(
+        f"{document['machine']['cpu']} · Python {document['machine']['python']} · "
+        f"{document['date']} · callgrind Ir of the gateway process"
+        + (" · QUICK run" if document["quick"] else "")
+    )
+    run.print_table(document["table"])
+    print(
+        "per request = (case total - start-up and shutdown total) / n; "
+        "new/old = first column / second"
+    )
+    path = write_results(document)
+    print(f"\nresults: {path.relative_to(ROOT)} (also bench/results/instructions-latest.json)")
+    print(f"done in {document['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
