@@ -173,6 +173,9 @@ def cmd_serve(settings: Settings) -> int:
         "timeout_graceful_shutdown": settings.drain_seconds,
         # Our HTTP/1.1 protocol (gateway/server.py) in place of uvicorn's httptools one.
         "http": ServerProtocol,
+        # Gateway.__call__ returns its endpoint's coroutine instead of being one, which
+        # uvicorn's guess would take for ASGI 2.
+        "interface": "asgi3",
         "loop": "uvloop",
     }
     print(

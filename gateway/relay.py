@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import orjson
@@ -117,20 +118,20 @@ class Relay:
             return True
         return False
 
-    async def run(self, ex: Exchange, plan: list[Candidate]) -> None:
+    def run(self, ex: Exchange, plan: list[Candidate]) -> Awaitable[None]:
+        """The coroutine that relays `ex`: one level fewer for every resume to pass."""
         model = plan[0].model
         ex.label = model.slug
-        hedge_after = (
-            model.hedge_after_ms / 1000 if model.hedge_after_ms and len(plan) > 1 else None
-        )
-        if hedge_after is None:
-            await self._run_in_turn(ex, plan)
-            return
+        if model.hedge_after_ms and len(plan) > 1:
+            return self._run_hedged(ex, plan, model.hedge_after_ms / 1000)
+        return self._run_in_turn(ex, plan)
+
+    async def _run_hedged(self, ex: Exchange, plan: list[Candidate], hedge_after: float) -> None:
+        model = plan[0].model
         loop = asyncio.get_running_loop()
         pending = list(plan)
         running: dict[asyncio.Task[Opened | Failure], Candidate] = {}
-        if hedge_after is not None:
-            self._hedge_allowance = min(1.0, self._hedge_allowance + self.hedge_share)
+        self._hedge_allowance = min(1.0, self._hedge_allowance + self.hedge_share)
         commit_at = loop.time() + model.commit_after if ex.parsed.stream else math.inf
         give_up_at = loop.time() + model.attempts_timeout
         keepalive_at = hedge_at = math.inf
@@ -146,7 +147,7 @@ class Relay:
             self._count_attempt(ex, cand)
             attempt = open_attempt(self.upstream, self.health, ex, cand, is_last)
             running[asyncio.ensure_future(attempt)] = cand
-            hedge_at = loop.time() + hedge_after if hedge_after and pending else math.inf
+            hedge_at = loop.time() + hedge_after if pending else math.inf
 
         try:
             start()

@@ -62,6 +62,7 @@ async def start_gateway(
         server_header=False,
         date_header=False,
         http=ServerProtocol,  # as `gateway serve` runs
+        interface="asgi3",
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
