@@ -78,16 +78,16 @@ class H1Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        # Lowercased once here: every later look at the head compares lowercase names.
+        self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         framed = False
         for name, value in self.headers:
-            lower = name.lower()
-            if lower == b"content-length" or (
-                lower == b"transfer-encoding" and b"chunked" in value.lower()
+            if name == b"content-length" or (
+                name == b"transfer-encoding" and b"chunked" in value.lower()
             ):
                 framed = True
         self.eof_body = not framed and self.status not in (204, 304) and self.status >= 200

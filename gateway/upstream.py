@@ -131,17 +131,17 @@ def request_head(
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]], decoded: bool = True) -> Headers:
-    """Headers for the client. `decoded`: the body is relayed decompressed, so its
-    content-encoding is dropped (an encoding the gateway cannot undo is kept)."""
+    """Headers for the client, from names already lowercase (h1.py). `decoded`: the body
+    is relayed decompressed, so its content-encoding is dropped (an encoding the gateway
+    cannot undo is kept)."""
     out: Headers = []
     for name, value in raw:
-        lower = name.lower()
-        if lower in _RESPONSE_DROP and (decoded or lower != b"content-encoding"):
+        if name in _RESPONSE_DROP and (decoded or name != b"content-encoding"):
             continue
-        if lower == b"x-request-id":
+        if name == b"x-request-id":
             out.append((b"x-upstream-request-id", value))
         else:
-            out.append((lower, value))
+            out.append((name, value))
     return out
 
 
@@ -168,9 +168,10 @@ def _is_sse(headers: Headers) -> bool:
 
 
 def _decoder(raw: Iterable[tuple[bytes, bytes]]) -> tuple[bool, zlib._Decompress | None]:
-    """(can relay decoded, decompressor) for the response's content-encoding."""
+    """(can relay decoded, decompressor) for the response's content-encoding (names
+    already lowercase)."""
     for name, value in raw:
-        if name.lower() == b"content-encoding":
+        if name == b"content-encoding":
             coding = value.strip().lower()
             if coding in (b"gzip", b"x-gzip"):
                 return True, zlib.decompressobj(16 + zlib.MAX_WBITS)
