@@ -155,5 +155,6 @@ async def test_keepalives_repeat_until_content_then_the_stream_follows(
     keepalives = raw.count(b": keep-alive\n\n")
     assert 3 <= keepalives <= 8, raw
     body = raw.replace(b": keep-alive\n\n", b"")
-    assert body == (chunk("late") + DONE).replace(b'"model": "upstream-model"', b'"model": "m"'), body
+    want = (chunk("late") + DONE).replace(b'"model": "upstream-model"', b'"model": "m"')
+    assert body == want, body
     assert raw.startswith(b": keep-alive\n\n" * keepalives)  # none after the content
