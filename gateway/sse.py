@@ -65,7 +65,13 @@ class EventSplitter:
     def feed_block(self, chunk: bytes) -> bytes:
         """Like feed, but the complete events come back as one block of bytes."""
         buf = self._buf + chunk if self._buf else chunk
-        end = max(buf.rfind(t) + len(t) if t in buf else 0 for t in TERMINATORS)
+        if b"\r" in buf:
+            end = max(buf.rfind(t) + len(t) if t in buf else 0 for t in TERMINATORS)
+        else:
+            # Only `\n\n` can end an event: one memchr for `\r` spares the full scans
+            # that looking for an absent `\r\n\r\n` and `\r\r` would make.
+            last = buf.rfind(b"\n\n")
+            end = last + 2 if last >= 0 else 0
         # Mixed endings (`\n\r\n`) are not among the three: the regex finds any after.
         while (match := _EVENT_END.search(buf, end)) is not None:
             end = match.end()

@@ -61,9 +61,11 @@ class Tally:
             return block
         parts: list[bytes] = []
         done = 0
+        # Without any `\r` only `\n\n` ends events (absent terminators cost full scans).
+        terminators = TERMINATORS if b"\r" in block else TERMINATORS[:1]
         while at >= 0:
             start = done
-            for t in TERMINATORS:
+            for t in terminators:
                 found = block.rfind(t, done, at)
                 if found >= 0:
                     start = max(start, found + len(t))
