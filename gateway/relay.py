@@ -25,14 +25,13 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange, Failure, Opened
 from gateway.health import Health
+from gateway.keepalive import KEEPALIVE, KEEPALIVE_EVERY, KeepAlive
 from gateway.metrics import Metrics
 from gateway.plan import Candidate
 from gateway.respond import send_bytes, send_error, server_timing
 from gateway.sse import Splicer
 from gateway.upstream import Headers, Upstream
 
-KEEPALIVE_EVERY = 10.0
-KEEPALIVE = b": keep-alive\n\n"
 NO_RETRY = (b"x-should-retry", b"false")
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -57,44 +56,6 @@ class Tried:
         self.timed_out = self.timed_out or isinstance(failure.error, UpstreamTimeout)
         if self.last is None or self.last.error is not None:
             self.last = failure
-
-
-class KeepAlive:
-    """A stream's late commit while its attempts run in turn: once `commit_after`
-    passes with no content, the 200 goes out with `: keep-alive`, then one every
-    KEEPALIVE_EVERY seconds. A timer until then; a task only if it fires."""
-
-    __slots__ = ("ex", "relay", "task", "timer")
-
-    def __init__(self, relay: Relay, ex: Exchange, after: float) -> None:
-        self.relay, self.ex = relay, ex
-        self.task: asyncio.Task[None] | None = None
-        loop = asyncio.get_running_loop()
-        self.timer: asyncio.TimerHandle | None = loop.call_later(after, self._fire)
-
-    def _fire(self) -> None:
-        self.timer = None
-        self.task = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        ex = self.ex
-        if not ex.started:
-            await self.relay._commit(ex, [*SSE_HEADERS, *ex.extra_headers], KEEPALIVE)
-        while True:
-            await asyncio.sleep(KEEPALIVE_EVERY)
-            await ex.send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
-
-    async def stop(self) -> None:
-        """Before the relay sends anything else: the task is gone when this returns."""
-        if self.timer is not None:
-            self.timer.cancel()
-        task = self.task
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
-            failed = None if task.cancelled() else task.exception()
-            if failed is not None:
-                raise failed
 
 
 class Relay:
@@ -233,7 +194,12 @@ class Relay:
         loop = asyncio.get_running_loop()
         model = plan[0].model
         deadline = loop.time() + model.attempts_timeout
-        keepalive = KeepAlive(self, ex, model.commit_after) if ex.parsed.stream else None
+        keepalive = None
+        if ex.parsed.stream:
+            headers = [*SSE_HEADERS, *ex.extra_headers]
+            keepalive = KeepAlive(
+                ex, model.commit_after, lambda: self._commit(ex, headers, KEEPALIVE)
+            )
         result: Opened | Failure | None = None
         try:
             for cand in plan:

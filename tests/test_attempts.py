@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from gateway import relay
+from gateway import keepalive
 from tests.conftest import GatewayFactory
 from tests.upstream import DONE, Hang, Sse, Upstream, chunk
 
@@ -145,7 +145,7 @@ async def test_keepalives_repeat_until_content_then_the_stream_follows(
     client: httpx.AsyncClient,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(relay, "KEEPALIVE_EVERY", 0.15)
+    monkeypatch.setattr(keepalive, "KEEPALIVE_EVERY", 0.15)
     # Content after 1 s; commit at 0.1 s, then a keep-alive every 0.15 s meanwhile.
     upstream.script(Sse([chunk("late"), DONE], first_delay=1.0))
     gw = await gateway(one_provider(upstream, commit_after=0.1))

@@ -1,0 +1,49 @@
+"""A stream's late commit while its attempts run in turn (gateway/relay.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from gateway.exchange import Exchange
+
+KEEPALIVE_EVERY = 10.0
+KEEPALIVE = b": keep-alive\n\n"
+
+
+class KeepAlive:
+    """A stream's late commit while its attempts run in turn: once `commit_after`
+    passes with no content, the 200 goes out with `: keep-alive`, then one every
+    KEEPALIVE_EVERY seconds. A timer until then; a task only if it fires."""
+
+    __slots__ = ("commit", "ex", "task", "timer")
+
+    def __init__(self, ex: Exchange, after: float, commit: Callable[[], Awaitable[None]]) -> None:
+        self.ex, self.commit = ex, commit
+        self.task: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = loop.call_later(after, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        ex = self.ex
+        if not ex.started:
+            await self.commit()
+        while True:
+            await asyncio.sleep(KEEPALIVE_EVERY)
+            await ex.send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+
+    async def stop(self) -> None:
+        """Before the relay sends anything else: the task is gone when this returns."""
+        if self.timer is not None:
+            self.timer.cancel()
+        task = self.task
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+            failed = None if task.cancelled() else task.exception()
+            if failed is not None:
+                raise failed
