@@ -137,7 +137,7 @@ class Relay:
                         )
                         keepalive_at = now + KEEPALIVE_EVERY
                     elif not ex.started and now >= commit_at:
-                        await self._commit(ex, [*SSE_HEADERS, *ex.extra_headers], KEEPALIVE)
+                        await self._keepalive_commit(ex)
                         keepalive_at = now + KEEPALIVE_EVERY
                     continue
                 for task in done:
@@ -196,10 +196,7 @@ class Relay:
         deadline = loop.time() + model.attempts_timeout
         keepalive = None
         if ex.parsed.stream:
-            headers = [*SSE_HEADERS, *ex.extra_headers]
-            keepalive = KeepAlive(
-                ex, model.commit_after, lambda: self._commit(ex, headers, KEEPALIVE)
-            )
+            keepalive = KeepAlive(ex, model.commit_after, lambda: self._keepalive_commit(ex))
         result: Opened | Failure | None = None
         try:
             for cand in plan:
@@ -231,6 +228,10 @@ class Relay:
     ) -> None:
         await self._start(ex, headers, upstream)
         await ex.send({"type": "http.response.body", "body": first, "more_body": True})
+
+    async def _keepalive_commit(self, ex: Exchange) -> None:
+        """The 200 before any upstream answered: the gateway's own stream headers."""
+        await self._commit(ex, [*SSE_HEADERS, *ex.extra_headers], KEEPALIVE)
 
     async def _start(self, ex: Exchange, headers: Headers, upstream: float | None) -> None:
         head = [*headers, (b"x-request-id", ex.request_id), server_timing(ex.t0, upstream)]
