@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from gateway.errors import GatewayError
 from gateway.exchange import Exchange
 
 log = logging.getLogger("gateway.access")
@@ -96,8 +97,56 @@ class AccessLog:
     def enabled(self) -> bool:
         return log.isEnabledFor(logging.INFO)
 
-    def write(self, fields: dict[str, Any]) -> None:
-        fields = {"time": self._utc_now(), **fields}
+    def served(self, ex: Exchange, key_name: str | None, duration: float, charged: int = 0) -> None:
+        """The line of a request that reached the relay."""
+        if not self.enabled():
+            return
+        usage = ex.usage or {}
+        self._write(
+            {
+                "time": self._utc_now(),
+                "request_id": ex.request_id.decode(),
+                "key": key_name,
+                "session_id": ex.parsed.session_id,
+                "path": ex.path,
+                "slug": ex.slug or ex.parsed.slugs[0],
+                "provider": ex.provider,
+                "upstream_model": ex.upstream_model,
+                "status": ex.status,
+                "stream": ex.parsed.stream,
+                "attempts": ex.attempts,
+                "hedged": ex.hedged,
+                "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000, 2),
+                "duration_ms": round(duration * 1000, 2),
+                # Where counted tokens came from: the upstream's usage, or the gateway's
+                # estimate (a stream cut short, or a provider that takes no stream_options).
+                "usage": "upstream" if ex.usage is not None else ("estimated" if charged else None),
+                "tokens_charged": charged or None,
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "client_disconnected": ex.client_gone,
+            }
+        )
+
+    def refused(
+        self, request_id: bytes, key_name: str | None, path: str, exc: GatewayError, duration: float
+    ) -> None:
+        """The line of a request refused before any upstream."""
+        if not self.enabled():
+            return
+        self._write(
+            {
+                "time": self._utc_now(),
+                "request_id": request_id.decode(),
+                "key": key_name,
+                "path": path,
+                "status": exc.status,
+                "code": exc.code,
+                "duration_ms": round(duration * 1000, 2),
+            }
+        )
+
+    def _write(self, fields: dict[str, Any]) -> None:
         if self.text:
             line = " ".join(f"{k}={_text(v)}" for k, v in fields.items() if v is not None)
         else:
@@ -109,31 +158,3 @@ class AccessLog:
             handlers[0].add(line)
         else:
             log.info(line)
-
-
-def exchange_fields(
-    ex: Exchange, key_name: str | None, duration: float, charged: int = 0
-) -> dict[str, Any]:
-    usage = ex.usage or {}
-    return {
-        "request_id": ex.request_id.decode(),
-        "key": key_name,
-        "session_id": ex.parsed.session_id,
-        "path": ex.path,
-        "slug": ex.slug or ex.parsed.slugs[0],
-        "provider": ex.provider,
-        "upstream_model": ex.upstream_model,
-        "status": ex.status,
-        "stream": ex.parsed.stream,
-        "attempts": ex.attempts,
-        "hedged": ex.hedged,
-        "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000, 2),
-        "duration_ms": round(duration * 1000, 2),
-        # Where counted tokens came from: the upstream's usage, or the gateway's estimate
-        # (a stream cut short, or a provider that takes no stream_options).
-        "usage": "upstream" if ex.usage is not None else ("estimated" if charged else None),
-        "tokens_charged": charged or None,
-        "prompt_tokens": usage.get("prompt_tokens"),
-        "completion_tokens": usage.get("completion_tokens"),
-        "client_disconnected": ex.client_gone,
-    }

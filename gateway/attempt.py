@@ -15,12 +15,11 @@ import orjson
 from gateway.errors import GatewayError, UpstreamUnavailable
 from gateway.exchange import Exchange, Failure, Opened
 from gateway.health import Health
-from gateway.jsonscan import replace_value
+from gateway.jsonscan import MODEL_KEY, replace_value
 from gateway.plan import Candidate
 from gateway.sse import (
     CONTENT,
     ERROR,
-    MODEL_KEY,
     Splicer,
     classify,
     event_spans,

@@ -9,9 +9,8 @@ from typing import Any
 import orjson
 
 from gateway.errors import BadRequest, PayloadTooLarge, ValidationFailed
-from gateway.jsonscan import rewrite_members, splice_verified
+from gateway.jsonscan import MODEL_KEY, rewrite_members, splice_verified
 
-MODEL_KEY = b'"model"'
 # A slug (and what a wildcard captures of it) ends up in response headers such as
 # x-upstream-model: no control characters, so no line breaks.
 _SLUG = re.compile(r"[^\x00-\x1f\x7f]{1,512}")

@@ -119,14 +119,19 @@ class Cycle:
                 logger.error("the ASGI application returned without completing its response")
                 self.fail()
 
+    @property
+    def nothing_sent(self) -> bool:
+        """No byte of the answer is on the wire yet: the head waits for the first body
+        bytes, so a started response whose head is still here has sent nothing."""
+        return not self.started or self.head is not None
+
     def fail(self) -> None:
         """The app broke off: a 500 if none of its answer is out yet, else the connection
         ends and the client sees the response cut short."""
         conn = self.conn
-        # The head waits for the first body bytes, so a started response whose head is
-        # still here has sent nothing: closing silently would read as a dead keep-alive
-        # connection, which clients may take as a reason to send the request again.
-        if not self.disconnected and (not self.started or self.head is not None):
+        # Closing silently before any byte would read as a dead keep-alive connection,
+        # which clients may take as a reason to send the request again.
+        if not self.disconnected and self.nothing_sent:
             self.started = self.complete = True
             self.head = None
             conn.transport.write(

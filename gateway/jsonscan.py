@@ -20,6 +20,7 @@ STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
 SCALAR = rb"(?:" + STRING + rb"|[-+0-9.eE]+|true|false|null)"
 _TOKEN = re.compile(STRING + rb"|[{}\[\],:]", re.S)
 _STRING = re.compile(STRING)
+MODEL_KEY = b'"model"'  # the member the gateway rewrites, as its raw key
 _WS = b" \t\r\n"
 _QUOTE, _COLON, _COMMA = ord('"'), ord(":"), ord(",")
 _OPEN = (ord("{"), ord("["))

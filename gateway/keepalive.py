@@ -1,4 +1,4 @@
-"""A stream's late commit while its attempts run in turn (gateway/relay.py)."""
+"""A stream's late commit while its attempts run (gateway/relay.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ KEEPALIVE = b": keep-alive\n\n"
 
 
 class KeepAlive:
-    """A stream's late commit while its attempts run in turn: once `commit_after`
+    """A stream's late commit while its attempts run: once `commit_after`
     passes with no content, the 200 goes out with `: keep-alive`, then one every
     KEEPALIVE_EVERY seconds. A timer until then; a task only if it fires."""
 

@@ -243,10 +243,11 @@ class Metrics:
                     key, value = tuple(row[:-1]), row[-1]
                     series[key] = _merge(series.get(key), value, f.merge)
             out.append(f"# HELP {f.name} {f.help}\n# TYPE {f.name} {f.kind}\n")
+            bounds = _bounds(f)
             for key, value in sorted(series.items()):
                 labels = list(zip(f.labels, key, strict=True))
-                if f.kind == "histogram":
-                    out += _histogram_lines(f.name, labels, f.make(), value)
+                if bounds:
+                    out += _histogram_lines(f.name, labels, bounds, value)
                 else:
                     suffix = "_total" if f.kind == "counter" else ""
                     out.append(f"{f.name}{suffix}{_labels(labels)} {_number(value)}\n")
@@ -271,12 +272,18 @@ def _merge(mine: Any, other: Any, how: str) -> Any:
     return min(mine, other) if how == "min" else mine + other
 
 
+def _bounds(family: Family[Any]) -> list[str]:
+    """A histogram family's `le` labels, +Inf included; [] for other kinds."""
+    if family.kind != "histogram":
+        return []
+    return [*map(_number, family.make().bounds), "+Inf"]
+
+
 def _histogram_lines(
-    name: str, labels: list[tuple[str, str]], empty: Histogram, value: list[float]
+    name: str, labels: list[tuple[str, str]], bounds: list[str], value: list[float]
 ) -> list[str]:
     lines = []
     cumulative = 0.0
-    bounds = [*map(_number, empty.bounds), "+Inf"]
     for bound, count in zip(bounds, value[:-1], strict=True):
         cumulative += count
         lines.append(f"{name}_bucket{_labels([*labels, ('le', bound)])} {_number(cumulative)}\n")

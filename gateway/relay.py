@@ -25,7 +25,7 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange, Failure, Opened
 from gateway.health import Health
-from gateway.keepalive import KEEPALIVE, KEEPALIVE_EVERY, KeepAlive
+from gateway.keepalive import KEEPALIVE, KeepAlive
 from gateway.metrics import Metrics
 from gateway.plan import Candidate
 from gateway.respond import send_bytes, send_error, server_timing
@@ -80,23 +80,72 @@ class Relay:
         return False
 
     def run(self, ex: Exchange, plan: list[Candidate]) -> Awaitable[None]:
-        """The coroutine that relays `ex`: one level fewer for every resume to pass."""
+        """The coroutine that relays `ex`: a plain function, so one coroutine level
+        fewer for every resume of the request to pass through."""
         model = plan[0].model
         ex.label = model.slug
-        if model.hedge_after_ms and len(plan) > 1:
-            return self._run_hedged(ex, plan, model.hedge_after_ms / 1000)
-        return self._run_in_turn(ex, plan)
+        hedge_after = (
+            model.hedge_after_ms / 1000 if model.hedge_after_ms and len(plan) > 1 else None
+        )
+        return self._run(ex, plan, hedge_after)
 
-    async def _run_hedged(self, ex: Exchange, plan: list[Candidate], hedge_after: float) -> None:
+    async def _run(self, ex: Exchange, plan: list[Candidate], hedge_after: float | None) -> None:
+        """The attempts, then the answer or the failure. Without hedging they run one
+        after another, awaited directly (no task per attempt). A stream's late commit
+        and keep-alives come from KeepAlive in either case."""
         model = plan[0].model
+        keepalive = None
+        if ex.parsed.stream:
+            keepalive = KeepAlive(ex, model.commit_after, lambda: self._keepalive_commit(ex))
+        winner: Opened | None = None
+        tried = Tried()
+        try:
+            if hedge_after is not None:
+                winner = await self._race(ex, plan, hedge_after, tried)
+            else:
+                count = len(plan)
+
+                def is_last() -> bool:
+                    return ex.attempts == count
+
+                # The request's time bound travels with each attempt as a deadline: no
+                # timer context of its own around the loop.
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + model.attempts_timeout
+                for cand in plan:
+                    if loop.time() >= deadline:
+                        tried.timed_out = True
+                        break
+                    self._count_attempt(ex, cand)
+                    result = await open_attempt(
+                        self.upstream, self.health, ex, cand, is_last, deadline
+                    )
+                    if isinstance(result, Opened):
+                        winner = result
+                        break
+                    self._gauge(cand)
+                    tried.add(result)
+        finally:
+            if keepalive is not None:
+                await keepalive.stop()
+        if winner is None:
+            await self._give_up(ex, tried.last, tried.timed_out)
+        else:
+            # attempts_timeout bounds the tries, not an answer that has started.
+            winner.resp.relax()
+            await self._serve(ex, winner)
+
+    async def _race(
+        self, ex: Exchange, plan: list[Candidate], hedge_after: float, tried: Tried
+    ) -> Opened | None:
+        """Attempts as tasks: a second one starts when the first is slower than
+        `hedge_after` (within the hedge share), the first to open wins."""
         loop = asyncio.get_running_loop()
         pending = list(plan)
         running: dict[asyncio.Task[Opened | Failure], Candidate] = {}
         self._hedge_allowance = min(1.0, self._hedge_allowance + self.hedge_share)
-        commit_at = loop.time() + model.commit_after if ex.parsed.stream else math.inf
-        give_up_at = loop.time() + model.attempts_timeout
-        keepalive_at = hedge_at = math.inf
-        tried = Tried()
+        give_up_at = loop.time() + plan[0].model.attempts_timeout
+        hedge_at = math.inf
         winner: Opened | None = None
 
         def is_last() -> bool:
@@ -113,7 +162,7 @@ class Relay:
         try:
             start()
             while running:
-                wake = min(hedge_at, give_up_at, keepalive_at if ex.started else commit_at)
+                wake = min(hedge_at, give_up_at)
                 timeout = None if wake == math.inf else max(0.0, wake - loop.time())
                 done, _ = await asyncio.wait(
                     running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -124,21 +173,12 @@ class Relay:
                         # The request's time is up: the attempts still running are
                         # cancelled below and the client hears of a timeout.
                         tried.timed_out = True
-                        pending.clear()
                         break
                     if now >= hedge_at:
                         hedge_at = math.inf
                         if pending and self._take_hedge():
                             ex.hedged = True
                             start()
-                    if ex.started and now >= keepalive_at:
-                        await ex.send(
-                            {"type": "http.response.body", "body": KEEPALIVE, "more_body": True}
-                        )
-                        keepalive_at = now + KEEPALIVE_EVERY
-                    elif not ex.started and now >= commit_at:
-                        await self._keepalive_commit(ex)
-                        keepalive_at = now + KEEPALIVE_EVERY
                     continue
                 for task in done:
                     cand = running.pop(task)
@@ -163,10 +203,7 @@ class Relay:
                 for outcome in await asyncio.gather(*running, return_exceptions=True):
                     if isinstance(outcome, Opened):
                         self._discard(outcome)
-        if winner is None:
-            await self._give_up(ex, tried.last, tried.timed_out)
-        else:
-            await self._serve(ex, winner)
+        return winner
 
     def _count_attempt(self, ex: Exchange, cand: Candidate) -> None:
         ex.attempts += 1
@@ -179,62 +216,17 @@ class Relay:
             self._up[cand.key] = up
             self.metrics.provider_up(*cand.key).set(up)
 
-    async def _run_in_turn(self, ex: Exchange, plan: list[Candidate]) -> None:
-        """No hedge: one attempt after another, awaited directly (no task per attempt).
-        A stream's late commit and keep-alives come from a timer, and a task only once
-        it fires (a slow upstream)."""
-        tried = Tried()
-        count = len(plan)
-
-        def is_last() -> bool:
-            return ex.attempts == count
-
-        # The request's time bound travels with each attempt as a deadline: no timer
-        # context of its own around the loop.
-        loop = asyncio.get_running_loop()
-        model = plan[0].model
-        deadline = loop.time() + model.attempts_timeout
-        keepalive = None
-        if ex.parsed.stream:
-            keepalive = KeepAlive(ex, model.commit_after, lambda: self._keepalive_commit(ex))
-        result: Opened | Failure | None = None
-        try:
-            for cand in plan:
-                if loop.time() >= deadline:
-                    tried.timed_out, result = True, None
-                    break
-                self._count_attempt(ex, cand)
-                result = await open_attempt(self.upstream, self.health, ex, cand, is_last, deadline)
-                if isinstance(result, Opened):
-                    break
-                self._gauge(cand)
-                tried.add(result)
-        finally:
-            if keepalive is not None:
-                await keepalive.stop()
-        if isinstance(result, Opened):
-            # attempts_timeout bounds the tries, not an answer that has started.
-            result.resp.relax()
-            await self._serve(ex, result)
-        else:
-            await self._give_up(ex, tried.last, tried.timed_out)
-
     def _discard(self, opened: Opened) -> None:
         opened.resp.close()
         self.health.end(opened.cand.key)
 
-    async def _commit(
-        self, ex: Exchange, headers: Headers, first: bytes, upstream: float | None = None
-    ) -> None:
-        await self._start(ex, headers, upstream)
-        await ex.send({"type": "http.response.body", "body": first, "more_body": True})
-
     async def _keepalive_commit(self, ex: Exchange) -> None:
         """The 200 before any upstream answered: the gateway's own stream headers."""
-        await self._commit(ex, [*SSE_HEADERS, *ex.extra_headers], KEEPALIVE)
+        await self._start(ex, [*SSE_HEADERS, *ex.extra_headers], None)
+        await ex.send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
 
     async def _start(self, ex: Exchange, headers: Headers, upstream: float | None) -> None:
-        head = [*headers, (b"x-request-id", ex.request_id), server_timing(ex.t0, upstream)]
+        head = [*headers, *_own_headers(ex, upstream)]
         await ex.send({"type": "http.response.start", "status": 200, "headers": head})
         # Only once sent: a keep-alive task cancelled inside the send started nothing.
         ex.status = 200
@@ -270,11 +262,7 @@ class Relay:
                 else:
                     ex.status = resp.status
                     ex.started = True
-                    headers = [
-                        *self._headers(ex, opened),
-                        (b"x-request-id", ex.request_id),
-                        server_timing(ex.t0, opened.latency),
-                    ]
+                    headers = [*self._headers(ex, opened), *_own_headers(ex, opened.latency)]
                     await send_bytes(ex.send, resp.status, opened.body, headers, None)
                 return
             if not ex.started:
@@ -359,7 +347,7 @@ class Relay:
             ex.status = last.status
             ex.started = True
             headers = [*last.headers, *ex.extra_headers, attempts, NO_RETRY]
-            headers += [(b"x-request-id", ex.request_id), server_timing(ex.t0)]
+            headers += _own_headers(ex, None)
             await send_bytes(ex.send, last.status, last.body, headers, None)
             return
         exc: GatewayError
@@ -380,3 +368,8 @@ class Relay:
         error = {"error": {"message": exc.message, "type": exc.type, "code": exc.code}}
         event = b"data: " + orjson.dumps(error) + b"\n\n"
         await ex.send({"type": "http.response.body", "body": event, "more_body": False})
+
+
+def _own_headers(ex: Exchange, upstream: float | None) -> Headers:
+    """What the gateway adds to every answer it relays: the request id and Server-Timing."""
+    return [(b"x-request-id", ex.request_id), server_timing(ex.t0, upstream)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from gateway.accesslog import AccessLog, exchange_fields
+from gateway.accesslog import AccessLog
 from gateway.accesslog import flush as flush_access_log
 from gateway.config import Config
 from gateway.errors import GatewayError, QuotaExhausted, RateLimited
@@ -17,6 +17,8 @@ from gateway.relay import Relay
 from gateway.settings import Settings
 from gateway.strategies import Strategies
 from gateway.upstream import Upstream
+
+_USAGE_FIELDS = (("prompt", "prompt_tokens"), ("completion", "completion_tokens"))
 
 
 class Runtime:
@@ -53,15 +55,14 @@ class Runtime:
             m.hedges.inc()
         owner = key.name if key is not None else ""
         if ex.usage is not None:
-            for kind in ("prompt", "completion"):
-                value = ex.usage.get(f"{kind}_tokens")
+            for kind, field in _USAGE_FIELDS:
+                value = ex.usage.get(field)
                 if isinstance(value, int) and value > 0:
                     m.tokens(owner, kind).inc(value)
         elif tokens:
             m.tokens(owner, "estimated").inc(tokens)
         m.changed()
-        if self.access.enabled():
-            self.access.write(exchange_fields(ex, key.name if key else None, duration, tokens))
+        self.access.served(ex, key.name if key else None, duration, tokens)
 
     def refused(
         self, exc: GatewayError, key: Key | None, request_id: bytes, path: str, duration: float
@@ -72,14 +73,4 @@ class Runtime:
             limit = str(exc.details.get("limit", "token_quota"))
             self.metrics.rejections(key.name, limit).inc()
         self.metrics.changed()
-        if self.access.enabled():
-            self.access.write(
-                {
-                    "request_id": request_id.decode(),
-                    "key": key.name if key else None,
-                    "path": path,
-                    "status": exc.status,
-                    "code": exc.code,
-                    "duration_ms": round(duration * 1000, 2),
-                }
-            )
+        self.access.refused(request_id, key.name if key else None, path, exc, duration)

@@ -245,7 +245,7 @@ class ServerProtocol(asyncio.Protocol):
 
     def _reject(self) -> None:
         cycle = self.cycle
-        if cycle is None or not cycle.started or cycle.head is not None:
+        if cycle is None or cycle.nothing_sent:
             # None of an answer is out yet (a bad chunk in a body the app is reading, say):
             # the client gets the 400, and the app is told the client left.
             if cycle is not None:

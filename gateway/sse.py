@@ -12,13 +12,12 @@ from collections.abc import Iterator
 
 import orjson
 
-from gateway.jsonscan import SCALAR, STRING, replace_value
+from gateway.jsonscan import MODEL_KEY, SCALAR, STRING, replace_value
 
 # A line ending followed by another one ends an event. `\r` directly followed by `\n` is
 # one ending (`\r\n`), never two.
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 _DATA_LINE = re.compile(rb"(?:^|(?<=[\r\n]))data:[ ]?([^\r\n]*)", re.M)
-MODEL_KEY = b'"model"'
 # In a block of whole events: each `data:` line whose JSON object starts with scalar
 # members, then `"model"` with a scalar value. With `subn`, every such value is replaced
 # in one C pass; the count tells whether that was every `"model"` in the block.
@@ -65,13 +64,7 @@ class EventSplitter:
     def feed_block(self, chunk: bytes) -> bytes:
         """Like feed, but the complete events come back as one block of bytes."""
         buf = self._buf + chunk if self._buf else chunk
-        if b"\r" in buf:
-            end = max(buf.rfind(t) + len(t) if t in buf else 0 for t in TERMINATORS)
-        else:
-            # Only `\n\n` can end an event: one memchr for `\r` spares the full scans
-            # that looking for an absent `\r\n\r\n` and `\r\r` would make.
-            last = buf.rfind(b"\n\n")
-            end = last + 2 if last >= 0 else 0
+        end = last_event_end(buf, 0, len(buf))
         # Mixed endings (`\n\r\n`) are not among the three: the regex finds any after.
         while (match := _EVENT_END.search(buf, end)) is not None:
             end = match.end()
@@ -82,6 +75,19 @@ class EventSplitter:
         """Bytes of an unfinished event, for a stream that ended without a blank line."""
         rest, self._buf = self._buf, b""
         return rest
+
+
+def last_event_end(buf: bytes, lo: int, hi: int) -> int:
+    """End of the last `\n\n`, `\r\n\r\n` or `\r\r` within buf[lo:hi]; `lo` if none.
+
+    Without any `\r` only `\n\n` can occur: one memchr for `\r` spares the full scans
+    that looking for the two absent terminators would make."""
+    end = lo
+    for t in TERMINATORS if b"\r" in buf else TERMINATORS[:1]:
+        found = buf.rfind(t, lo, hi)
+        if found >= 0:
+            end = max(end, found + len(t))
+    return end
 
 
 def event_spans(block: bytes) -> Iterator[tuple[int, int]]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 
-from gateway.sse import TERMINATORS, event_end, payload_of, split_events
+from gateway.sse import event_end, last_event_end, payload_of, split_events
 
 USAGE_KEY = b'"usage"'
 
@@ -61,14 +61,8 @@ class Tally:
             return block
         parts: list[bytes] = []
         done = 0
-        # Without any `\r` only `\n\n` ends events (absent terminators cost full scans).
-        terminators = TERMINATORS if b"\r" in block else TERMINATORS[:1]
         while at >= 0:
-            start = done
-            for t in terminators:
-                found = block.rfind(t, done, at)
-                if found >= 0:
-                    start = max(start, found + len(t))
+            start = last_event_end(block, done, at)
             end = event_end(block, at)
             kept = self.events([block[start:end]])
             if not kept:

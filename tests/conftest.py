@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from gateway.app import create_app
 from gateway.config import load_config
 from gateway.server import ServerProtocol
 from gateway.settings import Settings
+from tests.helpers import loopback_socket, start_uvicorn
 from tests.upstream import Upstream
 
 
@@ -50,9 +50,7 @@ async def start_gateway(
         keys_path.write_text(keys)
     s = Settings(routes_path=str(routes_path), keys_path=str(keys_path), port=0, **settings)
     app = create_app(s, load_config(s.routes_path, s.keys_path))
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only then.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
@@ -64,15 +62,7 @@ async def start_gateway(
         http=ServerProtocol,  # as `gateway serve` runs
         interface="asgi3",
     )
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    for _ in range(500):
-        if server.started or task.done():
-            break
-        await asyncio.sleep(0.01)
-    if task.done():
-        task.result()
+    server, task = await start_uvicorn(config, sock)
     assert server.started, "gateway did not start within 5 s"
     return RunningGateway(server, task, port, app)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Any
 
 import httpx
+import uvicorn
 
 
 def free_port() -> int:
@@ -13,6 +15,30 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def loopback_socket() -> socket.socket:
+    """A listening-to-be socket on 127.0.0.1, port chosen by the OS."""
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only then.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+async def start_uvicorn(
+    config: uvicorn.Config, sock: socket.socket
+) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    """uvicorn serving on `sock` in this loop, started (bounded wait: 5 s)."""
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    for _ in range(500):
+        if server.started or task.done():
+            break
+        await asyncio.sleep(0.01)
+    if task.done():
+        task.result()
+    return server, task
 
 
 def assert_envelope(r: httpx.Response, status: int, code: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from gateway.server import ServerProtocol
-from tests.helpers import assert_envelope
+from tests.helpers import assert_envelope, loopback_socket, start_uvicorn
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -47,9 +47,7 @@ class Running:
 async def serving(
     app: App, protocol: type[ServerProtocol] = ServerProtocol, **config: Any
 ) -> AsyncIterator[Running]:
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only then.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     port = sock.getsockname()[1]
     settings: dict[str, Any] = {
         "lifespan": "off",
@@ -58,16 +56,8 @@ async def serving(
         "timeout_graceful_shutdown": 5,
         **config,
     }
-    server = uvicorn.Server(uvicorn.Config(app, http=protocol, **settings))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    server, task = await start_uvicorn(uvicorn.Config(app, http=protocol, **settings), sock)
     try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        if task.done():
-            task.result()
         assert server.started, "server did not start within 5 s"
         yield Running(server, task, port)
     finally:
