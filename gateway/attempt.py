@@ -25,7 +25,7 @@ from gateway.sse import (
     event_spans,
     payload_of,
 )
-from gateway.upstream import Headers, Upstream
+from gateway.upstream.client import Headers, Upstream
 from gateway.usage import Tally, usage_in_body
 
 

@@ -134,7 +134,7 @@ def _bind(settings: Settings) -> socket.socket:
 def cmd_serve(settings: Settings) -> int:
     import uvicorn
 
-    from gateway.server import ServerProtocol
+    from gateway.server.protocol import ServerProtocol
 
     configure_access_log(settings.log_level)
     logging.basicConfig(
@@ -171,7 +171,7 @@ def cmd_serve(settings: Settings) -> int:
         # only cost time on every request.
         "proxy_headers": False,
         "timeout_graceful_shutdown": settings.drain_seconds,
-        # Our HTTP/1.1 protocol (gateway/server.py) in place of uvicorn's httptools one.
+        # Our HTTP/1.1 protocol (gateway/server/protocol.py) in place of uvicorn's httptools one.
         "http": ServerProtocol,
         # Gateway.__call__ returns its endpoint's coroutine instead of being one, which
         # uvicorn's guess would take for ASGI 2.

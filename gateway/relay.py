@@ -30,7 +30,7 @@ from gateway.metrics import Metrics
 from gateway.plan import Candidate
 from gateway.respond import send_bytes, send_error, server_timing
 from gateway.sse import Splicer
-from gateway.upstream import Headers, Upstream
+from gateway.upstream.client import Headers, Upstream
 
 NO_RETRY = (b"x-should-retry", b"false")
 SSE_HEADERS = [
@@ -266,7 +266,7 @@ class Relay:
                     await send_bytes(ex.send, resp.status, opened.body, headers, None)
                 return
             if not ex.started:
-                # The head goes out with the first body bytes (gateway/server.py).
+                # The head goes out with the first body bytes (gateway/server/protocol.py).
                 headers = [*self._headers(ex, opened), *SSE_HEADERS[1:]]
                 await self._start(ex, headers, opened.latency)
             first = b"".join(opened.held)

@@ -16,7 +16,7 @@ from gateway.metrics import Metrics
 from gateway.relay import Relay
 from gateway.settings import Settings
 from gateway.strategies import Strategies
-from gateway.upstream import Upstream
+from gateway.upstream.client import Upstream
 
 _USAGE_FIELDS = (("prompt", "prompt_tokens"), ("completion", "completion_tokens"))
 

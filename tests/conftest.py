@@ -11,7 +11,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import load_config
-from gateway.server import ServerProtocol
+from gateway.server.protocol import ServerProtocol
 from gateway.settings import Settings
 from tests.helpers import loopback_socket, start_uvicorn
 from tests.upstream import Upstream

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.routes import Provider
-from gateway.upstream import Upstream
+from gateway.upstream.client import Upstream
 from tests.helpers import free_port as _free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

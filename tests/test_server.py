@@ -1,4 +1,4 @@
-"""The client-facing HTTP/1.1 protocol (gateway/server.py) under a real uvicorn, over
+"""The client-facing HTTP/1.1 protocol (gateway/server/protocol.py) under a real uvicorn, over
 loopback sockets: exact bytes on the wire, keep-alive, pipelining, flow control, errors."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from gateway.server import ServerProtocol
+from gateway.server.protocol import ServerProtocol
 from tests.helpers import assert_envelope, loopback_socket, start_uvicorn
 
 Message = dict[str, Any]

@@ -7,7 +7,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from gateway.h1 import H1Connection
+from gateway.upstream.connection import H1Connection
 
 IDLE_SECONDS = 30.0  # an idle connection older than this is closed, not reused
 MAX_PER_ORIGIN = 4096  # connections open at once to one origin; more wait for a free one

@@ -1,5 +1,5 @@
 """One request and its response on a client connection: the ASGI `receive` and
-`send` that gateway/server.py hands the app.
+`send` that gateway/server/protocol.py hands the app.
 
 The response head is held until the first body message and written with it, so a whole
 small answer is one write syscall (uvicorn's protocol makes two).
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
-    from gateway.server import ServerProtocol
+    from gateway.server.protocol import ServerProtocol
 
 Message = dict[str, Any]
 

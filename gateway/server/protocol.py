@@ -12,7 +12,7 @@ differences are what a proxy's hot path pays for on every request:
   header;
 - no access logging, WebSocket upgrade or concurrency-limit branches (the gateway has
   its own access log and uses none of the others).
-This module reads requests off the connection; gateway/cycle.py answers each one.
+This module reads requests off the connection; gateway/server/cycle.py answers each one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import httptools
 
-from gateway.cycle import Cycle, Message, closing
+from gateway.server.cycle import Cycle, Message, closing
 from gateway.errors import BadRequest
 
 HIGH_WATER = 64 * 1024  # buffered request body bytes at which reading pauses

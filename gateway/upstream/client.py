@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlencode, urlsplit
 
-from gateway.echo import EchoResponse
+from gateway.upstream.echo import EchoResponse
 from gateway.errors import GatewayError, UpstreamDisconnected, UpstreamTimeout, UpstreamUnavailable
-from gateway.h1 import ConnectionLost, H1Connection
-from gateway.pool import Origin, Pool
+from gateway.upstream.connection import ConnectionLost, H1Connection
+from gateway.upstream.pool import Origin, Pool
 from gateway.routes import Provider
 
 Headers = list[tuple[bytes, bytes]]
