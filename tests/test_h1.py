@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import UpstreamDisconnected, UpstreamTimeout, UpstreamUnavailable
-from gateway.upstream.connection import HIGH_WATER
 from gateway.routes import Provider, Timeouts
 from gateway.upstream.client import Upstream
+from gateway.upstream.connection import HIGH_WATER
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -24,8 +24,8 @@ from typing import Any, cast
 
 import httptools
 
-from gateway.server.cycle import Cycle, Message, closing
 from gateway.errors import BadRequest
+from gateway.server.cycle import Cycle, Message, closing
 
 HIGH_WATER = 64 * 1024  # buffered request body bytes at which reading pauses
 _ASGI = {"version": "3.0", "spec_version": "2.3"}

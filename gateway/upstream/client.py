@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlencode, urlsplit
 
-from gateway.upstream.echo import EchoResponse
 from gateway.errors import GatewayError, UpstreamDisconnected, UpstreamTimeout, UpstreamUnavailable
-from gateway.upstream.connection import ConnectionLost, H1Connection
-from gateway.upstream.pool import Origin, Pool
 from gateway.routes import Provider
+from gateway.upstream.connection import ConnectionLost, H1Connection
+from gateway.upstream.echo import EchoResponse
+from gateway.upstream.pool import Origin, Pool
 
 Headers = list[tuple[bytes, bytes]]
 
