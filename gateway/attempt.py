@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import orjson
 
-from gateway.errors import GatewayError, UpstreamUnavailable
+from gateway.errors import GatewayError, UpstreamResponseTooLarge, UpstreamUnavailable
 from gateway.exchange import Exchange, Failure, Opened
 from gateway.health import Health
 from gateway.jsonscan import MODEL_KEY, replace_value
@@ -20,12 +20,14 @@ from gateway.plan import Candidate
 from gateway.sse import (
     CONTENT,
     ERROR,
+    EventSplitter,
     Splicer,
     classify,
     event_spans,
     payload_of,
 )
-from gateway.upstream.client import Headers, Upstream
+from gateway.upstream.client import Upstream
+from gateway.upstream.head import Headers
 from gateway.usage import Tally, usage_in_body
 
 
@@ -112,16 +114,26 @@ async def open_attempt(
 
         opened.tally = Tally(injected, count_content=ex.count_tokens)
         splicer = opened.splicer = Splicer(model_json)
+        splitter = opened.splitter = EventSplitter(upstream.max_event_bytes)
         held = opened.held
+        # Events held before content count together toward the one-event limit.
+        room = upstream.max_event_bytes
         content = False
         while not content:
             try:
                 chunk = await resp.next_chunk()
+                block = splitter.feed_block(chunk) if chunk else b""
+                room -= len(block)
+                if room < 0:
+                    raise UpstreamResponseTooLarge(
+                        "the events before the first content are over the event limit",
+                        {"limit": upstream.max_event_bytes, "cause": "held_too_large"},
+                    )
             except GatewayError as exc:
                 health.failed(key, cooldown)
                 return Failure(error=exc)
             if not chunk:
-                rest = opened.splitter.rest()
+                rest = splitter.rest()
                 if rest:
                     held.append(splicer.event(rest))
                 if not is_last():
@@ -134,7 +146,6 @@ async def open_attempt(
                 opened.ended = True
                 keep = True
                 return opened
-            block = opened.splitter.feed_block(chunk)
             if not block:
                 continue
             if opened.tally is not None:

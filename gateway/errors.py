@@ -127,3 +127,9 @@ class UpstreamDisconnected(GatewayError):
     status = 502
     type = "server_error"
     code = "upstream_disconnected"
+
+
+class UpstreamResponseTooLarge(GatewayError):
+    status = 502
+    type = "server_error"
+    code = "upstream_response_too_large"

@@ -10,7 +10,8 @@ from gateway.errors import GatewayError
 from gateway.plan import Candidate
 from gateway.respond import Send
 from gateway.sse import EventSplitter, Splicer
-from gateway.upstream.client import Headers, UpstreamResponse
+from gateway.upstream.client import UpstreamResponse
+from gateway.upstream.head import Headers
 from gateway.usage import Tally
 
 

@@ -30,7 +30,8 @@ from gateway.metrics import Metrics
 from gateway.plan import Candidate
 from gateway.respond import send_bytes, send_error, server_timing
 from gateway.sse import Splicer
-from gateway.upstream.client import Headers, Upstream
+from gateway.upstream.client import Upstream
+from gateway.upstream.head import Headers
 
 NO_RETRY = (b"x-should-retry", b"false")
 SSE_HEADERS = [
@@ -308,6 +309,7 @@ class Relay:
                 delay.observe(clock() - arrived)
             try:
                 chunk = await resp.next_chunk()
+                block = splitter.feed_block(chunk) if chunk else b""
             except GatewayError as exc:
                 if pending:
                     await send(
@@ -323,7 +325,6 @@ class Relay:
                     pending.append(splicer.event(rest))
                 await send({"type": "http.response.body", "body": b"".join(pending)})
                 return True
-            block = splitter.feed_block(chunk)
             if block:
                 if tally is not None:
                     block = tally.block(block)

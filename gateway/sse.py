@@ -12,7 +12,10 @@ from collections.abc import Iterator
 
 import orjson
 
-from gateway.jsonscan import MODEL_KEY, SCALAR, STRING, replace_value
+from gateway.errors import UpstreamResponseTooLarge
+from gateway.jsonscan import MODEL_KEY, replace_value
+
+DEFAULT_MAX_EVENT = 16 * 1024 * 1024  # bytes of one event (--max-event-bytes)
 
 # A line ending followed by another one ends an event. `\r` directly followed by `\n` is
 # one ending (`\r\n`), never two.
@@ -24,56 +27,78 @@ _DATA_LINE = re.compile(rb"(?:^|(?<=[\r\n]))data:[ ]?([^\r\n]*)", re.M)
 # The pattern starts with the literal `\ndata:` so `re` can skip ahead to candidates
 # (a `^` in multiline mode would make it try every byte); the block gets a leading
 # newline for the duration of the pass.
+# Strings and scalars here never cross a line end: a data line ends at CR or LF, so a
+# member after a raw newline is not in the line's JSON (per event it is not either).
+_LINE_STRING = rb'"[^"\\\r\n]*(?:\\[^\r\n][^"\\\r\n]*)*"'
+_LINE_SCALAR = rb"(?:" + _LINE_STRING + rb"|[-+0-9.eE]+|true|false|null)"
 _LINE_MODEL = re.compile(
     rb"(\ndata:[ ]?[ \t]*\{(?:[ \t]*"
-    + STRING
+    + _LINE_STRING
     + rb"[ \t]*:[ \t]*"
-    + SCALAR
+    + _LINE_SCALAR
     # Lazy: try `"model"` at each member first (greedy backtracking cost 2.5x here).
     + rb'[ \t]*,)*?[ \t]*"model"[ \t]*:[ \t]*)('
-    + SCALAR
+    + _LINE_SCALAR
     + rb")"
 )
 TERMINATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 class EventSplitter:
-    """Feed raw chunks; get back whole events, each with its own terminating blank line."""
+    """Feed raw chunks; get back whole events, each with its own terminating blank line.
 
-    __slots__ = ("_buf",)
+    Linear in the bytes fed: an unfinished event is kept as a list of parts, and each
+    chunk is searched only with the last three bytes before it (a terminator is at most
+    four bytes long), never from the event's start again."""
 
-    def __init__(self) -> None:
-        self._buf = b""
+    __slots__ = ("_limit", "_parts", "_size")
+
+    def __init__(self, limit: int = DEFAULT_MAX_EVENT) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []  # the unfinished event
+        self._size = 0  # its length
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buf = self._buf + chunk if self._buf else chunk
-        events: list[bytes] = []
-        pos = 0
-        while True:
-            match = _EVENT_END.search(buf, pos)
-            if match is None:
-                break
-            # A `\r` ending the buffer may be half of a `\r\n`: the event is complete
-            # either way, and the `\n` goes out, unchanged, with the next bytes.
-            end = match.end()
-            events.append(buf[pos:end])
-            pos = end
-        self._buf = buf[pos:]
-        return events
+        return split_events(self.feed_block(chunk))
 
     def feed_block(self, chunk: bytes) -> bytes:
-        """Like feed, but the complete events come back as one block of bytes."""
-        buf = self._buf + chunk if self._buf else chunk
-        end = last_event_end(buf, 0, len(buf))
+        """The complete events the chunk finishes, as one block of bytes (b"" if none).
+        UpstreamResponseTooLarge when an unfinished event passes the limit."""
+        parts = self._parts
+        if parts:
+            last = parts[-1]
+            back = last[-3:] if len(last) >= 3 else b"".join(parts)[-3:]
+            window = back + chunk
+        else:
+            back, window = b"", chunk
+        end = last_event_end(window, 0, len(window))
         # Mixed endings (`\n\r\n`) are not among the three: the regex finds any after.
-        while (match := _EVENT_END.search(buf, end)) is not None:
+        while (match := _EVENT_END.search(window, end)) is not None:
             end = match.end()
-        self._buf = buf[end:]
-        return buf[:end]
+        if end == 0:
+            parts.append(chunk)
+            self._size += len(chunk)
+            if self._size > self._limit:
+                raise UpstreamResponseTooLarge(
+                    f"an upstream event is over the limit of {self._limit} bytes",
+                    {"limit": self._limit, "cause": "event_too_large"},
+                )
+            return b""
+        cut = end - len(back)  # where the events end within `chunk`
+        rest = chunk[cut:]
+        if parts:
+            parts.append(chunk[:cut])
+            block = b"".join(parts)
+        else:
+            block = chunk[:cut] if rest else chunk
+        self._parts = [rest] if rest else []
+        self._size = len(rest)
+        return block
 
     def rest(self) -> bytes:
         """Bytes of an unfinished event, for a stream that ended without a blank line."""
-        rest, self._buf = self._buf, b""
+        rest = b"".join(self._parts)
+        self._parts, self._size = [], 0
         return rest
 
 
@@ -165,8 +190,9 @@ def splice_model(event: bytes, model_json: bytes) -> bytes:
     out = event
     # Work backwards so earlier spans stay valid after a splice changes the length.
     for start, end in reversed(data_payloads(event)):
-        if start < end and event[start] == 123:  # '{'
-            line = out[start:end]
+        line = out[start:end]
+        # The JSON may start after more spaces than the one the field syntax eats.
+        if line.lstrip(b" \t")[:1] == b"{":
             new = replace_value(line, MODEL_KEY, model_json)
             if new is not line:
                 out = out[:start] + new + out[end:]

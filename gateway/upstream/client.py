@@ -1,6 +1,7 @@
-"""The upstream hop: request building, header filtering, the pooled HTTP/1.1 client.
+"""The upstream hop: send a request on a pooled connection, read its answer.
 
-This is the one place where transport errors become GatewayErrors.
+This is the one place where transport errors become GatewayErrors: `translate` maps
+them, and each I/O step catches exactly TRANSPORT_ERRORS and hands them to it.
 """
 
 from __future__ import annotations
@@ -9,41 +10,26 @@ import asyncio
 import math
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urlencode, urlsplit
 
-from gateway.errors import GatewayError, UpstreamDisconnected, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    GatewayError,
+    UpstreamDisconnected,
+    UpstreamResponseTooLarge,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.routes import Provider
+from gateway.sse import DEFAULT_MAX_EVENT
 from gateway.upstream.connection import ConnectionLost, H1Connection
 from gateway.upstream.echo import EchoResponse
+from gateway.upstream.head import Headers, Target, prepare, request_head, response_headers
 from gateway.upstream.pool import Origin, Pool
 
-Headers = list[tuple[bytes, bytes]]
-
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-# Never sent upstream: the client's credentials and what the hop itself sets.
-_REQUEST_DROP = HOP_BY_HOP | {
-    b"authorization",
-    b"cookie",
-    b"host",
-    b"content-length",
-    b"accept-encoding",
-}
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"content-encoding", b"set-cookie"}
+DEFAULT_MAX_RESPONSE = 64 * 1024 * 1024  # decoded body bytes of one upstream answer
+DECODE_STEP = 256 * 1024  # at most this many decoded bytes per decompress call
+# What the transport can raise; everything else is a bug and propagates as such.
+TRANSPORT_ERRORS = (ConnectionLost, TimeoutError, OSError, zlib.error)
 
 
 class UpstreamResponse(Protocol):
@@ -67,82 +53,6 @@ class UpstreamResponse(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """What a provider's requests share, prepared once."""
-
-    origin: Origin
-    request_line_prefix: bytes  # b"POST /v1"
-    query: bytes  # b"?api-version=..." or b""
-    fixed: bytes  # host, credentials, provider headers: ready-made header lines
-    own: frozenset[bytes]  # header names the provider sets itself
-
-
-def prepare(provider: Provider) -> Target:
-    url = urlsplit(provider.base_url)
-    tls = url.scheme == "https"
-    port = url.port or (443 if tls else 80)
-    host = url.hostname or ""
-    default_port = port == (443 if tls else 80)
-    host_header = host if default_port else f"{host}:{port}"
-    if ":" in host and not default_port:
-        host_header = f"[{host}]:{port}"
-    lines = [f"host: {host_header}"]
-    own = {name.lower() for name in provider.headers}
-    if provider.api_key is not None and provider.api_key.reveal() and "authorization" not in own:
-        lines.append("authorization: Bearer " + provider.api_key.reveal())
-    lines += [f"{name}: {value}" for name, value in provider.headers.items()]
-    # Identity keeps the bytes the gateway splices plain.
-    lines.append("accept-encoding: identity")
-    query = urlencode(list(provider.query.items()))
-    return Target(
-        origin=Origin(url.scheme, host, port),
-        request_line_prefix=b"POST " + (url.path or "").encode(),
-        query=b"?" + query.encode() if query else b"",
-        fixed="".join(line + "\r\n" for line in lines).encode("latin-1"),
-        own=frozenset(name.encode("latin-1") for name in own) | {b"host"},
-    )
-
-
-def request_head(
-    target: Target, path: str, client: Iterable[tuple[bytes, bytes]], length: int
-) -> bytes:
-    parts = [target.request_line_prefix, path.encode(), target.query, b" HTTP/1.1\r\n"]
-    named: set[bytes] = set()
-    kept: Headers = []
-    content_type = False
-    for name, value in client:
-        if name == b"connection":
-            named.update(t.strip().lower() for t in value.split(b","))
-        if name in _REQUEST_DROP or name in target.own:
-            continue
-        if name == b"content-type":
-            content_type = True
-        kept.append((name, value))
-    for name, value in kept:
-        if name not in named:
-            parts += (name, b": ", value, b"\r\n")
-    if not content_type:
-        parts.append(b"content-type: application/json\r\n")
-    parts += (target.fixed, b"content-length: ", str(length).encode(), b"\r\n\r\n")
-    return b"".join(parts)
-
-
-def response_headers(raw: Iterable[tuple[bytes, bytes]], decoded: bool = True) -> Headers:
-    """Headers for the client, from names already lowercase (h1.py). `decoded`: the body
-    is relayed decompressed, so its content-encoding is dropped (an encoding the gateway
-    cannot undo is kept)."""
-    out: Headers = []
-    for name, value in raw:
-        if name in _RESPONSE_DROP and (decoded or name != b"content-encoding"):
-            continue
-        if name == b"x-request-id":
-            out.append((b"x-upstream-request-id", value))
-        else:
-            out.append((name, value))
-    return out
 
 
 def translate(exc: BaseException, started: bool) -> GatewayError:
@@ -186,7 +96,10 @@ class H1Response:
         "_conn",
         "_deadline",
         "_decoder",
+        "_left",
+        "_limit",
         "_origin",
+        "_pending",
         "_pool",
         "_read",
         "_total_deadline",
@@ -203,6 +116,7 @@ class H1Response:
         read: float,
         deadline: float,
         total_deadline: float = math.inf,
+        limit: int = DEFAULT_MAX_RESPONSE,
     ) -> None:
         self._pool = pool
         self._origin = origin
@@ -210,6 +124,9 @@ class H1Response:
         self._read = read
         self._deadline = deadline
         self._total_deadline = total_deadline
+        self._limit = limit
+        self._left = limit  # decoded body bytes still allowed
+        self._pending = b""  # compressed bytes not yet decoded (a decode step's tail)
         self.status = conn.status
         decoded, self._decoder = _decoder(conn.headers)
         self.headers = response_headers(conn.headers, decoded)
@@ -221,34 +138,53 @@ class H1Response:
             return b""
         try:
             while True:
+                if self._decoder is not None and (self._pending or conn.chunks):
+                    # Decoded in bounded steps: a small compressed body can expand a
+                    # thousandfold, and no step may hold more than DECODE_STEP of it.
+                    data = self._pending or conn.take()
+                    chunk = self._decoder.decompress(data, DECODE_STEP)
+                    self._pending = self._decoder.unconsumed_tail
+                    if chunk:
+                        return self._count(chunk)
+                    continue
                 if conn.chunks:
-                    chunk = conn.take()
-                    if self._decoder is not None:
-                        chunk = self._decoder.decompress(chunk)
-                        if not chunk:
-                            continue
-                    return chunk
+                    return self._count(conn.take())
                 if conn.done:
                     self.close()
                     if self._decoder is not None:
                         tail, self._decoder = self._decoder.flush(), None
                         if tail:
-                            return tail
+                            return self._count(tail)
                     return b""
                 if conn.error is not None:
                     raise conn.error
                 loop = asyncio.get_running_loop()
                 await conn.wait(min(self._read, self._deadline - loop.time()))
-        except (ConnectionLost, TimeoutError, OSError, zlib.error) as exc:
+        except TRANSPORT_ERRORS as exc:
             self.close()
             raise translate(exc, started=True) from None
+
+    def _count(self, chunk: bytes) -> bytes:
+        self._left -= len(chunk)
+        if self._left < 0:
+            self.close()
+            raise UpstreamResponseTooLarge(
+                f"the upstream answer is over the limit of {self._limit} bytes",
+                {"limit": self._limit},
+            )
+        return chunk
 
     def relax(self) -> None:
         self._deadline = self._total_deadline
 
     def ready(self) -> bool:
         conn = self._conn
-        return conn is None or bool(conn.chunks) or conn.done or conn.error is not None
+        return (
+            conn is None
+            or bool(conn.chunks or self._pending)
+            or conn.done
+            or conn.error is not None
+        )
 
     async def read(self) -> bytes:
         parts = []
@@ -267,8 +203,15 @@ class H1Response:
 class Upstream:
     """The per-worker client: one pool, targets prepared once per provider object."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE,
+        max_event_bytes: int = DEFAULT_MAX_EVENT,
+    ) -> None:
         self.pool = Pool()
+        # Limits on what one upstream may send: a decoded body, one SSE event.
+        self.max_response_bytes = max_response_bytes
+        self.max_event_bytes = max_event_bytes
         self._targets: dict[int, tuple[Provider, Target]] = {}
 
     async def close(self) -> None:
@@ -292,8 +235,9 @@ class Upstream:
         client_headers: Headers,
         deadline: float = math.inf,
     ) -> UpstreamResponse:
-        """Send the request; return once the response head is in. `deadline` (loop time)
-        bounds the whole exchange, body included, on top of the provider's timeouts."""
+        """Send the request; return once the final response head is in. `deadline` (loop
+        time) bounds the whole exchange, body included, on top of the provider's
+        timeouts."""
         if provider.builtin is not None:
             return EchoResponse.answer(path, body)
         target = self._target(provider)
@@ -306,37 +250,35 @@ class Upstream:
         pool = self.pool
         try:
             conn, reused = await pool.acquire(origin, min(t.connect, deadline - loop.time()))
-        except (TimeoutError, OSError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise translate(exc, started=False) from None
-        while True:
-            try:
-                conn.send(data)
-                first = t.first_byte if t.first_byte is not None else t.read
-                head_by = loop.time() + min(first, deadline - loop.time())
-                while not conn.head_done:
-                    if conn.error is not None:
-                        raise conn.error
-                    await conn.wait(head_by - loop.time())
-                return H1Response(pool, origin, conn, t.read, deadline, total)
-            except ConnectionLost as exc:
+        # From here this call holds one of the origin's slots until the response closes.
+        current: H1Connection | None = conn
+        try:
+            while True:
+                try:
+                    conn.send(data)
+                    first = t.first_byte if t.first_byte is not None else t.read
+                    head_by = loop.time() + min(first, deadline - loop.time())
+                    while not conn.head_done:
+                        if conn.error is not None:
+                            raise conn.error
+                        await conn.wait(head_by - loop.time())
+                    return H1Response(
+                        pool, origin, conn, t.read, deadline, total, self.max_response_bytes
+                    )
+                except ConnectionLost as exc:
+                    if not (reused and exc.before_response):
+                        raise
+                # The upstream closed an idle keep-alive connection under us: the request
+                # never reached it, so one retry on a fresh connection is safe.
                 conn.abort()
-                if reused and exc.before_response:
-                    # The upstream closed an idle keep-alive connection under us: the
-                    # request never reached it, so one retry on a fresh one is safe.
-                    reused = False
-                    try:
-                        conn = await pool.connect(origin, min(t.connect, deadline - loop.time()))
-                    except (TimeoutError, OSError) as again:
-                        pool.swap(origin)
-                        raise translate(again, started=False) from None
-                    continue
-                pool.swap(origin)
+                current, reused = None, False
+                conn = current = await pool.connect(origin, min(t.connect, deadline - loop.time()))
+        except BaseException as exc:
+            if current is not None:
+                current.abort()
+            pool.drop(origin)
+            if isinstance(exc, TRANSPORT_ERRORS):
                 raise translate(exc, started=False) from None
-            except (TimeoutError, OSError) as exc:
-                conn.abort()
-                pool.swap(origin)
-                raise translate(exc, started=False) from None
-            except BaseException:
-                conn.abort()
-                pool.swap(origin)
-                raise
+            raise

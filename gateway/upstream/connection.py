@@ -1,14 +1,22 @@
-"""A small HTTP/1.1 client connection on asyncio protocols, parsed by httptools.
+"""One HTTP/1.1 client connection to an upstream, on asyncio protocols, parsed by httptools.
 
-The gateway owns its upstream hop the way uvicorn owns the server side: one request at
-a time per connection, the body handed over as it arrives, reading paused while the
-client is slower than the upstream (so memory stays bounded), and the connection
-returned to its pool only when the response was read to its end.
+One request at a time. The connection's lifecycle is the `State` enum below, and every
+change of state goes through `_to`, which holds the table of allowed transitions (the
+way h11 and httpcore keep theirs in one place):
+
+    IDLE --send--> AWAIT_HEAD --final head--> BODY --end of message--> DONE --pool--> IDLE
+    (any) --error, extra bytes, close--> MUST_CLOSE / ERROR / CLOSED
+
+A response can only reach the request that was sent on its connection: informational
+heads (1xx) are read and dropped while waiting for the final one, a 101 fails, any
+byte after the response's end marks the connection MUST_CLOSE, and only DONE with
+nothing left unread goes back to the pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections import deque
 from typing import cast
 
@@ -16,10 +24,33 @@ import httptools
 
 HIGH_WATER = 256 * 1024  # buffered body bytes at which reading the upstream pauses
 LOW_WATER = 64 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # an upstream response head (1xx heads before it included)
+MAX_HEAD_FIELDS = 256
+
+
+class State(enum.Enum):
+    IDLE = "idle"  # no request on it: fresh, or back from the pool
+    AWAIT_HEAD = "await_head"  # request sent; 1xx heads are skipped until the final one
+    BODY = "body"  # the final head is in; the body is arriving
+    DONE = "done"  # the response ended exactly at its framing; may be reused
+    MUST_CLOSE = "must_close"  # the response ended, but the connection cannot be reused
+    ERROR = "error"  # broken: `error` says why
+    CLOSED = "closed"  # closed by us
+
+
+_ALLOWED = {
+    State.IDLE: {State.AWAIT_HEAD, State.ERROR, State.CLOSED},
+    State.AWAIT_HEAD: {State.BODY, State.ERROR, State.CLOSED},
+    State.BODY: {State.DONE, State.MUST_CLOSE, State.ERROR, State.CLOSED},
+    State.DONE: {State.IDLE, State.MUST_CLOSE, State.CLOSED},
+    State.MUST_CLOSE: {State.CLOSED},
+    State.ERROR: {State.CLOSED},
+    State.CLOSED: set(),
+}
 
 
 class ConnectionLost(Exception):
-    """The upstream closed, reset or sent something unparseable."""
+    """The upstream closed, reset or sent something the gateway will not relay."""
 
     def __init__(self, message: str, before_response: bool) -> None:
         super().__init__(message)
@@ -27,20 +58,25 @@ class ConnectionLost(Exception):
         self.before_response = before_response
 
 
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing; the reason is already recorded."""
+
+
 class H1Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.closed = False
+        self.state = State.IDLE
         self.idle_since = 0.0
         # The response in progress.
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0  # bytes received while waiting for the final head
         self.keep_alive = False
         self.eof_body = False  # neither content-length nor chunked: the body ends at close
         self.got_bytes = False
-        self.head_done = False
-        self.done = False
+        self.head_done = False  # the final head is in
+        self.ended = False  # the response was read to its framed end
         self.error: ConnectionLost | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -52,6 +88,39 @@ class H1Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
 
+    # the state machine
+
+    def _to(self, new: State) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise RuntimeError(f"connection state {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def done(self) -> bool:
+        """The response was read to its end (the connection may have closed since)."""
+        return self.ended
+
+    def _fail(self, message: str) -> None:
+        """The connection cannot be reused, and an unfinished response cannot finish:
+        the reader gets `error` once it has read the body bytes already buffered."""
+        state = self.state
+        if state is State.DONE:
+            self._to(State.MUST_CLOSE)
+        elif state is State.AWAIT_HEAD or state is State.BODY or state is State.IDLE:
+            self.error = ConnectionLost(message, before_response=not self.got_bytes)
+            self._to(State.ERROR)
+        self._wake()
+
+    def _enter_closed(self) -> None:
+        if self.state is not State.CLOSED:
+            if self.state is State.DONE:
+                self._to(State.MUST_CLOSE)
+            self._to(State.CLOSED)
+
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -59,30 +128,66 @@ class H1Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state is not State.BODY:
+            if state is not State.AWAIT_HEAD:
+                # Nothing was asked for: bytes after a response's end, or on an idle
+                # connection, belong to no request. Never reuse it.
+                self._fail("upstream sent bytes after its response")
+                self.close()
+                return
+            self.head_bytes += len(data)
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(f"malformed response from upstream: {exc}")
+        except httptools.HttpParserUpgrade:
+            self._fail("upstream switched protocols")
             self.close()
+        except httptools.HttpParserError as exc:
+            if self.error is None:
+                self._fail(f"malformed response from upstream: {exc}")
+            self.close()
+        else:
+            if self.state is State.AWAIT_HEAD and self.head_bytes > MAX_HEAD_BYTES:
+                self._fail("upstream response head too large")
+                self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_watchdog()
-        self.closed = True
-        if self.head_done and not self.done and self.eof_body and exc is None:
-            self.done = True
-            self._wake()
-        elif not self.done:
+        if self.state is State.BODY and self.eof_body and exc is None:
+            self.ended = True  # the body ended at the close, as it was framed
+        elif self.state is State.AWAIT_HEAD or self.state is State.BODY:
             self._fail("upstream closed the connection")
+        self._enter_closed()
+        self._wake()
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.state is not State.AWAIT_HEAD:
+            # A second message on one request: never this request's, never reused.
+            self._fail("upstream sent bytes after its response")
+            raise _Refused
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self.headers
+        if len(headers) >= MAX_HEAD_FIELDS:
+            self._fail("upstream response head has too many fields")
+            raise _Refused
         # Lowercased once here: every later look at the head compares lowercase names.
-        self.headers.append((name.lower(), value))
+        headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                self._fail("upstream switched protocols")
+                raise _Refused
+            # 100 Continue, 102 Processing, 103 Early Hints: read and dropped; the
+            # final head follows on the same request.
+            self.headers = []
+            return
+        self.status = status
         self.keep_alive = self.parser.should_keep_alive()
         framed = False
         for name, value in self.headers:
@@ -90,8 +195,9 @@ class H1Connection(asyncio.Protocol):
                 name == b"transfer-encoding" and b"chunked" in value.lower()
             ):
                 framed = True
-        self.eof_body = not framed and self.status not in (204, 304) and self.status >= 200
+        self.eof_body = not framed and status not in (204, 304)
         self.head_done = True
+        self._to(State.BODY)
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -105,7 +211,10 @@ class H1Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        self.done = True
+        if self.state is not State.BODY:
+            return  # the end of an informational head
+        self.ended = True
+        self._to(State.DONE if self.keep_alive else State.MUST_CLOSE)
         self._wake()
 
     # used by the response
@@ -115,21 +224,17 @@ class H1Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _fail(self, message: str) -> None:
-        if self.error is None:
-            self.error = ConnectionLost(message, before_response=not self.got_bytes)
-        self._wake()
-
     def send(self, data: bytes) -> None:
-        """Start a request; the previous response on this connection must be complete."""
+        """Start a request on an IDLE connection."""
+        self._to(State.AWAIT_HEAD)
         self.status = 0
         self.headers = []
+        self.head_bytes = 0
         self.keep_alive = False
         self.eof_body = False
-        self.got_bytes = self.head_done = self.done = False
+        self.got_bytes = False
+        self.head_done = self.ended = False
         self.error = None
-        self.chunks.clear()
-        self.buffered = 0
         assert self.transport is not None
         self.transport.write(data)
 
@@ -168,7 +273,11 @@ class H1Connection(asyncio.Protocol):
         return chunk
 
     def reusable(self) -> bool:
-        return self.done and self.keep_alive and not self.closed and not self.chunks
+        return self.state is State.DONE and not self.chunks
+
+    def reuse(self) -> None:
+        """Back in the pool: ready for the next request."""
+        self._to(State.IDLE)
 
     def _stop_watchdog(self) -> None:
         if self.timer is not None:
@@ -176,13 +285,18 @@ class H1Connection(asyncio.Protocol):
             self.timer = None
 
     def close(self) -> None:
-        self._stop_watchdog()
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        self._shut(abort=False)
 
     def abort(self) -> None:
+        self._shut(abort=True)
+
+    def _shut(self, abort: bool) -> None:
         self._stop_watchdog()
-        self.closed = True
+        if self.state is State.AWAIT_HEAD or self.state is State.BODY:
+            self._fail("connection closed by the gateway")
+        self._enter_closed()
         if self.transport is not None:
-            self.transport.abort()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()

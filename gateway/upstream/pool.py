@@ -76,14 +76,15 @@ class Pool:
     def release(self, origin: Origin, conn: H1Connection) -> None:
         """Give a connection back: pooled when its response was read to a clean end."""
         if conn.reusable():
+            conn.reuse()
             conn.idle_since = time.monotonic()
             self._idle.setdefault(origin, []).append(conn)
         else:
             conn.abort()
         self._slots[origin].release()
 
-    def swap(self, origin: Origin) -> None:
-        """Drop the slot of a connection that is being replaced (see Upstream.send)."""
+    def drop(self, origin: Origin) -> None:
+        """Free the slot of a connection that was aborted without a response."""
         self._slots[origin].release()
 
     def close(self) -> None:
