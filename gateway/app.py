@@ -22,7 +22,8 @@ from gateway.endpoints import (
 )
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
-from gateway.settings import Settings
+from gateway.server.protocol import ServerLimits
+from gateway.settings import Settings, default_max_connections
 
 
 class Gateway:
@@ -37,6 +38,14 @@ class Gateway:
         self.router = router
         self.hot = hot
         self.state = runtime
+        s = runtime.settings
+        # Read by the HTTP/1.1 protocol (gateway/server/protocol.py) for each connection.
+        self.server_limits = ServerLimits(
+            max_header_bytes=s.max_header_bytes,
+            header_timeout=s.header_timeout,
+            body_timeout=s.body_timeout,
+            max_connections=s.max_connections or default_max_connections(),
+        )
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # A plain function handing back the endpoint's coroutine: no coroutine level of

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -40,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
     )
+    limits = (
+        ("--max-header-bytes", int, "request line plus headers (default 65536)"),
+        ("--header-timeout", float, "seconds for a request head to arrive (default 10)"),
+        ("--body-timeout", float, "longest pause in a request body, seconds (default 30)"),
+        ("--max-connections", int, "client connections (default: from the open-file limit)"),
+        ("--max-response-bytes", int, "decoded upstream answer (default 64 MiB)"),
+        ("--max-event-bytes", int, "one upstream SSE event (default 16 MiB)"),
+    )
+    for flag, kind, text in limits:
+        serve.add_argument(flag, dest=flag[2:].replace("-", "_"), type=kind, help=text)
     serve.add_argument(
         "--log-format", dest="log_format", choices=["json", "text"], help="access log format"
     )
@@ -71,6 +82,12 @@ def _settings(args: argparse.Namespace) -> Settings:
         "drain_seconds",
         "log_level",
         "log_format",
+        "max_header_bytes",
+        "header_timeout",
+        "body_timeout",
+        "max_connections",
+        "max_response_bytes",
+        "max_event_bytes",
     )
     return from_env(**{n: getattr(args, n, None) for n in names})
 
@@ -137,6 +154,7 @@ def cmd_serve(settings: Settings) -> int:
     from gateway.server.protocol import ServerProtocol
 
     configure_access_log(settings.log_level)
+    _raise_open_file_limit()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -209,6 +227,17 @@ def cmd_serve(settings: Settings) -> int:
     return 0
 
 
+def _raise_open_file_limit() -> None:
+    """The soft open-file limit up to the hard one, as nginx's worker_rlimit_nofile and
+    Go's runtime do: the connection cap is derived from it (settings.py)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _export(settings: Settings) -> None:
     """Worker processes rebuild their settings from the environment."""
     os.environ.update(
@@ -220,6 +249,12 @@ def _export(settings: Settings) -> None:
         GATEWAY_DRAIN_SECONDS=str(settings.drain_seconds),
         GATEWAY_LOG_LEVEL=settings.log_level,
         GATEWAY_LOG_FORMAT=settings.log_format,
+        GATEWAY_MAX_HEADER_BYTES=str(settings.max_header_bytes),
+        GATEWAY_HEADER_TIMEOUT=str(settings.header_timeout),
+        GATEWAY_BODY_TIMEOUT=str(settings.body_timeout),
+        GATEWAY_MAX_CONNECTIONS=str(settings.max_connections),
+        GATEWAY_MAX_RESPONSE_BYTES=str(settings.max_response_bytes),
+        GATEWAY_MAX_EVENT_BYTES=str(settings.max_event_bytes),
     )
     if not settings.keys_explicit:
         os.environ.pop("GATEWAY_KEYS")

@@ -133,3 +133,27 @@ class UpstreamResponseTooLarge(GatewayError):
     status = 502
     type = "server_error"
     code = "upstream_response_too_large"
+
+
+class UriTooLong(GatewayError):
+    status = 414
+    type = "invalid_request_error"
+    code = "uri_too_long"
+
+
+class HeaderTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "header_too_large"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class Overloaded(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "overloaded"

@@ -37,7 +37,9 @@ def _apply_prefs(order: list[int], model: Model, prefs: ProviderPrefs | None) ->
         if (prefs.only is None or name in prefs.only) and name not in prefs.ignore
     ]
     if not prefs.order:
-        return keep
+        # OpenRouter: without fallbacks only the first provider (in the model's order)
+        # is tried.
+        return keep if prefs.allow_fallbacks else keep[:1]
     rank = {name: r for r, name in enumerate(prefs.order)}
     first = sorted(
         (i for i in keep if model.targets[i].provider.name in rank),

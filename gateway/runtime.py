@@ -27,7 +27,7 @@ class Runtime:
         # Swapped whole on reload: a request reads it once and keeps that snapshot.
         self.config = config
         self.started_at = int(time.time())
-        self.upstream = Upstream()
+        self.upstream = Upstream(settings.max_response_bytes, settings.max_event_bytes)
         self.health = Health()
         self.strategies = Strategies(self.health)
         self.limiter = Limiter()

@@ -8,6 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
+DEFAULT_MAX_RESPONSE = 64 * 1024 * 1024
+DEFAULT_MAX_EVENT = 16 * 1024 * 1024
+# Descriptors kept back from client connections: upstream connections get as many as
+# clients (one each at most), plus this for files, the listening socket and logs.
+RESERVED_FDS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,10 +28,28 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"  # access log: json | text
     reload_interval: float = 1.0  # seconds between checks of the files; 0 turns it off
+    # What a hostile peer may make the gateway hold or wait for (SPEC §7).
+    max_header_bytes: int = 65536
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 0  # 0: from the open-file limit (default_max_connections)
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE
+    max_event_bytes: int = DEFAULT_MAX_EVENT
 
     @property
     def loopback(self) -> bool:
         return is_loopback(self.host)
+
+
+def default_max_connections() -> int:
+    """Client connections the open-file limit leaves room for: each may need one
+    upstream connection too, and RESERVED_FDS stay for everything else."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, (soft - RESERVED_FDS) // 2)
 
 
 def is_loopback(host: str) -> bool:
@@ -60,4 +83,14 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Setti
         drain_seconds=float(str(pick("drain_seconds", "GATEWAY_DRAIN_SECONDS", 30))),
         log_level=str(pick("log_level", "GATEWAY_LOG_LEVEL", "info")),
         log_format=str(pick("log_format", "GATEWAY_LOG_FORMAT", "json")),
+        max_header_bytes=int(str(pick("max_header_bytes", "GATEWAY_MAX_HEADER_BYTES", 65536))),
+        header_timeout=float(str(pick("header_timeout", "GATEWAY_HEADER_TIMEOUT", 10))),
+        body_timeout=float(str(pick("body_timeout", "GATEWAY_BODY_TIMEOUT", 30))),
+        max_connections=int(str(pick("max_connections", "GATEWAY_MAX_CONNECTIONS", 0))),
+        max_response_bytes=int(
+            str(pick("max_response_bytes", "GATEWAY_MAX_RESPONSE_BYTES", DEFAULT_MAX_RESPONSE))
+        ),
+        max_event_bytes=int(
+            str(pick("max_event_bytes", "GATEWAY_MAX_EVENT_BYTES", DEFAULT_MAX_EVENT))
+        ),
     )

@@ -4,6 +4,7 @@ loopback sockets: exact bytes on the wire, keep-alive, pipelining, flow control,
 from __future__ import annotations
 
 import asyncio
+import json
 import hashlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -404,9 +405,10 @@ async def test_large_body_in_pieces_with_read_pausing() -> None:
     paused = asyncio.Event()
 
     class Protocol(ServerProtocol):
-        def pause_reading(self) -> None:
-            paused.set()
-            super().pause_reading()
+        def on_body(self, body: bytes) -> None:
+            super().on_body(body)
+            if self.flow.reading_paused:
+                paused.set()
 
     go = asyncio.Event()
     app = Recorder(before_read=go)
@@ -1058,15 +1060,39 @@ async def test_content_length_mismatch_does_not_hurt_the_server() -> None:
 # upgrade requests
 
 
-async def test_upgrade_request_answered_as_http_then_closed() -> None:
-    async with serving(echo_path) as srv, connect(srv.port) as (reader, writer):
+async def test_websocket_upgrade_is_404_at_once_then_closed() -> None:
+    app = Recorder()
+    async with serving(app) as srv, connect(srv.port) as (reader, writer):
         writer.write(
-            get("/ws", "connection: upgrade", "upgrade: websocket") + b"\x81\x05hello not http"
+            get("/v1/responses", "connection: upgrade", "upgrade: websocket")
+            + b"\x81\x05hello not http"
         )
         resp = await read_response(reader)
-        assert resp.body == b"/ws"
+        assert resp.status == 404
+        assert json.loads(resp.body)["error"]["code"] == "not_found"
         assert resp.get(b"connection") == [b"close"]
         assert await closed(reader)
+    assert app.scopes == []  # the app never saw it
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_h2c_upgrade_with_a_body_is_served_with_its_body(chunked: bool) -> None:
+    app = Recorder()
+    framing = (
+        b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        if chunked
+        else b"content-length: 11\r\n\r\nhello world"
+    )
+    async with serving(app) as srv, connect(srv.port) as (reader, writer):
+        writer.write(
+            b"POST /p HTTP/1.1\r\nhost: t\r\nconnection: Upgrade, HTTP2-Settings\r\n"
+            b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n" + framing
+        )
+        resp = await read_response(reader)
+        assert resp.status == 200
+        assert resp.body == digest(b"hello world")
+        assert await closed(reader)  # an upgrade request is the connection's last
+    assert b"".join(m["body"] for m in app.messages) == b"hello world"
 
 
 # request scope

@@ -1,6 +1,10 @@
 """One request and its response on a client connection: the ASGI `receive` and
 `send` that gateway/server/protocol.py hands the app.
 
+A cycle gets only what it needs from its connection, as uvicorn's does: the transport,
+the connection's FlowControl, and a callback for when its response is complete. It
+never reaches back into the protocol.
+
 The response head is held until the first body message and written with it, so a whole
 small answer is one write syscall (uvicorn's protocol makes two).
 """
@@ -11,12 +15,10 @@ import asyncio
 import logging
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from gateway.errors import GatewayError
-
-if TYPE_CHECKING:
-    from gateway.server.protocol import ServerProtocol
 
 Message = dict[str, Any]
 
@@ -26,14 +28,15 @@ _DISCONNECT: Message = {"type": "http.disconnect"}
 _EMPTY_BODY: Message = {"type": "http.request", "body": b"", "more_body": False}
 
 
-def closing(status: bytes, error: GatewayError) -> bytes:
+def closing(status: bytes, error: GatewayError, extra: bytes = b"") -> bytes:
     """A whole answer the protocol gives itself, ending the connection; the SPEC's
-    envelope and a fresh request id, as on every other response."""
+    envelope and a fresh request id, as on every other response. `extra`: more header
+    lines, each ending in CRLF."""
     body = error.body()
     return (
         b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"x-request-id: %s\r\nconnection: close\r\n\r\n%s"
-        % (status, len(body), os.urandom(12).hex().encode(), body)
+        b"x-request-id: %s\r\n%sconnection: close\r\n\r\n%s"
+        % (status, len(body), os.urandom(12).hex().encode(), extra, body)
     )
 
 
@@ -54,6 +57,43 @@ def _status_line(status: int) -> bytes:
 STATUS_LINE = {status: _status_line(status) for status in range(100, 600)}
 
 
+class FlowControl:
+    """A connection's read and write flow, shared by its protocol and its cycles.
+
+    Writing: the protocol's pause/resume_writing set and clear `drain`, which a cycle
+    awaits before writing. Reading: a cycle that has taken the buffered body asks for
+    more with resume_reading, which does nothing while `hold` (pipelined requests
+    queued, or a refusal pending) keeps the protocol from reading further."""
+
+    __slots__ = ("drain", "hold", "loop", "reading_paused", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self.loop = loop
+        self.drain: asyncio.Future[None] | None = None  # set while writing is paused
+        self.reading_paused = False
+        self.hold = False
+
+    def pause_writing(self) -> None:
+        if self.drain is None:
+            self.drain = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        drain, self.drain = self.drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.hold:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+
 def _check_name(name: bytes) -> None:
     if not name or _BAD_NAME.search(name):
         raise RuntimeError(f"invalid response header name {name!r}")
@@ -69,24 +109,34 @@ class Cycle:
         "chunked",
         "chunks",
         "complete",
-        "conn",
         "continue_due",
         "delivered",
         "disconnected",
+        "flow",
         "head",
         "head_only",
         "keep_alive",
         "left",
         "more_body",
+        "on_complete",
         "scope",
         "started",
+        "transport",
         "waiter",
     )
 
     def __init__(
-        self, conn: ServerProtocol, scope: Message, keep_alive: bool, expect: bool
+        self,
+        transport: asyncio.Transport,
+        flow: FlowControl,
+        on_complete: Callable[[Cycle], None],
+        scope: Message,
+        keep_alive: bool,
+        expect: bool,
     ) -> None:
-        self.conn = conn
+        self.transport = transport
+        self.flow = flow
+        self.on_complete = on_complete
         self.scope = scope
         self.keep_alive = keep_alive
         self.continue_due = expect
@@ -128,23 +178,22 @@ class Cycle:
     def fail(self) -> None:
         """The app broke off: a 500 if none of its answer is out yet, else the connection
         ends and the client sees the response cut short."""
-        conn = self.conn
         # Closing silently before any byte would read as a dead keep-alive connection,
         # which clients may take as a reason to send the request again.
         if not self.disconnected and self.nothing_sent:
             self.started = self.complete = True
             self.head = None
-            conn.transport.write(
+            self.transport.write(
                 closing(b"500 Internal Server Error", GatewayError("internal error"))
             )
-        conn.transport.close()
+        self.transport.close()
 
     async def receive(self) -> Message:
-        conn = self.conn
+        flow = self.flow
         if self.continue_due:
             self.continue_due = False
-            if not conn.transport.is_closing():
-                conn.transport.write(_CONTINUE)
+            if not self.transport.is_closing():
+                self.transport.write(_CONTINUE)
         while not (self.disconnected or self.complete):
             if not self.delivered:
                 chunks = self.chunks
@@ -160,9 +209,9 @@ class Cycle:
                     body = b"".join(chunks)
                     chunks.clear()
                     self.buffered = 0
-                    conn.resume_reading()
+                    flow.resume_reading()
                     return {"type": "http.request", "body": body, "more_body": True}
-            conn.resume_reading()
+            flow.resume_reading()
             # After the whole body, this waits for the client to leave or the response
             # to end: how an app watches for a disconnect.
             self.waiter = asyncio.get_running_loop().create_future()
@@ -173,9 +222,9 @@ class Cycle:
         return _DISCONNECT
 
     async def send(self, message: Message) -> None:
-        conn = self.conn
-        if conn.drain is not None and not self.disconnected:
-            await conn.drain
+        drain = self.flow.drain
+        if drain is not None and not self.disconnected:
+            await drain
         if self.disconnected:
             return
         kind = message["type"]
@@ -206,13 +255,13 @@ class Cycle:
             self.head = None
             out = head + out
         if out:
-            conn.transport.write(out)
+            self.transport.write(out)
         if not more:
             if self.left and not self.head_only:
                 raise RuntimeError("response content shorter than content-length")
             self.complete = True
             self.wake()
-            conn.finished(self)
+            self.on_complete(self)
 
     def _start(self, status: int, headers: Any) -> None:
         parts = [STATUS_LINE.get(status) or _status_line(status)]

@@ -1,34 +1,61 @@
 """The client-facing HTTP/1.1 side: one asyncio protocol per connection, parsed by
-httptools, running the ASGI app once per request.
+httptools, running the ASGI app once per request (gateway/server/cycle.py).
 
 uvicorn still runs the process (sockets, lifespan, signals, drain, workers); this
 replaces only its httptools protocol, handed over as `uvicorn.Config(http=...)`. The
 differences are what a proxy's hot path pays for on every request:
 - a response head goes out together with the first body bytes, so a whole small
   answer is one write syscall where uvicorn makes two;
-- one keep-alive timer per connection, re-armed only when it fires early, instead of a
-  timer created and cancelled per request;
+- one timer per connection, re-armed only when it fires early, serves the keep-alive,
+  head and body timeouts, instead of a timer created and cancelled per request;
 - the head is checked for stray control characters in one scan, not two regexes per
-  header;
-- no access logging, WebSocket upgrade or concurrency-limit branches (the gateway has
-  its own access log and uses none of the others).
-This module reads requests off the connection; gateway/server/cycle.py answers each one.
+  header.
+And what a server facing hostile clients must hold to (SPEC §7): heads bounded in size
+and fields (431/414), head and body deadlines (408), a cap on connections (idle ones
+closed first, then 503), no protocol upgrades (a WebSocket one gets 404 at once, any
+other is served as plain HTTP), and a malformed request answered only after the
+pipelined ones before it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import urllib.parse
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, cast
 
 import httptools
 
-from gateway.errors import BadRequest
-from gateway.server.cycle import Cycle, Message, closing
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    HeaderTooLarge,
+    NotFound,
+    Overloaded,
+    RequestTimeout,
+    UriTooLong,
+)
+from gateway.server.cycle import Cycle, FlowControl, Message, closing
 
 HIGH_WATER = 64 * 1024  # buffered request body bytes at which reading pauses
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
+# A connection still sending its head after this long may be closed to make room.
+SLOW_HEAD_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    max_header_bytes: int = 65536  # request line plus header fields
+    max_header_fields: int = 256
+    header_timeout: float = 10.0  # from the head's first byte to its end
+    body_timeout: float = 30.0  # longest pause between request body bytes
+    max_connections: int = 10_000
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing; the refusal is already queued."""
 
 
 class ServerProtocol(asyncio.Protocol):
@@ -44,39 +71,57 @@ class ServerProtocol(asyncio.Protocol):
         if not config.loaded:
             config.load()
         self.app = config.loaded_app
+        self.limits = _limits_of(self.app)
         self.loop = _loop or asyncio.get_event_loop()
         self.state = server_state
         self.app_state = app_state
         self.root_path: str = config.root_path
         self.keep_alive_for: float = config.timeout_keep_alive
-        self.parser = httptools.HttpRequestParser(self)
-        # Answer the first of pipelined requests sent after a `connection: close` one.
-        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.parser = self._new_parser()
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
+        self.flow: FlowControl = cast(FlowControl, None)
         self.server: tuple[str, int] | None = None
         self.client: tuple[str, int] | None = None
         self.scheme = "http"
         self.cycle: Cycle | None = None  # the request being answered
         self.queued: deque[Cycle] = deque()  # pipelined requests waiting their turn
-        self.reading_paused = False
-        self.drain: asyncio.Future[None] | None = None  # set while writing is paused
-        self.idle_since = 0.0
+        self.refusal: bytes | None = None  # the last answer, after those queued
+        # One timer for every deadline of the connection (see _expire).
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_due = 0.0
+        self.idle_since = 0.0  # > 0 while idle between requests
+        self.head_since = 0.0  # > 0 while a request head is arriving
+        self.body_at = 0.0  # > 0 while a request body is arriving: its last bytes' time
         # The request being parsed.
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0  # head bytes seen in callbacks
+        self.head_reads = 0  # bytes of reads that began inside the head
         self.expect = False
         self.parsing: Cycle | None = None
+        self.upgrading = False  # the head asked for an upgrade (which is not honoured)
+        self.resuming = False  # feeding a synthetic head to a fresh parser (see _upgrade)
+
+    def _new_parser(self) -> httptools.HttpRequestParser:
+        parser = httptools.HttpRequestParser(self)
+        # Answer the first of pipelined requests sent after a `connection: close` one.
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        return parser
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.state.connections.add(self)
+        self.flow = FlowControl(self.transport, self.loop)
+        connections = self.state.connections
+        connections.add(self)
         self.server = _address(transport.get_extra_info("sockname"))
         self.client = _address(transport.get_extra_info("peername"))
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
+        if len(connections) > self.limits.max_connections and not self._make_room():
+            self._refuse(b"503 Service Unavailable", _overloaded(), b"retry-after: 1\r\n")
+            return
         self._idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -89,54 +134,98 @@ class ServerProtocol(asyncio.Protocol):
                 cycle.disconnected = True
                 cycle.wake()
         self.queued.clear()
-        if self.drain is not None and not self.drain.done():
-            self.drain.set_result(None)
-        self.drain = None
+        if self.flow is not None:
+            self.flow.resume_writing()
 
     def data_received(self, data: bytes) -> None:
         self.idle_since = 0.0
+        if self.refusal is not None:
+            return  # the connection ends once the refusal is out; nothing more is read
+        if self.head_since:
+            # A head spanning reads: httptools keeps the unfinished field itself, so the
+            # bytes are counted here, and a read is cut where the limit would be passed.
+            limit = self.limits.max_header_bytes
+            if self.head_reads + len(data) > limit:
+                room = max(0, limit - self.head_reads) + 1
+                self._feed(data[:room])
+                if self.head_since and self.refusal is None:
+                    self._refuse_head(431)
+                    return
+                data = data[room:]
+                if not data or self.refusal is not None:
+                    return
+            self.head_reads += len(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # No upgrades here: the request is answered as plain HTTP, and the bytes
-            # after its head are not HTTP, so the connection ends with the answer. The
-            # parser stops after the request's end, so it is the last one begun.
-            cycle = self.parsing or (self.queued[-1] if self.queued else self.cycle)
-            if cycle is not None:
-                cycle.keep_alive = False
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self._upgrade(data[offset:])
         except (httptools.HttpParserError, UnicodeDecodeError):
-            self._reject()
+            if self.refusal is None:
+                self._reject()
 
     def eof_received(self) -> None:
         pass
 
     def pause_writing(self) -> None:
-        if self.drain is None:
-            self.drain = self.loop.create_future()
+        self.flow.pause_writing()
 
     def resume_writing(self) -> None:
-        drain, self.drain = self.drain, None
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self.flow.resume_writing()
 
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self.resuming:
+            return
         self.url = b""
         self.headers = []
         self.expect = False
+        self.upgrading = False
+        self.head_size = self.head_reads = 0
+        self.head_since = self.loop.time()
+        # The shortest of the deadlines: any later one re-arms when it fires early.
+        self._arm(self.head_since + min(self.limits.header_timeout, self.keep_alive_for))
 
     def on_url(self, url: bytes) -> None:
+        if self.resuming:
+            return
         self.url += url
+        if len(self.url) > self.limits.max_header_bytes:
+            self._refuse_head(414)
+            raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.resuming:
+            return
+        headers = self.headers
+        self.head_size += len(name) + len(value) + 4
+        if (
+            len(headers) >= self.limits.max_header_fields
+            or self.head_size + len(self.url) > self.limits.max_header_bytes
+        ):
+            self._refuse_head(431)
+            raise _Refused
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect = True
-        self.headers.append((name, value))
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.resuming:
+            return
+        self.head_since = 0.0
         parser = self.parser
+        if parser.should_upgrade():
+            self.upgrading = True
+            if self._upgrade_to_websocket():
+                # Nothing here speaks WebSocket; clients (Codex CLI) fall back at once
+                # on a 404, while a 4xx that looks retryable costs them seconds.
+                self._refuse(b"404 Not Found", NotFound("WebSocket is not served here"))
+                raise _Refused
         url = self.url
         if url[:1] == b"/":
             # A fragment (which clients should not send) belongs to neither part.
@@ -163,26 +252,36 @@ class ServerProtocol(asyncio.Protocol):
             "headers": self.headers,
             "state": self.app_state.copy(),
         }
-        keep_alive = version != "1.0" and parser.should_keep_alive()
-        cycle = self.parsing = Cycle(self, scope, keep_alive, self.expect)
+        # An upgrade request is answered as plain HTTP, then the connection ends.
+        keep_alive = version != "1.0" and parser.should_keep_alive() and not self.upgrading
+        cycle = self.parsing = Cycle(
+            self.transport, self.flow, self.finished, scope, keep_alive, self.expect
+        )
+        self.body_at = self.loop.time()
         if self.cycle is None:
             self._begin(cycle)
         else:
             # Pipelined: answered in order, one at a time; read no further meanwhile.
             self.queued.append(cycle)
-            self.pause_reading()
+            self.flow.hold = True
+            self.flow.pause_reading()
 
     def on_body(self, body: bytes) -> None:
         cycle = self.parsing
+        self.body_at = self.loop.time()
         if cycle is None or cycle.complete:
             return
         cycle.chunks.append(body)
         cycle.buffered += len(body)
         if cycle.buffered > HIGH_WATER:
-            self.pause_reading()
+            self.flow.pause_reading()
         cycle.wake()
 
     def on_message_complete(self) -> None:
+        if self.upgrading and not self.resuming:
+            return  # llhttp skips an upgrade's body: _upgrade delivers it
+        self.resuming = False
+        self.body_at = 0.0
         cycle = self.parsing
         self.parsing = None
         if cycle is None or cycle.complete:
@@ -190,17 +289,83 @@ class ServerProtocol(asyncio.Protocol):
         cycle.more_body = False
         cycle.wake()
 
-    # flow and lifecycle
+    # upgrades, which are never honoured
 
-    def pause_reading(self) -> None:
-        if not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
+    def _upgrade_to_websocket(self) -> bool:
+        for name, value in self.headers:
+            if name == b"upgrade" and b"websocket" in value.lower():
+                return True
+        return False
 
-    def resume_reading(self) -> None:
-        if self.reading_paused and not self.queued:
-            self.reading_paused = False
-            self.transport.resume_reading()
+    def _upgrade(self, rest: bytes) -> None:
+        """llhttp stopped after an upgrade request's head. The request is served as
+        plain HTTP with its body: a fresh parser reads the body behind a synthetic head
+        that carries only the framing, and its head callbacks are ignored."""
+        self.parser = self._new_parser()
+        framing = b""
+        for name, value in self.headers:
+            if name == b"content-length" or name == b"transfer-encoding":
+                framing += name + b": " + value + b"\r\n"
+        cycle = self.parsing
+        if not framing or cycle is None:
+            self.upgrading = False
+            self.on_message_complete()
+            return  # nothing after the head is read: the connection ends with the answer
+        self.resuming = True
+        self._feed(b"POST / HTTP/1.1\r\n" + framing + b"\r\n" + rest)
+
+    # refusals
+
+    def _refuse_head(self, status: int) -> None:
+        if status == 414:
+            self._refuse(b"414 URI Too Long", UriTooLong("the request line is too long"))
+        else:
+            self._refuse(
+                b"431 Request Header Fields Too Large",
+                HeaderTooLarge(
+                    "the request head is too large",
+                    {
+                        "max_bytes": self.limits.max_header_bytes,
+                        "max_fields": self.limits.max_header_fields,
+                    },
+                ),
+            )
+
+    def _refuse(self, status: bytes, error: GatewayError, extra: bytes = b"") -> None:
+        """End the connection with this answer, after the answers to the requests
+        before it: nothing more is read, and no upstream sees the refused request."""
+        self.head_since = self.body_at = 0.0
+        self.refusal = closing(status, error, extra)
+        self.flow.hold = True
+        self.flow.pause_reading()
+        if self.cycle is None:
+            self._send_refusal()
+
+    def _send_refusal(self) -> None:
+        if self.refusal is not None and not self.transport.is_closing():
+            self.transport.write(self.refusal)
+        self.transport.close()
+
+    def _reject(self) -> None:
+        cycle = self.parsing
+        if cycle is not None and cycle is self.cycle and not cycle.complete:
+            # The request being answered has a broken body: the client gets the 400 if
+            # none of an answer is out yet, and the app is told the client left.
+            cycle.disconnected = True
+            cycle.wake()
+            if cycle.nothing_sent:
+                self.transport.write(
+                    closing(b"400 Bad Request", BadRequest("malformed HTTP request"))
+                )
+            self.transport.close()
+            return
+        if cycle is not None:
+            # A queued request's body broke: it is never answered.
+            self.queued.remove(cycle)
+            self.parsing = None
+        self._refuse(b"400 Bad Request", BadRequest("malformed HTTP request"))
+
+    # lifecycle
 
     def _begin(self, cycle: Cycle) -> None:
         self.cycle = cycle
@@ -222,37 +387,106 @@ class ServerProtocol(asyncio.Protocol):
             return
         if self.queued:
             self._begin(self.queued.popleft())
-            if not self.queued:
-                self.resume_reading()
+            if not self.queued and self.refusal is None:
+                self.flow.hold = False
+                self.flow.resume_reading()
             return
-        self.resume_reading()
+        if self.refusal is not None:
+            self._send_refusal()
+            return
+        self.flow.hold = False
+        self.flow.resume_reading()
         self._idle()
 
     def _idle(self) -> None:
         self.idle_since = self.loop.time()
-        if self.timer is None:
-            self.timer = self.loop.call_at(self.idle_since + self.keep_alive_for, self._expire)
+        self._arm(self.idle_since + self.keep_alive_for)
+
+    def _arm(self, due: float) -> None:
+        if self.timer is None or self.timer_due > due:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer, self.timer_due = self.loop.call_at(due, self._expire), due
 
     def _expire(self) -> None:
+        """Every deadline of the connection, checked when the timer fires; it is re-armed
+        for the next one due, never per request."""
         self.timer = None
-        if self.cycle is not None or self.idle_since == 0.0:
-            return  # busy: the next idle spell arms it again
-        due = self.idle_since + self.keep_alive_for
-        if self.loop.time() >= due:
-            self.transport.close()
-        else:
-            self.timer = self.loop.call_at(due, self._expire)
+        now = self.loop.time()
+        limits = self.limits
+        due = math.inf
+        if self.idle_since and self.cycle is None:
+            at = self.idle_since + self.keep_alive_for
+            if now >= at:
+                self.transport.close()
+                return
+            due = at
+        if self.head_since or self.body_at:
+            if self.flow.reading_paused:
+                # The gateway stopped reading, not the client: not the client's delay.
+                if self.head_since:
+                    self.head_since = now
+                if self.body_at:
+                    self.body_at = now
+            if self.head_since:
+                at = self.head_since + limits.header_timeout
+                if now >= at:
+                    self._timed_out("the request head did not arrive in time")
+                    return
+                due = min(due, at)
+            if self.body_at:
+                at = self.body_at + limits.body_timeout
+                if now >= at:
+                    self._timed_out("the request body stalled")
+                    return
+                due = min(due, at)
+        if due < math.inf:
+            self._arm(due)
 
-    def _reject(self) -> None:
-        cycle = self.cycle
-        if cycle is None or cycle.nothing_sent:
-            # None of an answer is out yet (a bad chunk in a body the app is reading, say):
-            # the client gets the 400, and the app is told the client left.
-            if cycle is not None:
-                cycle.disconnected = True
-                cycle.wake()
-            self.transport.write(closing(b"400 Bad Request", BadRequest("malformed HTTP request")))
-        self.transport.close()
+    def _timed_out(self, message: str) -> None:
+        cycle = self.parsing
+        if cycle is not None and cycle is self.cycle:
+            # The app is waiting for this body: it hears that the client left.
+            cycle.disconnected = True
+            cycle.wake()
+            if cycle.nothing_sent:
+                self.transport.write(closing(b"408 Request Timeout", RequestTimeout(message)))
+            self.transport.close()
+            return
+        if cycle is not None:
+            self.queued.remove(cycle)
+            self.parsing = None
+        self._refuse(b"408 Request Timeout", RequestTimeout(message))
+
+    def _make_room(self) -> bool:
+        """At the connection cap: close the longest-idle keep-alive connection, else one
+        that has been sending a head for over SLOW_HEAD_SECONDS (it holds no request);
+        False when there is none."""
+        now = self.loop.time()
+        idle: ServerProtocol | None = None
+        slow: ServerProtocol | None = None
+        for other in self.state.connections:
+            if other is self or not isinstance(other, ServerProtocol):
+                continue
+            if other.cycle is None and not other.head_since and other.idle_since:
+                if idle is None or other.idle_since < idle.idle_since:
+                    idle = other
+            elif (
+                other.cycle is None
+                and other.head_since
+                and now - other.head_since > SLOW_HEAD_SECONDS
+                and (slow is None or other.head_since < slow.head_since)
+            ):
+                slow = other
+        if idle is not None:
+            idle.transport.close()
+            idle.state.connections.discard(idle)
+            return True
+        if slow is not None:
+            slow._refuse(b"503 Service Unavailable", _overloaded(), b"retry-after: 1\r\n")
+            slow.state.connections.discard(slow)
+            return True
+        return False
 
     def shutdown(self) -> None:
         """uvicorn's drain: close when idle, else once the current response ends."""
@@ -260,6 +494,26 @@ class ServerProtocol(asyncio.Protocol):
             self.transport.close()
         else:
             self.cycle.keep_alive = False
+
+
+DEFAULT_LIMITS = ServerLimits()
+
+
+def _limits_of(app: Any) -> ServerLimits:
+    """The app's `server_limits` (the gateway's come from its settings), looked for
+    through the middleware uvicorn may wrap it in; else the defaults."""
+    for _ in range(8):
+        limits = getattr(app, "server_limits", None)
+        if isinstance(limits, ServerLimits):
+            return limits
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return DEFAULT_LIMITS
+
+
+def _overloaded() -> Overloaded:
+    return Overloaded("the gateway is at its connection limit; retry shortly")
 
 
 def _address(value: Any) -> tuple[str, int] | None:
