@@ -4,8 +4,8 @@ loopback sockets: exact bytes on the wire, keep-alive, pipelining, flow control,
 from __future__ import annotations
 
 import asyncio
-import json
 import hashlib
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
