@@ -75,7 +75,7 @@ class Opened:
     injected: bool  # this attempt asked for usage: hide the usage-only chunk
     body: bytes | None = None  # a whole (non-SSE) answer, already spliced
     held: list[bytes] = field(default_factory=list)  # SSE events up to the first content
-    splitter: EventSplitter = field(default_factory=EventSplitter)
+    splitter: EventSplitter | None = None  # set for SSE by the attempt
     splicer: Splicer | None = None  # set for SSE: the slug into each event's `model`
     ended: bool = False  # the stream ended before content (last candidate: relay it)
     latency: float = 0.0  # seconds to the response head

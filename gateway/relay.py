@@ -29,7 +29,7 @@ from gateway.keepalive import KEEPALIVE, KeepAlive
 from gateway.metrics import Metrics
 from gateway.plan import Candidate
 from gateway.respond import send_bytes, send_error, server_timing
-from gateway.sse import Splicer
+from gateway.sse import EventSplitter, Splicer
 from gateway.upstream.client import Upstream
 from gateway.upstream.head import Headers
 
@@ -295,7 +295,8 @@ class Relay:
         Bytes leave as soon as nothing more is already waiting behind them: what has
         arrived together (a fast upstream's whole stream, its end included) goes out in
         one write, and nothing waits for bytes still to come."""
-        send, resp, splitter, tally = ex.send, opened.resp, opened.splitter, opened.tally
+        send, resp, tally = ex.send, opened.resp, opened.tally
+        splitter = opened.splitter or EventSplitter()
         splicer = opened.splicer or Splicer(orjson.dumps(opened.cand.slug))
         delay = self.metrics.event_delay
         clock = time.perf_counter

@@ -72,11 +72,12 @@ class ServerProtocol(asyncio.Protocol):
             config.load()
         self.app = config.loaded_app
         self.limits = _limits_of(self.app)
+        self.keep_alive_for: float = config.timeout_keep_alive
+        self.first_due = min(self.limits.header_timeout, self.keep_alive_for)
         self.loop = _loop or asyncio.get_event_loop()
         self.state = server_state
         self.app_state = app_state
         self.root_path: str = config.root_path
-        self.keep_alive_for: float = config.timeout_keep_alive
         self.parser = self._new_parser()
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
         self.flow: FlowControl = cast(FlowControl, None)
@@ -100,7 +101,6 @@ class ServerProtocol(asyncio.Protocol):
         self.expect = False
         self.parsing: Cycle | None = None
         self.upgrading = False  # the head asked for an upgrade (which is not honoured)
-        self.resuming = False  # feeding a synthetic head to a fresh parser (see _upgrade)
 
     def _new_parser(self) -> httptools.HttpRequestParser:
         parser = httptools.HttpRequestParser(self)
@@ -179,53 +179,49 @@ class ServerProtocol(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        if self.resuming:
-            return
         self.url = b""
         self.headers = []
         self.expect = False
-        self.upgrading = False
         self.head_size = self.head_reads = 0
-        self.head_since = self.loop.time()
-        # The shortest of the deadlines: any later one re-arms when it fires early.
-        self._arm(self.head_since + min(self.limits.header_timeout, self.keep_alive_for))
+        since = self.head_since = self.loop.time()
+        # The shortest of the deadlines: any later one re-arms when it fires early. The
+        # timer is almost always armed already (keep-alive): one compare, no call.
+        due = since + self.first_due
+        if self.timer is None or self.timer_due > due:
+            self._arm(due)
 
     def on_url(self, url: bytes) -> None:
-        if self.resuming:
-            return
         self.url += url
         if len(self.url) > self.limits.max_header_bytes:
             self._refuse_head(414)
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.resuming:
-            return
-        headers = self.headers
-        self.head_size += len(name) + len(value) + 4
-        if (
-            len(headers) >= self.limits.max_header_fields
-            or self.head_size + len(self.url) > self.limits.max_header_bytes
-        ):
-            self._refuse_head(431)
-            raise _Refused
+        # Sizes are checked once the head is complete: within one read httptools holds
+        # at most that read, and across reads data_received counts and cuts.
+        self.head_size += len(name) + len(value)
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect = True
-        headers.append((name, value))
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self.resuming:
-            return
         self.head_since = 0.0
+        limits = self.limits
+        headers = self.headers
+        if (
+            self.head_size + 4 * len(headers) + len(self.url) > limits.max_header_bytes
+            or len(headers) > limits.max_header_fields
+        ):
+            self._refuse_head(431)
+            raise _Refused
         parser = self.parser
-        if parser.should_upgrade():
-            self.upgrading = True
-            if self._upgrade_to_websocket():
-                # Nothing here speaks WebSocket; clients (Codex CLI) fall back at once
-                # on a 404, while a 4xx that looks retryable costs them seconds.
-                self._refuse(b"404 Not Found", NotFound("WebSocket is not served here"))
-                raise _Refused
+        self.upgrading = parser.should_upgrade()
+        if self.upgrading and self._upgrade_to_websocket():
+            # Nothing here speaks WebSocket; clients (Codex CLI) fall back at once on a
+            # 404, while a 4xx that looks retryable costs them seconds.
+            self._refuse(b"404 Not Found", NotFound("WebSocket is not served here"))
+            raise _Refused
         url = self.url
         if url[:1] == b"/":
             # A fragment (which clients should not send) belongs to neither part.
@@ -249,7 +245,7 @@ class ServerProtocol(asyncio.Protocol):
             "path": self.root_path + path if self.root_path else path,
             "raw_path": raw_path,
             "query_string": query,
-            "headers": self.headers,
+            "headers": headers,
             "state": self.app_state.copy(),
         }
         # An upgrade request is answered as plain HTTP, then the connection ends.
@@ -278,9 +274,8 @@ class ServerProtocol(asyncio.Protocol):
         cycle.wake()
 
     def on_message_complete(self) -> None:
-        if self.upgrading and not self.resuming:
+        if self.upgrading:
             return  # llhttp skips an upgrade's body: _upgrade delivers it
-        self.resuming = False
         self.body_at = 0.0
         cycle = self.parsing
         self.parsing = None
@@ -300,18 +295,17 @@ class ServerProtocol(asyncio.Protocol):
     def _upgrade(self, rest: bytes) -> None:
         """llhttp stopped after an upgrade request's head. The request is served as
         plain HTTP with its body: a fresh parser reads the body behind a synthetic head
-        that carries only the framing, and its head callbacks are ignored."""
-        self.parser = self._new_parser()
+        that carries only the framing, its head callbacks going nowhere (_BodyOnly)."""
         framing = b""
         for name, value in self.headers:
             if name == b"content-length" or name == b"transfer-encoding":
                 framing += name + b": " + value + b"\r\n"
-        cycle = self.parsing
-        if not framing or cycle is None:
-            self.upgrading = False
+        self.upgrading = False
+        if not framing or self.parsing is None:
             self.on_message_complete()
+            self.parser = self._new_parser()
             return  # nothing after the head is read: the connection ends with the answer
-        self.resuming = True
+        self.parser = httptools.HttpRequestParser(_BodyOnly(self))
         self._feed(b"POST / HTTP/1.1\r\n" + framing + b"\r\n" + rest)
 
     # refusals
@@ -399,14 +393,15 @@ class ServerProtocol(asyncio.Protocol):
         self._idle()
 
     def _idle(self) -> None:
-        self.idle_since = self.loop.time()
-        self._arm(self.idle_since + self.keep_alive_for)
+        self.idle_since = now = self.loop.time()
+        due = now + self.keep_alive_for
+        if self.timer is None or self.timer_due > due:
+            self._arm(due)
 
     def _arm(self, due: float) -> None:
-        if self.timer is None or self.timer_due > due:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer, self.timer_due = self.loop.call_at(due, self._expire), due
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer, self.timer_due = self.loop.call_at(due, self._expire), due
 
     def _expire(self) -> None:
         """Every deadline of the connection, checked when the timer fires; it is re-armed
@@ -441,7 +436,7 @@ class ServerProtocol(asyncio.Protocol):
                     return
                 due = min(due, at)
         if due < math.inf:
-            self._arm(due)
+            self._arm(due)  # the timer has just fired: nothing to cancel
 
     def _timed_out(self, message: str) -> None:
         cycle = self.parsing
@@ -494,6 +489,23 @@ class ServerProtocol(asyncio.Protocol):
             self.transport.close()
         else:
             self.cycle.keep_alive = False
+
+
+class _BodyOnly:
+    """Parser callbacks for an upgrade request's body behind its synthetic head: the
+    body and its end go to the protocol; after it the connection reads nothing more."""
+
+    def __init__(self, protocol: ServerProtocol) -> None:
+        self.protocol = protocol
+
+    def on_body(self, body: bytes) -> None:
+        self.protocol.on_body(body)
+
+    def on_message_complete(self) -> None:
+        protocol = self.protocol
+        protocol.on_message_complete()
+        protocol.flow.hold = True  # an upgrade request is the connection's last
+        protocol.flow.pause_reading()
 
 
 DEFAULT_LIMITS = ServerLimits()

@@ -138,23 +138,32 @@ class H1Response:
             return b""
         try:
             while True:
+                if conn.chunks and self._decoder is None:
+                    chunk = conn.take()
+                    self._left -= len(chunk)
+                    if self._left < 0:
+                        raise self._too_large()
+                    return chunk
                 if self._decoder is not None and (self._pending or conn.chunks):
                     # Decoded in bounded steps: a small compressed body can expand a
                     # thousandfold, and no step may hold more than DECODE_STEP of it.
                     data = self._pending or conn.take()
                     chunk = self._decoder.decompress(data, DECODE_STEP)
                     self._pending = self._decoder.unconsumed_tail
-                    if chunk:
-                        return self._count(chunk)
-                    continue
-                if conn.chunks:
-                    return self._count(conn.take())
-                if conn.done:
+                    if not chunk:
+                        continue
+                    self._left -= len(chunk)
+                    if self._left < 0:
+                        raise self._too_large()
+                    return chunk
+                if conn.ended:
                     self.close()
                     if self._decoder is not None:
                         tail, self._decoder = self._decoder.flush(), None
-                        if tail:
-                            return self._count(tail)
+                        self._left -= len(tail)
+                        if self._left < 0:
+                            raise self._too_large()
+                        return tail
                     return b""
                 if conn.error is not None:
                     raise conn.error
@@ -164,15 +173,12 @@ class H1Response:
             self.close()
             raise translate(exc, started=True) from None
 
-    def _count(self, chunk: bytes) -> bytes:
-        self._left -= len(chunk)
-        if self._left < 0:
-            self.close()
-            raise UpstreamResponseTooLarge(
-                f"the upstream answer is over the limit of {self._limit} bytes",
-                {"limit": self._limit},
-            )
-        return chunk
+    def _too_large(self) -> UpstreamResponseTooLarge:
+        self.close()
+        return UpstreamResponseTooLarge(
+            f"the upstream answer is over the limit of {self._limit} bytes",
+            {"limit": self._limit},
+        )
 
     def relax(self) -> None:
         self._deadline = self._total_deadline
@@ -182,7 +188,7 @@ class H1Response:
         return (
             conn is None
             or bool(conn.chunks or self._pending)
-            or conn.done
+            or conn.ended
             or conn.error is not None
         )
 

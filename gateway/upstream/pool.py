@@ -7,7 +7,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from gateway.upstream.connection import H1Connection
+from gateway.upstream.connection import CLOSED, H1Connection
 
 IDLE_SECONDS = 30.0  # an idle connection older than this is closed, not reused
 MAX_PER_ORIGIN = 4096  # connections open at once to one origin; more wait for a free one
@@ -50,7 +50,7 @@ class Pool:
             now = time.monotonic()
             while idle:
                 conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
+                if conn.state is not CLOSED and now - conn.idle_since < IDLE_SECONDS:
                     return conn, True
                 conn.close()
             return await self.connect(origin, connect_timeout), False
@@ -75,8 +75,7 @@ class Pool:
 
     def release(self, origin: Origin, conn: H1Connection) -> None:
         """Give a connection back: pooled when its response was read to a clean end."""
-        if conn.reusable():
-            conn.reuse()
+        if conn.recycle():
             conn.idle_since = time.monotonic()
             self._idle.setdefault(origin, []).append(conn)
         else:
