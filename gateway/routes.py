@@ -74,33 +74,76 @@ class Model:
 
 
 @dataclass(frozen=True, slots=True)
+class WildcardIndex:
+    """Wildcard patterns by literal prefix, then by suffix. Finding the longest pattern
+    that matches a slug costs a dict lookup per distinct prefix length (and suffix
+    length under it), never a scan of the patterns: 10,000 patterns cost what 10 do."""
+
+    by_prefix: Mapping[str, tuple[tuple[int, ...], Mapping[str, tuple[int, Model]]]]
+    prefix_lengths: tuple[int, ...]  # distinct, longest first
+
+    @classmethod
+    def build(cls, patterns: tuple[Model, ...]) -> WildcardIndex:
+        groups: dict[str, dict[str, tuple[int, Model]]] = {}
+        for order, model in enumerate(patterns):
+            prefix, _, suffix = model.slug.partition("*")
+            # The first pattern in order keeps a (prefix, suffix) pair, as a scan would.
+            groups.setdefault(prefix, {}).setdefault(suffix, (order, model))
+        by_prefix = {
+            prefix: (tuple(sorted({len(s) for s in suffixes}, reverse=True)), suffixes)
+            for prefix, suffixes in groups.items()
+        }
+        lengths = tuple(sorted({len(p) for p in by_prefix}, reverse=True))
+        return cls(MappingProxyType(by_prefix), lengths)
+
+    def match(self, slug: str) -> Model | None:
+        """The longest pattern whose `*` matches at least one character; among equally
+        long ones, the first in `wildcards` order."""
+        best: Model | None = None
+        best_len, best_order = -1, 0
+        n = len(slug)
+        for plen in self.prefix_lengths:
+            if plen >= n:
+                continue
+            entry = self.by_prefix.get(slug[:plen])
+            if entry is None:
+                continue
+            lengths, suffixes = entry
+            for slen in lengths:
+                size = plen + slen + 1
+                if size < best_len:
+                    break  # shorter suffixes only make shorter patterns
+                if size > n:
+                    continue
+                found = suffixes.get(slug[n - slen :] if slen else "")
+                if found is not None:
+                    order, model = found
+                    if size > best_len or order < best_order:
+                        best, best_len, best_order = model, size, order
+                    break
+        return best
+
+
+@dataclass(frozen=True, slots=True)
 class Routes:
     providers: Mapping[str, Provider]
     models: Mapping[str, Model]  # exact slugs, in file order
     wildcards: tuple[Model, ...]  # longest pattern first
+    index: WildcardIndex
+    ids: Mapping[str, Model]  # by `id:` (else slug)
 
     def resolve(self, slug: str) -> Model | None:
+        """O(1) for an exact slug; a wildcard costs what WildcardIndex.match does."""
         model = self.models.get(slug)
         if model is not None:
             return model
-        for pattern in self.wildcards:
-            prefix, _, suffix = pattern.slug.partition("*")
-            if (
-                len(slug) > len(prefix) + len(suffix)
-                and slug.startswith(prefix)
-                and slug.endswith(suffix)
-            ):
-                return pattern
-        return None
+        return self.index.match(slug) if self.wildcards else None
 
     def catalog(self) -> tuple[Model, ...]:
         return (*self.models.values(), *self.wildcards)
 
     def by_id(self, model_id: str) -> Model | None:
-        for model in self.catalog():
-            if model.id == model_id:
-                return model
-        return None
+        return self.ids.get(model_id)
 
 
 def _parse_targets(
@@ -228,7 +271,8 @@ def parse_routes(data: Any, src: Source) -> Routes:
         src.problem(
             getattr(data, "line", 1), "routes file must be a mapping with providers: and models:"
         )
-        return Routes(MappingProxyType({}), MappingProxyType({}), ())
+        empty: MappingProxyType[str, Any] = MappingProxyType({})
+        return Routes(empty, empty, (), WildcardIndex(empty, ()), empty)
     check_keys(src, data, frozenset({"providers", "models"}), "the routes file")
     drafts: dict[str, ProviderDraft] = {}
     raw_providers = data.get("providers")
@@ -270,10 +314,16 @@ def parse_routes(data: Any, src: Source) -> Routes:
             src.problem(line_of(raw_models, model.slug), f"model id {model.id!r} is used twice")
         ids[model.id] = model.slug
     wildcards.sort(key=lambda m: len(m.slug), reverse=True)
+    patterns = tuple(wildcards)
+    by_id: dict[str, Model] = {}
+    for model in (*models.values(), *patterns):
+        by_id.setdefault(model.id, model)
     return Routes(
         providers=MappingProxyType({n: d.provider for n, d in drafts.items()}),
         models=MappingProxyType(models),
-        wildcards=tuple(wildcards),
+        wildcards=patterns,
+        index=WildcardIndex.build(patterns),
+        ids=MappingProxyType(by_id),
     )
 
 
