@@ -1,19 +1,24 @@
 """Per provider-entry health from live traffic: failures, cooldown, in-flight, latency.
 
-Entries are keyed by (provider name, upstream model), so the state carries over a
-config reload for every entry that still exists.
+Entries are keyed by (provider name, upstream model, wildcard pattern), so the state
+carries over a config reload for every entry that still exists. An entry whose upstream
+model a client chose (what a wildcard's `*` captured) lives in its pattern's bounded
+LRU: at most MAX_CAPTURED per pattern, whatever clients send.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.routes import Cooldown
 
-EntryKey = tuple[str, str]
+# (provider, upstream model, the wildcard pattern that captured the model or "").
+EntryKey = tuple[str, str, str]
 EWMA_ALPHA = 0.2
+MAX_CAPTURED = 1000  # entries tracked per wildcard pattern, least recently used dropped
 
 
 @dataclass(slots=True)
@@ -26,25 +31,50 @@ class EntryState:
 
 
 class Health:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, max_captured: int = MAX_CAPTURED
+    ) -> None:
         self.clock = clock
-        self.entries: dict[EntryKey, EntryState] = {}
+        self.max_captured = max_captured
+        self.entries: dict[EntryKey, EntryState] = {}  # configured entries
+        self.captured: dict[str, OrderedDict[EntryKey, EntryState]] = {}  # per pattern
+
+    def _find(self, key: EntryKey) -> EntryState | None:
+        if not key[2]:
+            return self.entries.get(key)
+        bucket = self.captured.get(key[2])
+        return None if bucket is None else bucket.get(key)
 
     def state(self, key: EntryKey) -> EntryState:
-        entry = self.entries.get(key)
+        if not key[2]:
+            entry = self.entries.get(key)
+            if entry is None:
+                entry = self.entries[key] = EntryState()
+            return entry
+        bucket = self.captured.get(key[2])
+        if bucket is None:
+            bucket = self.captured[key[2]] = OrderedDict()
+        entry = bucket.get(key)
         if entry is None:
-            entry = self.entries[key] = EntryState()
+            entry = bucket[key] = EntryState()
+            if len(bucket) > self.max_captured:
+                bucket.popitem(last=False)
+        else:
+            bucket.move_to_end(key)
         return entry
+
+    def size(self) -> int:
+        return len(self.entries) + sum(len(b) for b in self.captured.values())
 
     def available(self, key: EntryKey) -> bool:
         """Closed, or cooled down and nobody probing it yet."""
-        entry = self.entries.get(key)
+        entry = self._find(key)
         if entry is None or entry.open_until == 0.0:
             return True
         return not entry.probing and self.clock() >= entry.open_until
 
     def retry_at(self, key: EntryKey) -> float:
-        entry = self.entries.get(key)
+        entry = self._find(key)
         return entry.open_until if entry else 0.0
 
     def begin(self, key: EntryKey) -> None:
@@ -54,8 +84,9 @@ class Health:
             entry.probing = True
 
     def end(self, key: EntryKey) -> None:
-        entry = self.state(key)
-        entry.in_flight -= 1
+        entry = self._find(key)
+        if entry is not None:  # an evicted captured entry has nothing left to count
+            entry.in_flight -= 1
 
     def succeeded(self, key: EntryKey, latency: float | None = None) -> None:
         entry = self.state(key)

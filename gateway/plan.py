@@ -24,7 +24,15 @@ class Candidate:
 
     @property
     def key(self) -> EntryKey:
-        return (self.target.provider.name, self.upstream_model)
+        model = self.model
+        captured = model.slug if self.target.model is None and model.is_wildcard else ""
+        return (self.target.provider.name, self.upstream_model, captured)
+
+    @property
+    def label(self) -> tuple[str, str]:
+        """(provider, model) for metrics: a wildcard's pattern, never what it captured."""
+        provider, upstream, captured = self.key
+        return provider, captured or upstream
 
 
 def _apply_prefs(order: list[int], model: Model, prefs: ProviderPrefs | None) -> list[int]:

@@ -213,9 +213,10 @@ class Relay:
     def _gauge(self, cand: Candidate) -> None:
         """gateway_provider_up for the entry, written only when it changes."""
         up = 1.0 if self.health.available(cand.key) else 0.0
-        if self._up.get(cand.key) != up:
-            self._up[cand.key] = up
-            self.metrics.provider_up(*cand.key).set(up)
+        label = cand.label  # bounded: a wildcard entry is labelled by its pattern
+        if self._up.get(label) != up:
+            self._up[label] = up
+            self.metrics.provider_up(*label).set(up)
 
     def _discard(self, opened: Opened) -> None:
         opened.resp.close()

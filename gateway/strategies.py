@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from gateway.health import Health
+from gateway.health import EntryKey, Health
 from gateway.routes import Model, Target
 
 EXPLORE_RATE = 0.05  # `latency`: share of requests that try a random entry first
@@ -19,7 +19,7 @@ class Strategies:
         self.rng = rng or random.Random()
         self._turns: dict[str, int] = {}
 
-    def order(self, model: Model, slug: str, keys: Sequence[tuple[str, str]]) -> list[int]:
+    def order(self, model: Model, slug: str, keys: Sequence[EntryKey]) -> list[int]:
         """Indexes into model.targets, best first."""
         n = len(model.targets)
         indexes = list(range(n))

@@ -154,7 +154,7 @@ async def test_least_busy_prefers_the_idle_provider(
     first = await held
     assert first.headers["x-gateway-provider"] == "a"
     health = gw.runtime.health
-    await until(lambda: health.state(("a", "up-a")).in_flight == 0)
+    await until(lambda: health.state(("a", "up-a", "")).in_flight == 0)
     # Now a is free while b is busy: a serves.
     r = await chat(client, gw)
     assert r.headers["x-gateway-provider"] == "a"

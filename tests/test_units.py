@@ -721,7 +721,7 @@ class Clock:
         return self.now
 
 
-E = ("p", "m")
+E = ("p", "m", "")
 
 
 def test_health_circuit_breaker_cycle() -> None:
@@ -806,7 +806,7 @@ def test_health_retry_after_extends_cooldown() -> None:
 
 def test_health_entries_are_independent_and_track_in_flight() -> None:
     health = Health(Clock())
-    other = ("p", "other")
+    other = ("p", "other", "")
     health.failed(E, Cooldown(failures=1, seconds=30))
     assert not health.available(E)
     assert health.available(other)
@@ -842,8 +842,8 @@ def _model(strategy: str, weights: list[float]) -> Model:
     return Model(slug="s", id="s", name="s", targets=targets, strategy=strategy)
 
 
-def _entry_keys(model: Model) -> list[tuple[str, str]]:
-    return [(t.provider.name, "s") for t in model.targets]
+def _entry_keys(model: Model) -> list[tuple[str, str, str]]:
+    return [(t.provider.name, "s", "") for t in model.targets]
 
 
 def test_fallback_keeps_file_order() -> None:

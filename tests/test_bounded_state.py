@@ -1,0 +1,79 @@
+"""SPEC §8: state created for client-chosen values stays bounded, and metrics label
+wildcard entries by their pattern."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.health import Health
+from gateway.routes import Cooldown
+from tests.conftest import GatewayFactory
+
+ROUTES = """
+providers:
+  echo:
+    base_url: builtin:echo
+models:
+  "w/*":
+    providers: [{provider: echo}]
+  fixed:
+    providers: [{provider: echo, model: echo-model}]
+"""
+
+
+def test_captured_entries_are_an_lru_per_pattern() -> None:
+    health = Health(max_captured=3)
+    for i in range(10):
+        health.state(("p", f"m{i}", "w/*"))
+    health.state(("p", "other", "x/*"))
+    assert len(health.captured["w/*"]) == 3
+    assert [k[1] for k in health.captured["w/*"]] == ["m7", "m8", "m9"]
+    # Use keeps an entry: m7 touched, then one more pushes out m8.
+    health.state(("p", "m7", "w/*"))
+    health.state(("p", "m10", "w/*"))
+    assert [k[1] for k in health.captured["w/*"]] == ["m9", "m7", "m10"]
+    # Configured entries are never evicted.
+    health.state(("p", "fixed", ""))
+    assert ("p", "fixed", "") in health.entries
+
+
+def test_an_evicted_entry_ends_quietly_and_starts_afresh() -> None:
+    health = Health(max_captured=1)
+    first = ("p", "a", "w/*")
+    health.begin(first)
+    health.failed(first, Cooldown(failures=1, seconds=60))
+    assert not health.available(first)
+    health.begin(("p", "b", "w/*"))  # evicts `first` while it is in flight
+    health.end(first)  # nothing to count: no entry is created again
+    assert first not in health.captured["w/*"]
+    assert health.available(first)
+
+
+async def test_wildcard_slug_churn_keeps_state_and_metrics_bounded(
+    gateway: GatewayFactory, client: httpx.AsyncClient
+) -> None:
+    gw = await gateway(ROUTES)
+    health = gw.runtime.health
+    health.max_captured = 50  # the SPEC's 1,000, scaled down to keep the test quick
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    for i in range(300):
+        r = await client.post(f"{gw.base_url}/chat/completions", json={**body, "model": f"w/{i}"})
+        assert r.status_code == 200
+        assert r.json()["model"] == f"w/{i}"
+    r = await client.post(f"{gw.base_url}/chat/completions", json={**body, "model": "fixed"})
+    assert r.status_code == 200
+    assert len(health.captured["w/*"]) == 50
+    assert health.size() == 51  # the 50 newest captured entries and `fixed`
+    text = (await client.get(f"{gw.url}/metrics")).text
+    up_models = set()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            # No label anywhere carries a captured model: only the pattern.
+            assert not any(v.startswith("w/") and v != "w/*" for v in labels.values()), sample
+            if family.name == "gateway_provider_up":
+                up_models.add(labels["model"])
+    assert up_models == {"w/*", "echo-model"}
