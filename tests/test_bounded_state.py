@@ -3,8 +3,6 @@ wildcard entries by their pattern."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
