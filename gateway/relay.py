@@ -20,6 +20,7 @@ from gateway.attempt import open_attempt
 from gateway.errors import (
     GatewayError,
     UpstreamDisconnected,
+    UpstreamResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -354,7 +355,9 @@ class Relay:
             await send_bytes(ex.send, last.status, last.body, headers, None)
             return
         exc: GatewayError
-        if timed_out:
+        if last is not None and isinstance(last.error, UpstreamResponseTooLarge):
+            exc = last.error  # the answer came, but over a limit: said as such
+        elif timed_out:
             exc = UpstreamTimeout("every provider timed out", {"attempts": ex.attempts})
         else:
             cause = last.error.details.get("cause") if last and last.error else None

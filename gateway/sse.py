@@ -79,10 +79,7 @@ class EventSplitter:
             parts.append(chunk)
             self._size += len(chunk)
             if self._size > self._limit:
-                raise UpstreamResponseTooLarge(
-                    f"an upstream event is over the limit of {self._limit} bytes",
-                    {"limit": self._limit, "cause": "event_too_large"},
-                )
+                raise self._too_large()
             return b""
         cut = end - len(back)  # where the events end within `chunk`
         rest = chunk[cut:]
@@ -93,7 +90,18 @@ class EventSplitter:
             block = chunk[:cut] if rest else chunk
         self._parts = [rest] if rest else []
         self._size = len(rest)
+        # Rare: only a block over the limit can hold an event over it.
+        if self._size > self._limit or (
+            len(block) > self._limit and any(e - s > self._limit for s, e in event_spans(block))
+        ):
+            raise self._too_large()
         return block
+
+    def _too_large(self) -> UpstreamResponseTooLarge:
+        return UpstreamResponseTooLarge(
+            f"an upstream event is over the limit of {self._limit} bytes",
+            {"limit": self._limit, "cause": "event_too_large"},
+        )
 
     def rest(self) -> bytes:
         """Bytes of an unfinished event, for a stream that ended without a blank line."""

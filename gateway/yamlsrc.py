@@ -41,11 +41,39 @@ class Source:
         self.problems.append(Problem(self.path, line, message))
 
 
-class _Loader(yaml.SafeLoader):
-    duplicates: list[tuple[int, str]]
+def _loader_classes() -> tuple[type[Any], type[Any]]:
+    """(fast, stepwise) loaders with the same constructors and line numbers.
+
+    fast: libyaml's CSafeLoader where pyyaml was built with it (3x the pure loader),
+    else the pure one. stepwise: libyaml's event parser under the pure-Python composer,
+    so parsing a large file in a thread returns to the interpreter between events and
+    never holds the event loop off (a reload); without libyaml, the pure loader."""
+    if not getattr(yaml, "__with_libyaml__", False):
+        return yaml.SafeLoader, yaml.SafeLoader
+    from yaml._yaml import CParser
+    from yaml.composer import Composer
+    from yaml.constructor import SafeConstructor
+    from yaml.resolver import Resolver
+
+    class StepLoader(Composer, CParser, SafeConstructor, Resolver):
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+    return yaml.CSafeLoader, StepLoader
 
 
-def _construct_map(loader: _Loader, node: yaml.MappingNode) -> LineMap:
+def _with_lines(base: type[Any]) -> type[Any]:
+    loader: Any = type(f"Line{base.__name__}", (base,), {"duplicates": []})
+    loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+    loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+    built: type[Any] = loader
+    return built
+
+
+def _construct_map(loader: Any, node: yaml.MappingNode) -> LineMap:
     loader.flatten_mapping(node)
     out = LineMap()
     out.line = node.start_mark.line + 1
@@ -62,20 +90,30 @@ def _construct_map(loader: _Loader, node: yaml.MappingNode) -> LineMap:
     return out
 
 
-def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> LineList:
+def _construct_seq(loader: Any, node: yaml.SequenceNode) -> LineList:
     out = LineList(loader.construct_object(child, deep=True) for child in node.value)
     out.line = node.start_mark.line + 1
     out.lines = [child.start_mark.line + 1 for child in node.value]
     return out
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+class Loaders:
+    """Built on first use, not at import (nothing is built at import time)."""
+
+    _built: tuple[type[Any], type[Any]] | None = None
+
+    @classmethod
+    def get(cls, stepwise: bool) -> type[Any]:
+        if cls._built is None:
+            fast, step = _loader_classes()
+            cls._built = (_with_lines(fast), _with_lines(step))
+        return cls._built[1 if stepwise else 0]
 
 
-def parse_yaml(text: str, src: Source) -> Any:
-    """Parse one YAML document; a syntax error becomes a problem and None."""
-    loader = _Loader(text)
+def parse_yaml(text: str, src: Source, stepwise: bool = False) -> Any:
+    """Parse one YAML document; a syntax error becomes a problem and None. `stepwise`:
+    for a parse in a thread beside the event loop (see _loader_classes)."""
+    loader = Loaders.get(stepwise)(text)
     loader.duplicates = []
     try:
         data = loader.get_single_data()

@@ -26,6 +26,7 @@ HIGH_WATER = 256 * 1024  # buffered body bytes at which reading the upstream pau
 LOW_WATER = 64 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # an upstream response head (1xx heads before it included)
 MAX_HEAD_FIELDS = 256
+_LINE_END = (10, 13)  # LF, CR
 
 
 class State(enum.IntEnum):
@@ -80,6 +81,7 @@ class H1Connection(asyncio.Protocol):
         self.head_bytes = 0  # bytes received while waiting for the final head
         self.keep_alive = False
         self.eof_body = False  # neither content-length nor chunked: the body ends at close
+        self.chunked = False
         self.got_bytes = False
         self.head_done = False  # the final head is in
         self.ended = False  # the response was read to its framed end
@@ -159,6 +161,20 @@ class H1Connection(asyncio.Protocol):
         if self.state is AWAIT_HEAD and self.head_bytes > MAX_HEAD_BYTES:
             self._fail("upstream response head too large")
             self.close()
+        elif self.state is DONE and data[-1] in _LINE_END and not self._ends_message(data):
+            # llhttp skips CR/LF between messages without a callback: a read that ended
+            # with the response and then such bytes leaves a connection nobody may reuse.
+            self._fail("upstream sent bytes after its response")
+
+    def _ends_message(self, data: bytes) -> bool:
+        """Whether the read that completed the response ends exactly where it does (it
+        ends in CR or LF). When that cannot be told, False: one connection fewer reused."""
+        if self.chunked:  # ... last chunk `0`, no trailers
+            return data.endswith(b"0\r\n\r\n") and (len(data) == 5 or data[-6] == 10)
+        if self.chunks:  # a length-framed body: its last bytes end the read
+            return data.endswith(self.chunks[-1])
+        # no body: the head's blank line, after a status or header line
+        return data.endswith(b"\r\n\r\n") and len(data) > 4 and data[-5] not in _LINE_END
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_watchdog()
@@ -186,6 +202,17 @@ class H1Connection(asyncio.Protocol):
         headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        size = 0
+        chunked = framed = False
+        for name, value in self.headers:
+            size += len(name) + len(value)
+            if name == b"content-length":
+                framed = True
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                framed = chunked = True
+        if size + 4 * len(self.headers) > MAX_HEAD_BYTES:  # a whole head in one read
+            self._fail("upstream response head too large")
+            raise _Refused
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
@@ -197,12 +224,7 @@ class H1Connection(asyncio.Protocol):
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
-        framed = False
-        for name, value in self.headers:
-            if name == b"content-length" or (
-                name == b"transfer-encoding" and b"chunked" in value.lower()
-            ):
-                framed = True
+        self.chunked = chunked
         self.eof_body = not framed and status not in (204, 304)
         self.head_done = True
         self.state = BODY  # hot: from AWAIT_HEAD, the only state that parses a head
