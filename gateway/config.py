@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gateway.keys import Keys, parse_keys
 from gateway.routes import Routes, parse_routes
-from gateway.yamlsrc import Problem, Source, parse_yaml
+from gateway.yamlsrc import Problem, Source, parse_yaml, release
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,8 +24,11 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def load_config(routes_path: str, keys_path: str, keys_required: bool = False) -> Config:
-    """Read and validate both files; raise ConfigError listing every problem."""
+def load_config(
+    routes_path: str, keys_path: str, keys_required: bool = False, stepwise: bool = False
+) -> Config:
+    """Read and validate both files; raise ConfigError listing every problem.
+    `stepwise`: parsing in a thread beside a serving event loop (yamlsrc.parse_yaml)."""
     problems: list[Problem] = []
     digest = hashlib.sha256()
 
@@ -36,7 +39,9 @@ def load_config(routes_path: str, keys_path: str, keys_required: bool = False) -
         problems.append(Problem(routes_path, 1, f"cannot read routes file: {exc.strerror}"))
         routes_bytes = b""
     digest.update(routes_bytes)
-    routes = parse_routes(parse_yaml(_decode(routes_bytes, routes_src), routes_src), routes_src)
+    raw = parse_yaml(_decode(routes_bytes, routes_src), routes_src, stepwise)
+    routes = parse_routes(raw, routes_src)
+    release(raw)
     problems += routes_src.problems
 
     keys_src = Source(keys_path)
@@ -50,7 +55,9 @@ def load_config(routes_path: str, keys_path: str, keys_required: bool = False) -
         problems.append(Problem(keys_path, 1, f"cannot read keys file: {exc.strerror}"))
     digest.update(b"\0")
     digest.update(keys_bytes)
-    keys = parse_keys(parse_yaml(_decode(keys_bytes, keys_src), keys_src), keys_src)
+    raw = parse_yaml(_decode(keys_bytes, keys_src), keys_src, stepwise)
+    keys = parse_keys(raw, keys_src)
+    release(raw)
     problems += keys_src.problems
 
     if problems:

@@ -59,6 +59,10 @@ class Limiter:
         self.clock = clock
         self.usage: dict[str, KeyUsage] = {}  # by key name: survives a reload
 
+    def forget(self, names: set[str]) -> None:
+        for name in names:
+            self.usage.pop(name, None)
+
     def _state(self, key: Key, now: float) -> KeyUsage:
         state = self.usage.get(key.name)
         if state is None:

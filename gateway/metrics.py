@@ -190,6 +190,15 @@ class Metrics:
             self.rejections,
         ]
 
+    def forget_keys(self, names: set[str]) -> None:
+        """Drop the series of keys that left keys.yaml."""
+        for family in self.families:
+            if "key" in family.labels:
+                at = family.labels.index("key")
+                for values in [v for v in family.children if v[at] in names]:
+                    del family.children[values]
+        self.changed()
+
     # --workers N
 
     def changed(self) -> None:

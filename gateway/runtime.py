@@ -35,6 +35,17 @@ class Runtime:
         self.access = AccessLog(settings.log_format)
         self.relay = Relay(self.upstream, self.health, self.metrics)
 
+    def swap(self, config: Config) -> Config:
+        """The new snapshot in, the old one back; state of keys that left is freed (a
+        key added back later starts afresh)."""
+        old, self.config = self.config, config
+        kept = {key.name for key in config.keys.entries}
+        gone = {key.name for key in old.keys.entries} - kept
+        if gone:
+            self.limiter.forget(gone)
+            self.metrics.forget_keys(gone)
+        return old
+
     async def stop(self) -> None:
         await self.upstream.close()
         self.metrics.dump()

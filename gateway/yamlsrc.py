@@ -62,6 +62,16 @@ def _loader_classes() -> tuple[type[Any], type[Any]]:
             SafeConstructor.__init__(self)
             Resolver.__init__(self)
 
+        def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+            # Scalars are not memoized: an alias to one gives an equal immutable value,
+            # and the memo of every node grew to a dict of a million entries whose
+            # resizes held the interpreter lock 70 ms at a time (100k models).
+            if isinstance(node, yaml.ScalarNode):
+                construct = self.yaml_constructors.get(node.tag)
+                if construct is not None:
+                    return construct(self, node)
+            return SafeConstructor.construct_object(self, node, deep)
+
     return yaml.CSafeLoader, StepLoader
 
 
@@ -116,7 +126,12 @@ def parse_yaml(text: str, src: Source, stepwise: bool = False) -> Any:
     loader = Loaders.get(stepwise)(text)
     loader.duplicates = []
     try:
-        data = loader.get_single_data()
+        if not stepwise:
+            data = loader.get_single_data()
+        else:
+            node = loader.get_single_node()
+            data = None if node is None else loader.construct_document(node)
+            release(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
@@ -130,6 +145,38 @@ def parse_yaml(text: str, src: Source, stepwise: bool = False) -> Any:
     for line, message in loader.duplicates:
         src.problem(line, message)
     return data
+
+
+RELEASE_AT = 64  # containers larger than this are emptied piece by piece
+
+
+def release(tree: Any) -> None:
+    """Free a large tree (YAML nodes, parsed data) a piece at a time.
+
+    Dropping the last reference to a tree of a million objects frees them all in one C
+    call, ~170 ms with the interpreter lock held: in a reload thread that would stall
+    the event loop just the same. Emptied here a container at a time, the lock is
+    handed over between pieces."""
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        value = getattr(item, "value", item)  # a YAML node holds its children in .value
+        if isinstance(value, dict):
+            while value:
+                _, child = value.popitem()
+                if _large(child):
+                    stack.append(child)
+        elif isinstance(value, list):
+            while value:
+                child = value.pop()
+                for part in child if isinstance(child, tuple) else (child,):
+                    if _large(part):
+                        stack.append(part)
+
+
+def _large(item: Any) -> bool:
+    value = getattr(item, "value", item)
+    return isinstance(value, dict | list) and len(value) > RELEASE_AT
 
 
 def line_of(container: Any, key: str | int, default: int = 1) -> int:

@@ -221,6 +221,58 @@ async def _version_differs(client: httpx.AsyncClient, base: str, old: str) -> bo
     return await version(client, base) != old
 
 
+async def test_removed_key_state_is_freed_and_a_key_added_back_starts_afresh(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    gw = await gateway(routes(upstream), keys(a={"rpm": 3, "tpm": 100000}, b={"rpm": 3}))
+    gw.runtime.limiter.clock = lambda: 1000.0
+    for secret in ("sk-a", "sk-b", "sk-a"):
+        assert (await chat(client, gw.url, secret=secret)).status_code == 200
+    metrics = gw.runtime.metrics
+    assert "a" in gw.runtime.limiter.usage
+    assert any(v[0] == "a" for v in metrics.tokens.children)
+    _, keys_path = paths(gw)
+    v1 = await version(client, gw.url)
+    replace_file(keys_path, keys(b={"rpm": 3}))
+    await until(lambda: _version_differs(client, gw.url, v1))
+    assert set(gw.runtime.limiter.usage) == {"b"}  # a's buckets are gone, b's kept
+    assert not any(v[0] == "a" for v in metrics.tokens.children)
+    b_level = gw.runtime.limiter.usage["b"].requests
+    assert b_level is not None and b_level.level == 2  # b's counters carried over
+    v2 = await version(client, gw.url)
+    replace_file(keys_path, keys(a={"rpm": 3, "tpm": 100000}, b={"rpm": 3}))
+    await until(lambda: _version_differs(client, gw.url, v2))
+    r = await chat(client, gw.url, secret="sk-a")
+    assert r.headers["x-ratelimit-remaining-requests"] == "2"  # afresh: 3 - this one
+
+
+async def test_reload_parses_in_a_thread_off_the_event_loop(
+    gateway: GatewayFactory,
+    upstream: Upstream,
+    client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    import gateway.reload as reload_module
+
+    gw = await gateway(routes(upstream))
+    threads: list[str] = []
+    real = reload_module.load_config
+
+    def recording(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread().name)
+        assert kwargs.get("stepwise") is True
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reload_module, "load_config", recording)
+    routes_path, _ = paths(gw)
+    v1 = await version(client, gw.url)
+    replace_file(routes_path, routes(upstream, "extra"))
+    await until(lambda: _version_differs(client, gw.url, v1))
+    assert threads and all(name != threading.main_thread().name for name in threads)
+
+
 # --- `gateway serve` subprocesses: SIGHUP, reload under load, drain ---------------------
 
 
