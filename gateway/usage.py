@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
-from gateway.sse import event_end, last_event_end, payload_of, split_events
+from gateway.sse import event_end, last_event_end, payload_of
 
 USAGE_KEY = b'"usage"'
 
@@ -24,23 +25,21 @@ def usage_in_body(body: bytes) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-def _content_length(choices: Any) -> int:
-    total = 0
-    if isinstance(choices, list):
-        for choice in choices:
-            if isinstance(choice, dict):
-                delta = choice.get("delta")
-                if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                    total += len(delta["content"])
-                if isinstance(choice.get("text"), str):
-                    total += len(choice["text"])
-    return total
+# A usage object (not OpenAI's `"usage": null` on every chunk once usage is asked for).
+_USAGE_OBJECT = re.compile(rb'"usage"[ \t]*:[ \t]*\{')
+# Text a stream relays: chat deltas' `content`, completions' `text`. Their JSON string
+# length stands for their characters (escapes count a little more): only an estimate is
+# made from it, when a stream ends without usage.
+_CONTENT = re.compile(rb'"(?:content|text)"[ \t]*:[ \t]*"((?:[^"\\\r\n]|\\.)*)"')
 
 
 class Tally:
-    """Reads a stream's events for usage and, when tokens are limited, content size.
+    """Reads a stream's blocks of events for usage and, when tokens are limited, the size
+    of the content relayed.
 
-    Without token limits only events that mention `usage` are parsed (for the log).
+    Both are found by byte search over the block, never by splitting it into events and
+    parsing each: only an event that holds a usage object is parsed (for the log, the
+    limits, and to hide the usage-only chunk the gateway asked for).
     """
 
     __slots__ = ("content_chars", "count_content", "hide_usage_chunk", "usage")
@@ -52,42 +51,39 @@ class Tally:
         self.content_chars = 0
 
     def block(self, block: bytes) -> bytes:
-        """A block of whole events to relay, read like `events`. Without token limits
-        only the events that name `usage` are found (by byte search) and parsed."""
+        """A block of whole events to relay: all of it, less the usage-only chunk the
+        gateway asked for."""
         if self.count_content:
-            return b"".join(self.events(split_events(block)))
-        at = block.find(USAGE_KEY)
-        if at < 0:
+            self.content_chars += sum(map(len, _CONTENT.findall(block)))
+        found = _USAGE_OBJECT.search(block)
+        if found is None:
             return block
         parts: list[bytes] = []
         done = 0
-        while at >= 0:
+        while found is not None:
+            at = found.start()
             start = last_event_end(block, done, at)
             end = event_end(block, at)
-            kept = self.events([block[start:end]])
-            if not kept:
+            if not self._keep(block[start:end]):
                 parts.append(block[done:start])
                 done = end
-            at = block.find(USAGE_KEY, end)
+            found = _USAGE_OBJECT.search(block, end)
         parts.append(block[done:])
         return b"".join(parts)
 
-    def events(self, events: list[bytes]) -> list[bytes]:
-        """The events to relay: all, less the usage-only chunk the gateway asked for."""
-        kept = []
-        for event in events:
-            payload = payload_of(event) if self.count_content or USAGE_KEY in event else None
-            if payload is not None:
-                try:
-                    obj = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    obj = None
-                if isinstance(obj, dict):
-                    usage = obj.get("usage")
-                    if isinstance(usage, dict):
-                        self.usage = usage
-                        if self.hide_usage_chunk and not obj.get("choices"):
-                            continue
-                    self.content_chars += _content_length(obj.get("choices"))
-            kept.append(event)
-        return kept
+    def _keep(self, event: bytes) -> bool:
+        """Read the event's usage; False for the usage-only chunk the gateway injected."""
+        payload = payload_of(event)
+        if payload is None:
+            return True
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+            return not (self.hide_usage_chunk and not obj.get("choices"))
+        return True

@@ -256,6 +256,9 @@ class FakeTransport(asyncio.Transport):
     def resume_reading(self) -> None:
         pass
 
+    def can_write_eof(self) -> bool:
+        return False
+
 
 async def drive(app: App, request: bytes) -> list[bytes]:
     """Feed `request` to one protocol instance; the transport writes it made."""

@@ -214,7 +214,7 @@ class Cycle:
             flow.resume_reading()
             # After the whole body, this waits for the client to leave or the response
             # to end: how an app watches for a disconnect.
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = flow.loop.create_future()  # (get_running_loop: a getpid on 3.11)
             try:
                 await self.waiter
             finally:

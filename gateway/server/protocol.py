@@ -41,8 +41,10 @@ from gateway.server.cycle import Cycle, FlowControl, Message, closing
 
 HIGH_WATER = 64 * 1024  # buffered request body bytes at which reading pauses
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
-# A connection still sending its head after this long may be closed to make room.
-SLOW_HEAD_SECONDS = 1.0
+# At the connection cap, a connection still sending its head after this long may be
+# closed to make room (a whole head arrives in one packet from a well-behaved client).
+SLOW_HEAD_SECONDS = 0.1
+LINGER_SECONDS = 2.0  # after a refusal: the longest the client's bytes are drained
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +122,10 @@ class ServerProtocol(asyncio.Protocol):
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
         if len(connections) > self.limits.max_connections and not self._make_room():
-            self._refuse(b"503 Service Unavailable", _overloaded(), b"retry-after: 1\r\n")
+            # Nothing was read from it, and no lingering: the fd goes back at once.
+            self.refusal = closing(b"503 Service Unavailable", _overloaded(), b"retry-after: 1\r\n")
+            self.transport.write(self.refusal)
+            self.transport.close()
             return
         self._idle()
 
@@ -147,8 +152,9 @@ class ServerProtocol(asyncio.Protocol):
             limit = self.limits.max_header_bytes
             if self.head_reads + len(data) > limit:
                 room = max(0, limit - self.head_reads) + 1
+                head = self.headers  # a new list per head: tells this head from the next
                 self._feed(data[:room])
-                if self.head_since and self.refusal is None:
+                if self.head_since and self.headers is head and self.refusal is None:
                     self._refuse_head(431)
                     return
                 data = data[room:]
@@ -168,7 +174,7 @@ class ServerProtocol(asyncio.Protocol):
                 self._reject()
 
     def eof_received(self) -> None:
-        pass
+        pass  # the transport closes itself (and a lingering close ends here)
 
     def pause_writing(self) -> None:
         self.flow.pause_writing()
@@ -336,9 +342,22 @@ class ServerProtocol(asyncio.Protocol):
             self._send_refusal()
 
     def _send_refusal(self) -> None:
-        if self.refusal is not None and not self.transport.is_closing():
-            self.transport.write(self.refusal)
-        self.transport.close()
+        transport = self.transport
+        if self.refusal is None or transport.is_closing():
+            transport.close()
+            return
+        transport.write(self.refusal)
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        # Lingering close, as nginx's: closing with the client's bytes unread would
+        # reset the connection and drop the answers still in the send buffer. The
+        # write side ends after them; what arrives meanwhile is read and dropped
+        # (data_received), until the client closes or LINGER_SECONDS pass.
+        transport.write_eof()
+        self.flow.hold = False
+        self.flow.resume_reading()
+        self.loop.call_later(LINGER_SECONDS, transport.close)
 
     def _reject(self) -> None:
         cycle = self.parsing
@@ -390,7 +409,8 @@ class ServerProtocol(asyncio.Protocol):
             return
         self.flow.hold = False
         self.flow.resume_reading()
-        self._idle()
+        if not self.head_since:  # a head already arriving runs on its own deadline
+            self._idle()
 
     def _idle(self) -> None:
         self.idle_since = now = self.loop.time()
@@ -410,7 +430,7 @@ class ServerProtocol(asyncio.Protocol):
         now = self.loop.time()
         limits = self.limits
         due = math.inf
-        if self.idle_since and self.cycle is None:
+        if self.idle_since and self.cycle is None and not self.head_since:
             at = self.idle_since + self.keep_alive_for
             if now >= at:
                 self.transport.close()

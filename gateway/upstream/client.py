@@ -167,8 +167,7 @@ class H1Response:
                     return b""
                 if conn.error is not None:
                     raise conn.error
-                loop = asyncio.get_running_loop()
-                await conn.wait(min(self._read, self._deadline - loop.time()))
+                await conn.wait(min(self._read, self._deadline - conn.loop.time()))
         except TRANSPORT_ERRORS as exc:
             self.close()
             raise translate(exc, started=True) from None

@@ -72,6 +72,7 @@ class _Refused(Exception):
 class H1Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)
         self.parser = httptools.HttpResponseParser(self)
         self.state = IDLE
         self.idle_since = 0.0
@@ -138,6 +139,8 @@ class H1Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
+        # Kept: on 3.11 asyncio.get_running_loop() makes a getpid() syscall per call.
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         if self.state is not BODY:
@@ -273,7 +276,7 @@ class H1Connection(asyncio.Protocol):
     async def wait(self, seconds: float) -> None:
         """Until something new happened (head, body, end, error); TimeoutError when
         nothing did for `seconds`."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         waiter = self.waiter = loop.create_future()
         due = self.wait_due = loop.time() + max(seconds, 0.0)
         if self.timer is None or self.timer_due > due:
@@ -290,7 +293,7 @@ class H1Connection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() >= self.wait_due:
             waiter.set_exception(TimeoutError())
         else:
