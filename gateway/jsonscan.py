@@ -170,6 +170,10 @@ def splice_verified(data: bytes, key: bytes, value: bytes, expect: Any) -> bytes
     pos = data.find(key)
     if pos < 0 or data.find(key, pos + len(key)) >= 0:
         return None
+    if b"\\u006" in data:
+        # The top-level key may be spelled with escapes (`"\u006dodel"`), and then the one
+        # raw `"model"` is a nested one: an equal value would pass the check below.
+        return None
     i = pos + len(key)
     n = len(data)
     while i < n and data[i] in _WS:

@@ -78,7 +78,10 @@ class EventSplitter:
         if end == 0:
             parts.append(chunk)
             self._size += len(chunk)
-            if self._size > self._limit:
+            if (
+                self._size > self._limit
+                and _unended(window, 0, len(window)) + (self._size - len(window)) > self._limit
+            ):
                 raise self._too_large()
             return b""
         cut = end - len(back)  # where the events end within `chunk`
@@ -91,8 +94,9 @@ class EventSplitter:
         self._parts = [rest] if rest else []
         self._size = len(rest)
         # Rare: only a block over the limit can hold an event over it.
-        if self._size > self._limit or (
-            len(block) > self._limit and any(e - s > self._limit for s, e in event_spans(block))
+        if (self._size > self._limit and _unended(rest, 0, len(rest)) > self._limit) or (
+            len(block) > self._limit
+            and any(_unended(block, s, e) > self._limit for s, e in event_spans(block))
         ):
             raise self._too_large()
         return block
@@ -108,6 +112,14 @@ class EventSplitter:
         rest = b"".join(self._parts)
         self._parts, self._size = [], 0
         return rest
+
+
+def _unended(buf: bytes, start: int, end: int) -> int:
+    """Length of buf[start:end] less the line endings it ends with: an event's size
+    must not depend on whether a read split its terminator (`\r` | `\n`)."""
+    while end > start and buf[end - 1] in (10, 13):
+        end -= 1
+    return end - start
 
 
 def last_event_end(buf: bytes, lo: int, hi: int) -> int:

@@ -167,7 +167,8 @@ class H1Response:
                     return b""
                 if conn.error is not None:
                     raise conn.error
-                await conn.wait(min(self._read, self._deadline - conn.loop.time()))
+                loop = conn.loop or asyncio.get_running_loop()
+                await conn.wait(min(self._read, self._deadline - loop.time()))
         except TRANSPORT_ERRORS as exc:
             self.close()
             raise translate(exc, started=True) from None

@@ -16,6 +16,7 @@ nothing left unread goes back to the pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections import deque
 from typing import cast
@@ -72,7 +73,7 @@ class _Refused(Exception):
 class H1Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.loop: asyncio.AbstractEventLoop = cast(asyncio.AbstractEventLoop, None)
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.state = IDLE
         self.idle_since = 0.0
@@ -140,7 +141,8 @@ class H1Connection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
         # Kept: on 3.11 asyncio.get_running_loop() makes a getpid() syscall per call.
-        self.loop = asyncio.get_running_loop()
+        with contextlib.suppress(RuntimeError):  # driven by hand in protocol tests
+            self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         if self.state is not BODY:
@@ -175,7 +177,10 @@ class H1Connection(asyncio.Protocol):
         if self.chunked:  # ... last chunk `0`, no trailers
             return data.endswith(b"0\r\n\r\n") and (len(data) == 5 or data[-6] == 10)
         if self.chunks:  # a length-framed body: its last bytes end the read
-            return data.endswith(self.chunks[-1])
+            # Exact only when the last piece holds a byte other than CR/LF (stray bytes
+            # are CR/LF alone, so they cannot shift such a piece to the read's end).
+            last = self.chunks[-1]
+            return data.endswith(last) and bool(last.strip(b"\r\n"))
         # no body: the head's blank line, after a status or header line
         return data.endswith(b"\r\n\r\n") and len(data) > 4 and data[-5] not in _LINE_END
 
@@ -277,6 +282,8 @@ class H1Connection(asyncio.Protocol):
         """Until something new happened (head, body, end, error); TimeoutError when
         nothing did for `seconds`."""
         loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
         waiter = self.waiter = loop.create_future()
         due = self.wait_due = loop.time() + max(seconds, 0.0)
         if self.timer is None or self.timer_due > due:
@@ -293,7 +300,7 @@ class H1Connection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
-        loop = self.loop
+        loop = self.loop or asyncio.get_running_loop()
         if loop.time() >= self.wait_due:
             waiter.set_exception(TimeoutError())
         else:
