@@ -39,9 +39,7 @@ class Health:
         self.entries: dict[EntryKey, EntryState] = {}  # configured entries
         self.captured: dict[str, OrderedDict[EntryKey, EntryState]] = {}  # per pattern
 
-    def _find(self, key: EntryKey) -> EntryState | None:
-        if not key[2]:
-            return self.entries.get(key)
+    def _find_captured(self, key: EntryKey) -> EntryState | None:
         bucket = self.captured.get(key[2])
         return None if bucket is None else bucket.get(key)
 
@@ -68,13 +66,13 @@ class Health:
 
     def available(self, key: EntryKey) -> bool:
         """Closed, or cooled down and nobody probing it yet."""
-        entry = self._find(key)
+        entry = self.entries.get(key) if not key[2] else self._find_captured(key)
         if entry is None or entry.open_until == 0.0:
             return True
         return not entry.probing and self.clock() >= entry.open_until
 
     def retry_at(self, key: EntryKey) -> float:
-        entry = self._find(key)
+        entry = self.entries.get(key) if not key[2] else self._find_captured(key)
         return entry.open_until if entry else 0.0
 
     def begin(self, key: EntryKey) -> None:
@@ -84,7 +82,7 @@ class Health:
             entry.probing = True
 
     def end(self, key: EntryKey) -> None:
-        entry = self._find(key)
+        entry = self.entries.get(key) if not key[2] else self._find_captured(key)
         if entry is not None:  # an evicted captured entry has nothing left to count
             entry.in_flight -= 1
 

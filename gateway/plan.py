@@ -21,18 +21,18 @@ class Candidate:
     model: Model
     target: Target
     upstream_model: str
+    key: EntryKey  # health's key for the entry (see entry_key); read many times a request
+    label: tuple[str, str]  # (provider, model) for metrics: a pattern, never a capture
 
-    @property
-    def key(self) -> EntryKey:
-        model = self.model
-        captured = model.slug if self.target.model is None and model.is_wildcard else ""
-        return (self.target.provider.name, self.upstream_model, captured)
 
-    @property
-    def label(self) -> tuple[str, str]:
-        """(provider, model) for metrics: a wildcard's pattern, never what it captured."""
-        provider, upstream, captured = self.key
-        return provider, captured or upstream
+def candidate(slug: str, model: Model, target: Target) -> Candidate:
+    upstream = model.upstream_model(target, slug)
+    # What a wildcard's `*` captured is the client's choice: its entry is kept in the
+    # pattern's bounded LRU (health.py) and labelled by the pattern.
+    captured = model.slug if target.model is None and model.is_wildcard else ""
+    provider = target.provider.name
+    key = (provider, upstream, captured)
+    return Candidate(slug, model, target, upstream, key, (provider, captured or upstream))
 
 
 def _apply_prefs(order: list[int], model: Model, prefs: ProviderPrefs | None) -> list[int]:
@@ -76,7 +76,7 @@ def build_plan(
     plan: list[Candidate] = []
     cooling: list[float] = []
     for slug, model in models:
-        cands = [Candidate(slug, model, t, model.upstream_model(t, slug)) for t in model.targets]
+        cands = [candidate(slug, model, t) for t in model.targets]
         order = strategies.order(model, slug, [c.key for c in cands])
         order = _apply_prefs(order, model, parsed.prefs)
         picked = 0

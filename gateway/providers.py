@@ -14,7 +14,10 @@ from gateway.yamlsrc import LineMap, Source, check_keys, line_of, number
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("echo",)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_PROVIDER_KEYS = frozenset({"base_url", "api_key", "headers", "query", "timeout", "stream_usage"})
+_PROVIDER_KEYS = frozenset(
+    {"base_url", "api_key", "headers", "query", "timeout", "stream_usage", "max_connections"}
+)
+DEFAULT_MAX_CONNECTIONS = 1024  # open connections to one provider at once
 _TIMEOUT_KEYS = frozenset({"connect", "read", "first_byte", "total"})
 
 
@@ -59,6 +62,8 @@ class Provider:
     query: Mapping[str, str] = field(default_factory=dict, repr=False)
     timeout: Timeouts = Timeouts()
     stream_usage: bool = True
+    # More requests than this wait for a free connection, at most timeout.connect.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     @property
     def builtin(self) -> str | None:
@@ -163,6 +168,10 @@ def parse_provider(src: Source, name: str, raw: Any, line: int) -> ProviderDraft
     if not isinstance(stream_usage, bool):
         src.problem(line_of(raw, "stream_usage"), "stream_usage must be true or false")
         stream_usage = True
+    max_connections = DEFAULT_MAX_CONNECTIONS
+    if "max_connections" in raw:
+        value = number(src, raw, "max_connections", 1, integer=True)
+        max_connections = DEFAULT_MAX_CONNECTIONS if value is None else int(value)
     provider = Provider(
         name=name,
         base_url=base_url,
@@ -171,5 +180,6 @@ def parse_provider(src: Source, name: str, raw: Any, line: int) -> ProviderDraft
         query=MappingProxyType(query),
         timeout=timeout,
         stream_usage=stream_usage,
+        max_connections=max_connections,
     )
     return ProviderDraft(provider, missing)

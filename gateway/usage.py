@@ -55,7 +55,9 @@ class Tally:
         gateway asked for."""
         if self.count_content:
             self.content_chars += sum(map(len, _CONTENT.findall(block)))
-        found = _USAGE_OBJECT.search(block)
+        # bytes.find first: a memchr-speed scan, where the regex would step byte by byte.
+        at = block.find(USAGE_KEY)
+        found = None if at < 0 else _USAGE_OBJECT.search(block, at)
         if found is None:
             return block
         parts: list[bytes] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -57,3 +58,18 @@ def assert_envelope(r: httpx.Response, status: int, code: str) -> dict[str, Any]
     assert isinstance(err["details"], dict)
     assert "Traceback" not in r.text
     return err
+
+
+async def until(check: Callable[[], Any], within: float = 5.0, every: float = 0.02) -> Any:
+    """Poll `check()` (sync or async) until truthy; its value. Bounded by `within`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() >= deadline:
+            raise AssertionError(f"condition not met within {within} s")
+        await asyncio.sleep(every)

@@ -3,12 +3,18 @@ wildcard entries by their pattern."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from typing import Any
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.health import Health
 from gateway.routes import Cooldown
 from tests.conftest import GatewayFactory
+from tests.helpers import until
+from tests.upstream import Hang
 
 ROUTES = """
 providers:
@@ -75,3 +81,40 @@ async def test_wildcard_slug_churn_keeps_state_and_metrics_bounded(
             if family.name == "gateway_provider_up":
                 up_models.add(labels["model"])
     assert up_models == {"w/*", "echo-model"}
+
+
+async def test_a_request_waits_for_a_busy_provider_at_most_its_connect_timeout(
+    gateway: GatewayFactory, make_upstream: Any, client: httpx.AsyncClient
+) -> None:
+    """max_connections: 1 and that connection held by a hanging request: the next
+    request waits for a slot no longer than timeout.connect, then fails over."""
+    slow, fast = await make_upstream(), await make_upstream()
+    slow.default = Hang()
+    routes = f"""
+providers:
+  slow:
+    base_url: {slow.url}
+    max_connections: 1
+    timeout: {{connect: 0.3, read: 30}}
+  fast:
+    base_url: {fast.url}
+models:
+  m:
+    providers: [{{provider: slow}}, {{provider: fast}}]
+"""
+    gw = await gateway(routes)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    hung = asyncio.ensure_future(client.post(f"{gw.base_url}/chat/completions", json=body))
+    try:
+        await until(lambda: len(slow.requests) == 1)
+        r = await asyncio.wait_for(
+            client.post(f"{gw.base_url}/chat/completions", json=body), timeout=5
+        )
+        assert r.status_code == 200
+        assert r.headers["x-gateway-provider"] == "fast"
+        assert r.headers["x-gateway-attempts"] == "2"
+        assert len(slow.requests) == 1  # the second request never got a connection to it
+    finally:
+        hung.cancel()
+        with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+            await hung

@@ -866,3 +866,18 @@ def test_names_with_control_characters_are_refused() -> None:
     )
     _, problems = routes_of(text)
     assert [(p.line, "control characters" in p.message) for p in problems] == [(2, True), (5, True)]
+
+
+def test_max_connections_is_read_and_checked() -> None:
+    routes = good_routes(
+        "providers:\n  p:\n    base_url: http://127.0.0.1:9/v1\n    max_connections: 8\n"
+        "models:\n  m:\n    providers: [{provider: p}]\n"
+    )
+    assert routes.providers["p"].max_connections == 8
+    assert routes.models["m"].targets[0].provider.max_connections == 8
+    _, problems = routes_of(
+        "providers:\n  p:\n    base_url: http://127.0.0.1:9/v1\n    max_connections: 0\n"
+        "models:\n  m:\n    providers: [{provider: p}]\n"
+    )
+    found = [str(p) for p in problems]
+    assert any("max_connections must be at least 1" in p for p in found), found

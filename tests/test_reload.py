@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import GatewayFactory, RunningGateway
-from tests.helpers import free_port
+from tests.helpers import free_port, until
 from tests.upstream import DONE, Sse, Upstream, chunk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,21 +73,6 @@ def replace_file_keeping_stat(path: Path, text: str) -> os.stat_result:
     after = path.stat()
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     return after
-
-
-async def until(check: Callable[[], Any], within: float = 5.0, every: float = 0.02) -> Any:
-    """Poll `check()` (sync or async) until truthy; its value. Bounded by `within`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() >= deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(every)
 
 
 async def model_ids(client: httpx.AsyncClient, base: str, headers: Any = None) -> set[str]:

@@ -98,7 +98,7 @@ class ServerProtocol(asyncio.Protocol):
         # The request being parsed.
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0  # head bytes seen in callbacks
+        self.read_size = 0  # bytes of the read being parsed
         self.head_reads = 0  # bytes of reads that began inside the head
         self.expect = False
         self.parsing: Cycle | None = None
@@ -144,6 +144,7 @@ class ServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.idle_since = 0.0
+        self.read_size = len(data)
         if self.refusal is not None:
             return  # the connection ends once the refusal is out; nothing more is read
         if self.head_since:
@@ -162,6 +163,8 @@ class ServerProtocol(asyncio.Protocol):
                     return
             self.head_reads += len(data)
         self._feed(data)
+        if self.body_at:  # a body still arriving: this read was progress
+            self.body_at = self.loop.time()
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -188,7 +191,7 @@ class ServerProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.expect = False
-        self.head_size = self.head_reads = 0
+        self.head_reads = 0
         since = self.head_since = self.loop.time()
         # The shortest of the deadlines: any later one re-arms when it fires early. The
         # timer is almost always armed already (keep-alive): one compare, no call.
@@ -205,19 +208,20 @@ class ServerProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # Sizes are checked once the head is complete: within one read httptools holds
         # at most that read, and across reads data_received counts and cuts.
-        self.head_size += len(name) + len(value)
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect = True
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.head_since = 0.0
+        since, self.head_since = self.head_since, 0.0
         limits = self.limits
         headers = self.headers
-        if (
-            self.head_size + 4 * len(headers) + len(self.url) > limits.max_header_bytes
-            or len(headers) > limits.max_header_fields
+        if len(headers) > limits.max_header_fields or (
+            # A head is within the reads it came in: measured only when those were larger
+            # than the limit.
+            (self.read_size > limits.max_header_bytes or self.head_reads)
+            and _head_size(self.url, headers) > limits.max_header_bytes
         ):
             self._refuse_head(431)
             raise _Refused
@@ -259,7 +263,9 @@ class ServerProtocol(asyncio.Protocol):
         cycle = self.parsing = Cycle(
             self.transport, self.flow, self.finished, scope, keep_alive, self.expect
         )
-        self.body_at = self.loop.time()
+        # The body's deadline runs from here; data_received moves it on after each read
+        # that leaves the body unfinished (no clock call per body callback).
+        self.body_at = since
         if self.cycle is None:
             self._begin(cycle)
         else:
@@ -270,7 +276,6 @@ class ServerProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         cycle = self.parsing
-        self.body_at = self.loop.time()
         if cycle is None or cycle.complete:
             return
         cycle.chunks.append(body)
@@ -407,8 +412,10 @@ class ServerProtocol(asyncio.Protocol):
         if self.refusal is not None:
             self._send_refusal()
             return
-        self.flow.hold = False
-        self.flow.resume_reading()
+        flow = self.flow
+        if flow.reading_paused:  # (held implies paused: no call when neither)
+            flow.hold = False
+            flow.resume_reading()
         if not self.head_since:  # a head already arriving runs on its own deadline
             self._idle()
 
@@ -529,6 +536,10 @@ class _BodyOnly:
 
 
 DEFAULT_LIMITS = ServerLimits()
+
+
+def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def _limits_of(app: Any) -> ServerLimits:

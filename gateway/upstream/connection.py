@@ -57,6 +57,10 @@ _ALLOWED = {
 }
 
 
+def _head_size(headers: list[tuple[bytes, bytes]]) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in headers)
+
+
 class ConnectionLost(Exception):
     """The upstream closed, reset or sent something the gateway will not relay."""
 
@@ -202,25 +206,27 @@ class H1Connection(asyncio.Protocol):
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.headers
-        if len(headers) >= MAX_HEAD_FIELDS:
-            self._fail("upstream response head has too many fields")
-            raise _Refused
         # Lowercased once here: every later look at the head compares lowercase names.
-        headers.append((name.lower(), value))
+        # (Count and size are checked once the head is complete: what one read holds is
+        # bounded, and data_received bounds what several reads hold.)
+        self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        size = 0
+        headers = self.headers
+        if len(headers) > MAX_HEAD_FIELDS:
+            self._fail("upstream response head has too many fields")
+            raise _Refused
+        # A head is within what arrived while waiting for it: measured only when that
+        # was more than the limit (a whole large head in one read).
+        if self.head_bytes > MAX_HEAD_BYTES and _head_size(headers) > MAX_HEAD_BYTES:
+            self._fail("upstream response head too large")
+            raise _Refused
         chunked = framed = False
-        for name, value in self.headers:
-            size += len(name) + len(value)
+        for name, value in headers:
             if name == b"content-length":
                 framed = True
             elif name == b"transfer-encoding" and b"chunked" in value.lower():
                 framed = chunked = True
-        if size + 4 * len(self.headers) > MAX_HEAD_BYTES:  # a whole head in one read
-            self._fail("upstream response head too large")
-            raise _Refused
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:

@@ -69,7 +69,7 @@ def prepare(provider: Provider) -> Target:
     lines.append("accept-encoding: identity")
     query = urlencode(list(provider.query.items()))
     return Target(
-        origin=Origin(url.scheme, host, port),
+        origin=Origin(url.scheme, host, port, provider.max_connections),
         request_line_prefix=b"POST " + (url.path or "").encode(),
         query=b"?" + query.encode() if query else b"",
         fixed="".join(line + "\r\n" for line in lines).encode("latin-1"),

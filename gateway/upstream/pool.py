@@ -1,4 +1,8 @@
-"""Keep-alive connections per upstream origin, bounded, reused only when clean."""
+"""Keep-alive connections per upstream origin, bounded, reused only when clean.
+
+At most `Origin.limit` connections are open to an origin at once (a provider's
+`max_connections`); a request that finds them all busy waits for one at most its
+connect timeout, then fails like a connect timeout (the next candidate may serve)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from dataclasses import dataclass
 from gateway.upstream.connection import CLOSED, H1Connection
 
 IDLE_SECONDS = 30.0  # an idle connection older than this is closed, not reused
-MAX_PER_ORIGIN = 4096  # connections open at once to one origin; more wait for a free one
+MAX_PER_ORIGIN = 1024  # connections open at once to one origin; more wait for a free one
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +22,7 @@ class Origin:
     scheme: str
     host: str
     port: int
+    limit: int = MAX_PER_ORIGIN  # connections open at once (the provider's max_connections)
 
     @property
     def tls(self) -> bool:
@@ -25,10 +30,7 @@ class Origin:
 
 
 class Pool:
-    def __init__(
-        self, per_origin: int = MAX_PER_ORIGIN, ssl_context: ssl.SSLContext | None = None
-    ) -> None:
-        self.per_origin = per_origin
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self._ssl = ssl_context
         self._idle: dict[Origin, list[H1Connection]] = {}
         self._slots: dict[Origin, asyncio.Semaphore] = {}
@@ -43,8 +45,14 @@ class Pool:
         """A connection to `origin` and whether it was reused from the pool."""
         slots = self._slots.get(origin)
         if slots is None:
-            slots = self._slots[origin] = asyncio.Semaphore(self.per_origin)
-        await slots.acquire()
+            slots = self._slots[origin] = asyncio.Semaphore(origin.limit)
+        if slots.locked():
+            # Every connection is busy: wait for one, but no longer than a connect may
+            # take. (Only then: a timeout context per request costs on the hot path.)
+            async with asyncio.timeout(connect_timeout):
+                await slots.acquire()
+        else:
+            await slots.acquire()
         try:
             idle = self._idle.get(origin)
             now = time.monotonic()
