@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-tools lint bench bench-instructions bench-instructions-tools pyz clean
+.PHONY: install run test test-tools lint bench bench-scale bench-instructions bench-instructions-tools pyz clean
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) and installing the gateway with its dev tools (about a minute the first time)"
@@ -37,6 +37,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# What grows with the catalog, the keys and client-chosen slugs (SPEC §8); ARGS="--quick".
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py $(ARGS)
 
 # Instructions per relayed request, counted by callgrind: noise-free where req/s is not.
 # Options through ARGS, e.g. make bench-instructions ARGS="--quick --against HEAD~3"

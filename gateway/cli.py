@@ -206,7 +206,13 @@ def cmd_serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     if settings.workers > 1:
+        import gc
         import tempfile
+
+        # The supervisor only checked the files: each worker loads its own config, so
+        # this one is not kept for the supervisor's whole life (73 MiB at 10k models).
+        del config
+        gc.collect()
 
         from uvicorn.supervisors import Multiprocess
 

@@ -1,0 +1,211 @@
+"""`make bench-scale`: what the gateway costs as the catalog, the keys and what clients
+choose grow (SPEC §8). Everything runs on 127.0.0.1 against the built-in echo upstream;
+every process is stopped by its own pid.
+
+Curves:
+- config size: 10 -> 100k models and keys: time to the first answered request, idle RSS,
+  and the longest /healthz answer while a SIGHUP reload of the same size runs (the event
+  loop's stall), plus the supervisor's RSS with --workers 2;
+- wildcard slug churn: N requests each with a new slug under `w/*`: RSS growth and the
+  size of /metrics.
+
+Usage: bench/scale.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # bench/run.py: processes, ports, progress
+
+progress = run.progress
+
+
+def routes_text(models: int, wildcards: int = 0, extra: str = "") -> str:
+    lines = ["providers:", "  echo:", "    base_url: builtin:echo", "models:"]
+    lines += [f"  m{i}:\n    providers: [{{provider: echo, model: up{i}}}]" for i in range(models)]
+    lines += [f'  "w{i}/*":\n    providers: [{{provider: echo}}]' for i in range(wildcards)]
+    lines.append('  "w/*":\n    providers: [{provider: echo}]')
+    return "\n".join(lines) + extra + "\n"
+
+
+def keys_text(keys: int) -> str:
+    if not keys:
+        return ""
+    lines = ["keys:"]
+    for i in range(keys):
+        digest = hashlib.sha256(f"sk-bench-{i}".encode()).hexdigest()
+        lines.append(f"  - name: k{i}\n    sha256: {digest}")
+    return "\n".join(lines) + "\n"
+
+
+class Client:
+    """One keep-alive connection, raw HTTP/1.1: little client-side noise in the figures."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, within: float) -> Client:
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return cls(*await asyncio.open_connection("127.0.0.1", port))
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise run.BenchError("the gateway did not start listening") from None
+                await asyncio.sleep(0.01)
+
+    async def request(self, method: str, path: str, body: bytes = b"", auth: str = "") -> bytes:
+        head = f"{method} {path} HTTP/1.1\r\nhost: b\r\ncontent-length: {len(body)}\r\n"
+        if auth:
+            head += f"authorization: Bearer {auth}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + body)
+        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 60)
+        length = 0
+        for line in raw.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        return await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def config_point(procs: run.Processes, tmp: Path, models: int, keys: int) -> dict[str, Any]:
+    routes, keyfile = tmp / "routes.yaml", tmp / "keys.yaml"
+    routes.write_text(routes_text(models))
+    keyfile.write_text(keys_text(keys))
+    port = run.free_ports(1)[0]
+    argv = [*run.gateway_command(), "serve", "--routes", str(routes), "--keys", str(keyfile)]
+    argv += ["--port", str(port), "--log-level", "warning"]
+    started = time.monotonic()
+    proc = procs.start(argv, "proxy", log=tmp / "gateway.log")
+    try:
+        client = await Client.connect(port, 120)
+        auth = "sk-bench-0" if keys else ""
+        await client.request("GET", "/healthz", auth=auth)
+        ready = time.monotonic() - started
+        rss = run.rss_mib([proc.pid])
+        routes.write_text(
+            routes_text(models, extra="\n  extra:\n    providers: [{provider: echo}]")
+        )
+        before = json.loads(await client.request("GET", "/healthz"))["config_version"]
+        proc.send_signal(signal.SIGHUP)
+        worst = 0.0
+        reloaded = time.monotonic() + 120
+        while time.monotonic() < reloaded:
+            t0 = time.perf_counter()
+            answer = json.loads(await client.request("GET", "/healthz"))
+            worst = max(worst, time.perf_counter() - t0)
+            if answer["config_version"] != before:
+                break
+            await asyncio.sleep(0.002)
+        client.close()
+    finally:
+        procs.stop(proc)
+    point = {"models": models, "keys": keys, "ready_s": ready, "idle_rss_mib": rss}
+    point["reload_worst_healthz_ms"] = worst * 1000
+    progress(
+        f"config {models:>7,} models {keys:>7,} keys: ready {ready:5.2f} s, idle RSS "
+        f"{rss:6.1f} MiB, reload: longest /healthz {worst * 1000:6.1f} ms"
+    )
+    return point
+
+
+async def supervisor_point(procs: run.Processes, tmp: Path, models: int) -> dict[str, Any]:
+    routes, keyfile = tmp / "routes.yaml", tmp / "keys.yaml"
+    routes.write_text(routes_text(models))
+    keyfile.write_text("")
+    port = run.free_ports(1)[0]
+    argv = [*run.gateway_command(), "serve", "--routes", str(routes), "--keys", str(keyfile)]
+    argv += ["--port", str(port), "--workers", "2", "--log-level", "warning"]
+    proc = procs.start(argv, "any", log=tmp / "supervisor.log")
+    try:
+        client = await Client.connect(port, 120)
+        await client.request("GET", "/healthz")
+        client.close()
+        rss = run.rss_mib([proc.pid])
+    finally:
+        procs.stop(proc, grace=15)
+    progress(f"--workers 2 with {models:,} models: supervisor RSS {rss:.1f} MiB")
+    return {"models": models, "supervisor_rss_mib": rss}
+
+
+async def churn_point(procs: run.Processes, tmp: Path, requests: int) -> dict[str, Any]:
+    routes, keyfile = tmp / "routes.yaml", tmp / "keys.yaml"
+    routes.write_text(routes_text(1))
+    keyfile.write_text("")
+    port = run.free_ports(1)[0]
+    argv = [*run.gateway_command(), "serve", "--routes", str(routes), "--keys", str(keyfile)]
+    argv += ["--port", str(port), "--log-level", "warning"]
+    proc = procs.start(argv, "proxy", log=tmp / "churn.log")
+    try:
+        client = await Client.connect(port, 30)
+        await client.request("GET", "/healthz")
+        before = run.rss_mib([proc.pid])
+        for i in range(requests):
+            body = b'{"model":"w/%d","messages":[{"role":"user","content":"hi"}]}' % i
+            await client.request("POST", "/v1/chat/completions", body)
+        after = run.rss_mib([proc.pid])
+        metrics = await client.request("GET", "/metrics")
+        client.close()
+    finally:
+        procs.stop(proc)
+    series = sum(1 for line in metrics.splitlines() if line and not line.startswith(b"#"))
+    progress(
+        f"slug churn, {requests:,} new slugs under w/*: RSS {before:.1f} -> {after:.1f} MiB, "
+        f"/metrics {len(metrics) / 1024:.1f} KiB in {series} series"
+    )
+    return {"requests": requests, "rss_before_mib": before, "rss_after_mib": after,
+            "metrics_bytes": len(metrics), "metrics_series": series}  # fmt: skip
+
+
+async def bench(quick: bool) -> dict[str, Any]:
+    procs = run.Processes(run.pick_cores())
+    sizes = [(10, 10), (10_000, 10), (10, 10_000), (10_000, 10_000)]
+    if not quick:
+        sizes += [(100_000, 0), (10, 100_000)]
+    out: dict[str, Any] = {"config": [], "supervisor": [], "churn": []}
+    with tempfile.TemporaryDirectory(prefix="gateway-scale-") as name:
+        tmp = Path(name)
+        try:
+            for models, keys in sizes:
+                out["config"].append(await config_point(procs, tmp, models, keys))
+            out["supervisor"].append(await supervisor_point(procs, tmp, 10_000))
+            for n in (1_000, 10_000) if quick else (1_000, 10_000, 50_000):
+                out["churn"].append(await churn_point(procs, tmp, n))
+        finally:
+            procs.stop_all()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the smaller points only")
+    args = parser.parse_args()
+    run.raise_fd_limit()
+    try:
+        result = asyncio.run(bench(args.quick))
+    except run.BenchError as exc:
+        print(f"bench-scale: {exc}", file=sys.stderr)
+        return 1
+    path = run.RESULTS / f"scale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    run.RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    progress(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
