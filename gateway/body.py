@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import BadRequest, PayloadTooLarge, ValidationFailed
-from gateway.jsonscan import MODEL_KEY, rewrite_members, splice_verified
+from gateway.jsonscan import MODEL_KEY, rewrite_members, splice_sole
 
 # A slug (and what a wildcard captures of it) ends up in response headers such as
 # x-upstream-model: no control characters, so no line breaks.
@@ -50,8 +50,7 @@ class ParsedBody:
         """
         replace = {"model": orjson.dumps(upstream_model)}
         if not inject_usage and not self.needs_rewrite and "model" in self.data:
-            expect = {**self.data, "model": upstream_model}
-            fast = splice_verified(self.raw, MODEL_KEY, replace["model"], expect)
+            fast = splice_sole(self.raw, MODEL_KEY, replace["model"])
             if fast is not None:
                 return fast
         inserts = [] if "model" in self.data else [b'"model":' + replace["model"]]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any
 
 import orjson
 
@@ -133,6 +132,22 @@ def _quick_span(data: bytes, key: bytes, start: int) -> tuple[int, int] | None:
     return value.span(1)
 
 
+VIEW_FROM = 64 * 1024  # bodies from this size are spliced through memoryviews
+
+
+def _view(data: bytes) -> bytes | memoryview:
+    return memoryview(data) if len(data) >= VIEW_FROM else data
+
+
+def splice(data: bytes, start: int, end: int, value: bytes) -> bytes:
+    """data with data[start:end] replaced by value, in one copy: `a[:i] + v + a[j:]`
+    copies a large body three times over, holding two of them at once."""
+    if len(data) < VIEW_FROM:
+        return data[:start] + value + data[end:]
+    view = memoryview(data)
+    return b"".join((view[:start], value, view[end:]))
+
+
 def replace_value(data: bytes, key: bytes, value: bytes, start: int = 0) -> bytes:
     """Replace the value of every top-level member whose raw key is `key` (b'"model"').
 
@@ -142,7 +157,7 @@ def replace_value(data: bytes, key: bytes, value: bytes, start: int = 0) -> byte
     quick = _quick_span(data, key, start)
     if quick is not None:
         vstart, vend = quick
-        return data[:vstart] + value + data[vend:]
+        return splice(data, vstart, vend, value)
     spans: list[tuple[int, int]] = []
     for raw, _, vstart, vend in iter_members(data, start):
         if raw == key:
@@ -160,19 +175,18 @@ def replace_value(data: bytes, key: bytes, value: bytes, start: int = 0) -> byte
     return b"".join(out)
 
 
-def splice_verified(data: bytes, key: bytes, value: bytes, expect: Any) -> bytes | None:
-    """Fast path for a string member whose key bytes occur exactly once: splice its value
-    and keep the result only if it parses to exactly `expect`; else None (use a scan).
+def splice_sole(data: bytes, key: bytes, value: bytes) -> bytes | None:
+    """Fast path for a top-level string member whose raw key occurs exactly once in the
+    body: splice its value; None when that cannot be known this cheaply (use a scan).
 
-    The check makes it exact whatever the body holds, at orjson's speed rather than a
-    Python token loop's (the OpenAI SDK puts `model` after the whole `messages` array).
+    The caller knows the parsed body has the member at the top level. In valid JSON the
+    bytes `"model"` followed by `:` are a key; with no `\\u006` escape anywhere (the only
+    way to spell one of m, o, d, e, l otherwise) every key named model is spelled raw, so
+    a single occurrence is the top-level one. No parse or copy beyond the splice itself:
+    the OpenAI SDK puts `model` after the whole `messages` array.
     """
     pos = data.find(key)
-    if pos < 0 or data.find(key, pos + len(key)) >= 0:
-        return None
-    if b"\\u006" in data:
-        # The top-level key may be spelled with escapes (`"\u006dodel"`), and then the one
-        # raw `"model"` is a nested one: an equal value would pass the check below.
+    if pos < 0 or data.find(key, pos + len(key)) >= 0 or b"\\u006" in data:
         return None
     i = pos + len(key)
     n = len(data)
@@ -186,13 +200,7 @@ def splice_verified(data: bytes, key: bytes, value: bytes, expect: Any) -> bytes
     match = _STRING.match(data, i)
     if match is None:
         return None
-    out = data[:i] + value + data[match.end() :]
-    try:
-        if orjson.loads(out) != expect:
-            return None
-    except orjson.JSONDecodeError:
-        return None
-    return out
+    return splice(data, i, match.end(), value)
 
 
 def rewrite_members(
@@ -212,16 +220,20 @@ def rewrite_members(
             return data[: brace + 1] + insert + sep + data[brace + 1 :]
         return data
     names = [key_name(m[0]) for m in members]
+    src = _view(data)  # slices of a large body are not copied before the join
     kept = [i for i, n in enumerate(names) if n not in drop]
-    out = [data[: members[0][1]]]
+    out: list[bytes | memoryview] = [src[: members[0][1]]]
     if insert:
         out.append(insert + (b"," if kept else b""))
     for pos, i in enumerate(kept):
         _, kstart, vstart, vend = members[i]
         value = replace.get(names[i])
-        out.append(data[kstart:vend] if value is None else data[kstart:vstart] + value)
+        if value is None:
+            out.append(src[kstart:vend])
+        else:
+            out += (src[kstart:vstart], value)
         if pos + 1 < len(kept):
             # This member's own separator: its comma and the spacing after it.
-            out.append(data[vend : members[i + 1][1]])
-    out.append(data[members[-1][3] :])
+            out.append(src[vend : members[i + 1][1]])
+    out.append(src[members[-1][3] :])
     return b"".join(out)

@@ -268,8 +268,8 @@ class H1Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def send(self, data: bytes) -> None:
-        """Start a request on an IDLE connection."""
+    def send(self, data: bytes | tuple[bytes, bytes]) -> None:
+        """Start a request on an IDLE connection: its bytes, or (head, body)."""
         if self.state is not IDLE:
             self._to(AWAIT_HEAD)  # raises: not a transition
         self.state = AWAIT_HEAD
@@ -282,7 +282,10 @@ class H1Connection(asyncio.Protocol):
         self.head_done = self.ended = False
         self.error = None
         assert self.transport is not None
-        self.transport.write(data)
+        if isinstance(data, tuple):
+            self.transport.writelines(data)
+        else:
+            self.transport.write(data)
 
     async def wait(self, seconds: float) -> None:
         """Until something new happened (head, body, end, error); TimeoutError when
