@@ -47,27 +47,27 @@ TERMINATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 class EventSplitter:
     """Feed raw chunks; get back whole events, each with its own terminating blank line.
 
-    Linear in the bytes fed: an unfinished event is kept as a list of parts, and each
-    chunk is searched only with the last three bytes before it (a terminator is at most
-    four bytes long), never from the event's start again."""
+    Linear in the bytes fed: an unfinished event is kept in one bytearray (no object per
+    read, whatever size the reads come in), and each chunk is searched only with the
+    last three bytes before it (a terminator is at most four bytes long), never from
+    the event's start again."""
 
-    __slots__ = ("_limit", "_parts", "_size")
+    __slots__ = ("_buf", "_limit")
 
     def __init__(self, limit: int = DEFAULT_MAX_EVENT) -> None:
         self._limit = limit
-        self._parts: list[bytes] = []  # the unfinished event
-        self._size = 0  # its length
+        self._buf = bytearray()  # the unfinished event
 
     def feed(self, chunk: bytes) -> list[bytes]:
         return split_events(self.feed_block(chunk))
 
     def feed_block(self, chunk: bytes) -> bytes:
         """The complete events the chunk finishes, as one block of bytes (b"" if none).
-        UpstreamResponseTooLarge when an unfinished event passes the limit."""
-        parts = self._parts
-        if parts:
-            last = parts[-1]
-            back = last[-3:] if len(last) >= 3 else b"".join(parts)[-3:]
+        UpstreamResponseTooLarge when an event passes the limit (line endings around it
+        not counted, so where reads split a terminator does not matter)."""
+        buf = self._buf
+        if buf:
+            back = bytes(buf[-3:])
             window = back + chunk
         else:
             back, window = b"", chunk
@@ -75,28 +75,24 @@ class EventSplitter:
         # Mixed endings (`\n\r\n`) are not among the three: the regex finds any after.
         while (match := _EVENT_END.search(window, end)) is not None:
             end = match.end()
+        limit = self._limit
         if end == 0:
-            parts.append(chunk)
-            self._size += len(chunk)
-            if (
-                self._size > self._limit
-                and _unended(window, 0, len(window)) + (self._size - len(window)) > self._limit
-            ):
+            buf += chunk
+            if len(buf) > limit and _unended(buf, 0, len(buf)) > limit:
                 raise self._too_large()
             return b""
         cut = end - len(back)  # where the events end within `chunk`
-        rest = chunk[cut:]
-        if parts:
-            parts.append(chunk[:cut])
-            block = b"".join(parts)
+        if buf:
+            buf += memoryview(chunk)[:cut]
+            block = bytes(buf)
+            buf.clear()
         else:
-            block = chunk[:cut] if rest else chunk
-        self._parts = [rest] if rest else []
-        self._size = len(rest)
+            block = chunk[:cut] if cut < len(chunk) else chunk
+        if cut < len(chunk):
+            buf += memoryview(chunk)[cut:]
         # Rare: only a block over the limit can hold an event over it.
-        if (self._size > self._limit and _unended(rest, 0, len(rest)) > self._limit) or (
-            len(block) > self._limit
-            and any(_unended(block, s, e) > self._limit for s, e in event_spans(block))
+        if (len(buf) > limit and _unended(buf, 0, len(buf)) > limit) or (
+            len(block) > limit and any(_unended(block, s, e) > limit for s, e in event_spans(block))
         ):
             raise self._too_large()
         return block
@@ -109,16 +105,19 @@ class EventSplitter:
 
     def rest(self) -> bytes:
         """Bytes of an unfinished event, for a stream that ended without a blank line."""
-        rest = b"".join(self._parts)
-        self._parts, self._size = [], 0
+        rest = bytes(self._buf)
+        self._buf.clear()
         return rest
 
 
-def _unended(buf: bytes, start: int, end: int) -> int:
-    """Length of buf[start:end] less the line endings it ends with: an event's size
-    must not depend on whether a read split its terminator (`\r` | `\n`)."""
+def _unended(buf: bytes | bytearray, start: int, end: int) -> int:
+    """Length of buf[start:end] less the line endings it starts and ends with: an
+    event's size must not depend on where a read split a terminator (`\r` | `\n`),
+    the one before it or its own."""
     while end > start and buf[end - 1] in (10, 13):
         end -= 1
+    while start < end and buf[start] in (10, 13):
+        start += 1
     return end - start
 
 

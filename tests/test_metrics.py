@@ -3,16 +3,23 @@ parser) and how a scrape adds up other workers' files."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import DIR_ENV, Metrics
+from tests.conftest import GatewayFactory
+
+ECHO_ROUTES = "providers:\n  echo:\n    base_url: builtin:echo\nmodels:\n  echo:\n    providers: [{provider: echo}]\n"
 
 
 def samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -116,3 +123,59 @@ def test_dump_writes_this_workers_file(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv(DIR_ENV)
     Metrics().dump()
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_scrape_comes_in_pieces_that_add_up_to_the_whole() -> None:
+    m = Metrics()
+    for i in range(1000):
+        m.tokens(f"k{i}", "prompt").inc(i)
+    pieces = list(m.render_chunks(series_per_chunk=100))
+    assert len(pieces) >= 10
+    assert b"".join(pieces) == m.render()
+    tokens = [k for k in samples(m) if k[0] == "gateway_tokens_total"]
+    assert len(tokens) == 1000
+
+
+def test_forgotten_keys_leave_no_series_and_no_cached_labels() -> None:
+    m = Metrics()
+    m.tokens("gone", "prompt").inc(3)
+    m.tokens("kept", "prompt").inc(4)
+    m.render()  # fills the label cache
+    m.forget_keys({"gone"})
+    assert set(m.tokens.label_text) == {("kept", "prompt")}
+    assert b'key="gone"' not in m.render()
+
+
+async def test_a_large_scrape_hands_the_loop_back_between_pieces(
+    gateway: GatewayFactory, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 100k keys' series a scrape is many pieces, and other tasks run between them
+    (a ticker task counts its turns; each piece notes the count when it is made)."""
+    gw = await gateway(ECHO_ROUTES)
+    metrics = gw.runtime.metrics
+    for i in range(100_000):
+        metrics.tokens(f"key-{i}", "prompt").inc(1)
+    ticks = 0
+    seen: list[int] = []
+    real = metrics.render_chunks
+
+    def spy(*args: Any, **kwargs: Any) -> Iterator[bytes]:
+        for piece in real(*args, **kwargs):
+            seen.append(ticks)
+            yield piece
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(metrics, "render_chunks", spy)
+    task = asyncio.ensure_future(ticker())
+    try:
+        r = await asyncio.wait_for(client.get(f"{gw.url}/metrics"), 30)
+    finally:
+        task.cancel()
+    assert r.status_code == 200 and b'key="key-99999"' in r.content
+    assert len(seen) > 10
+    assert seen[-1] - seen[0] >= len(seen) - 2  # the loop turned between the pieces
