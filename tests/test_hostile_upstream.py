@@ -318,6 +318,21 @@ SWITCH = {
 }
 
 
+def answering(data: bytes) -> Callable[..., Awaitable[None]]:
+    """A raw upstream handler: read one request, send `data`, wait for the close."""
+
+    async def handler(
+        up: RawUpstream, r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int
+    ) -> None:
+        if await up.next_request(r, n) is None:
+            return
+        w.write(data)
+        await w.drain()
+        await up.until_closed(r, n)
+
+    return handler
+
+
 @pytest.mark.parametrize("head", list(SWITCH.values()), ids=list(SWITCH))
 async def test_switching_protocols_fails_the_attempt(
     raw: MakeRaw,
@@ -326,16 +341,7 @@ async def test_switching_protocols_fails_the_attempt(
     client: httpx.AsyncClient,
     head: bytes,
 ) -> None:
-    async def handler(
-        up: RawUpstream, r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int
-    ) -> None:
-        if await up.next_request(r, n) is None:
-            return
-        w.write(head)
-        await w.drain()
-        await up.until_closed(r, n)
-
-    up = await raw(handler)
+    up = await raw(answering(head))
     good = await make_upstream()
 
     # As the only provider: 502 upstream_unavailable, and the process keeps serving.
@@ -1264,16 +1270,7 @@ async def test_ambiguous_framing_fails_the_attempt_through_the_gateway(
     client: httpx.AsyncClient,
     response: bytes,
 ) -> None:
-    async def handler(
-        up: RawUpstream, r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int
-    ) -> None:
-        if await up.next_request(r, n) is None:
-            return
-        w.write(response)
-        await w.drain()
-        await up.until_closed(r, n)
-
-    up = await raw(handler)
+    up = await raw(answering(response))
     good = await make_upstream()
     gw = await gateway(routes(up.url, good.url))
     r = await chat(client, gw, "fallback")
