@@ -54,6 +54,11 @@ HASH_SEED = "0"  # the same str hashes (dict and set layouts) in every case
 DEFAULT_COUNTS = {"json": 2000, "stream": 1000}
 QUICK_COUNTS = {"json": 300, "stream": 150}
 KINDS = ("json", "stream")
+# The same stream for a key with a token limit (usage counted, stream_options injected):
+# SPEC §8 bounds it at 1.5x the plain stream per event. Its own keys file, so the other
+# cases keep running without auth, as in earlier tables.
+LIMITED = "stream-limited"
+LIMITED_SECRET = "sk-bench-limited"
 
 
 # ---------------------------------------------------------------- tools
@@ -212,6 +217,10 @@ def write_gateway_files(tmp: Path, ports: dict[str, int]) -> tuple[Path, Path]:
     routes.write_text("\n".join(lines) + "\n")
     keys = tmp / "keys.yaml"
     keys.write_text("keys: []\n")
+    limited = tmp / "keys-limited.yaml"
+    limited.write_text(
+        f"keys:\n  - name: limited\n    key: {LIMITED_SECRET}\n    tpm: 1000000000\n"
+    )
     return routes, keys
 
 
@@ -239,9 +248,21 @@ def check_stream(status: int, body: bytes) -> str | None:
     return None
 
 
+def check_limited_stream(status: int, body: bytes) -> str | None:
+    """The stream less its usage-only chunk: the gateway asked for usage on the key's
+    behalf (to count tokens), so it keeps that chunk from a client that did not."""
+    if status != 200:
+        return f"status {status}: {body[:200]!r}"
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data:")]
+    if len(events) != run.SSE_EVENT_COUNT - 1 or any(b'"usage"' in e for e in events):
+        return f"stream of {len(events)} events (want {run.SSE_EVENT_COUNT - 1}, no usage)"
+    return None
+
+
 BODIES: dict[str, tuple[bytes, Callable[[int, bytes], str | None]]] = {
     "json": (run.JSON_BODY, check_json),
     "stream": (run.SSE_BODY, check_stream),
+    LIMITED: (run.SSE_BODY, check_limited_stream),
 }
 
 
@@ -276,8 +297,9 @@ async def exchange(
 async def load(port: int, kind: str, count: int, connections: int) -> tuple[int, list[str]]:
     """`count` POSTs over `connections` keep-alive connections: (failures, first reasons)."""
     body, check = BODIES[kind]
+    auth = f"authorization: Bearer {LIMITED_SECRET}\r\n" if kind == LIMITED else ""
     request = (
-        f"POST {run.CHAT_PATH} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+        f"POST {run.CHAT_PATH} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n{auth}"
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
     ).encode() + body
     remaining = count
@@ -419,7 +441,8 @@ def run_case(ctx: Context, tree: Tree, case: str) -> dict[str, Any]:
         f"--callgrind-out-file={folder / CALLGRIND_FILE}",
     ]
     argv += [PYTHON, "-m", "gateway", "serve", "--routes", str(ctx.routes)]
-    argv += ["--keys", str(ctx.keys), "--port", str(port)]
+    keys = ctx.keys.with_name("keys-limited.yaml") if case == LIMITED else ctx.keys
+    argv += ["--keys", str(keys), "--port", str(port)]
     began = time.monotonic()
     with log.open("ab") as err:
         # The access log (stdout) is part of the cost; it goes to /dev/null.
@@ -463,7 +486,7 @@ def measure(ctx: Context, tree: Tree) -> None:
     prepare(tree, ctx.tmp)
     progress_tree = f"{tree.label} (gateway from {tree.path / 'gateway'})"
     run.progress(f"measuring {progress_tree}")
-    for case in ("baseline", *KINDS):
+    for case in ("baseline", *KINDS, LIMITED):
         got = run_case(ctx, tree, case)
         tree.cases[case] = got
         if case == "baseline":
@@ -488,6 +511,7 @@ def table(trees: list[Tree], counts: dict[str, int]) -> list[list[str]]:
     labels = {
         "json": f"JSON, k instr/request (n={counts['json']})",
         "stream": f"stream {run.SSE_EVENT_COUNT} events, k instr/request (n={counts['stream']})",
+        LIMITED: f"same, token-limited key, k instr/request (n={counts['stream']})",
         "baseline": "start-up + shutdown, M instr",
     }
     for case, label in labels.items():
@@ -499,6 +523,13 @@ def table(trees: list[Tree], counts: dict[str, int]) -> list[list[str]]:
         if len(values) == 2:
             row.append(f"{values[0] / values[1]:.3f}" if values[1] else "-")
         rows.append(row)
+    ratios = [
+        tree.cases[LIMITED]["per_request"] / tree.cases["stream"]["per_request"] for tree in trees
+    ]
+    row = ["token-limited / plain stream", *(f"{r:.3f}" for r in ratios)]
+    if len(ratios) == 2:
+        row.append("-")
+    rows.append(row)
     return rows
 
 
@@ -540,6 +571,7 @@ def bench(args: argparse.Namespace, procs: run.Processes, tmp: Path) -> dict[str
         counts["json"] = args.requests
     if args.streams is not None:
         counts["stream"] = args.streams
+    counts[LIMITED] = counts["stream"]
     trees = [working_tree()]
     if args.against:
         trees.append(revision_tree(args.against, tmp))
