@@ -464,6 +464,9 @@ class Bench:
             ("bench-paced", self.ports.up_paced),
         ):
             lines += [f"  {name}:", f"    base_url: http://127.0.0.1:{port}/v1"]
+            # As nginx's proxy has no cap: scenario 5 may hold more streams to one
+            # upstream than the default 1,024 connections.
+            lines.append(f"    max_connections: {max(1024, 2 * self.slow_streams)}")
         lines.append("models:")
         for name in ("bench-json", "bench-sse", "bench-paced"):
             lines += [f"  {name}:", "    providers:", f"      - provider: {name}"]
