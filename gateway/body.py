@@ -34,13 +34,19 @@ class ProviderPrefs:
 
 @dataclass(frozen=True, slots=True)
 class ParsedBody:
+    """What the gateway needs of a request body. The parsed JSON itself is not kept: for
+    a large body it is as big as the body, and the splice needs only the raw bytes."""
+
     raw: bytes
-    data: dict[str, Any]
     slugs: tuple[str, ...]  # `model` first, then `models`, without repeats
     stream: bool
     session_id: str | None
     prefs: ProviderPrefs | None
     needs_rewrite: bool  # any gateway field present: members must be dropped
+    has_model: bool = True  # a top-level `model` member
+    has_stream_options: bool = False
+    stream_options: Any = None
+    prompt_length: int = 0  # prompt characters, counted only when asked (parse_body)
 
     def for_upstream(self, upstream_model: str, inject_usage: bool = False) -> bytes:
         """The client's bytes with `model` replaced and the gateway's own fields removed.
@@ -49,15 +55,15 @@ class ParsedBody:
         tokens from it and hides it from a client that did not ask).
         """
         replace = {"model": orjson.dumps(upstream_model)}
-        if not inject_usage and not self.needs_rewrite and "model" in self.data:
+        if not inject_usage and not self.needs_rewrite and self.has_model:
             fast = splice_sole(self.raw, MODEL_KEY, replace["model"])
             if fast is not None:
                 return fast
-        inserts = [] if "model" in self.data else [b'"model":' + replace["model"]]
+        inserts = [] if self.has_model else [b'"model":' + replace["model"]]
         if inject_usage:
-            options = self.data.get("stream_options")
+            options = self.stream_options
             merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-            if "stream_options" in self.data:
+            if self.has_stream_options:
                 replace["stream_options"] = orjson.dumps(merged)
             else:
                 inserts.append(b'"stream_options":' + orjson.dumps(merged))
@@ -65,13 +71,12 @@ class ParsedBody:
 
     @property
     def asked_usage(self) -> bool:
-        options = self.data.get("stream_options")
+        options = self.stream_options
         return isinstance(options, dict) and options.get("include_usage") is True
 
     def prompt_chars(self) -> int:
         """Characters of the prompt, for a token estimate when no usage came back."""
-        value = self.data.get("messages", self.data.get("prompt", self.data.get("input")))
-        return _text_length(value)
+        return self.prompt_length
 
 
 async def read_body(receive: Any, limit: int, declared: int | None) -> bytes:
@@ -129,7 +134,11 @@ def _prefs(value: Any) -> ProviderPrefs | None:
     )
 
 
-def parse_body(raw: bytes, path: str, header_session: str | None = None) -> ParsedBody:
+def parse_body(
+    raw: bytes, path: str, header_session: str | None = None, count_prompt: bool = False
+) -> ParsedBody:
+    """Validate the body and keep what routing and the splice need. `count_prompt`: also
+    count the prompt's characters (keys with token limits estimate from them)."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -177,14 +186,18 @@ def parse_body(raw: bytes, path: str, header_session: str | None = None) -> Pars
         if len(session_id) > MAX_SESSION_ID:
             raise _fail("session_id", f"session_id must be at most {MAX_SESSION_ID} characters")
 
+    prompt = data.get("messages", data.get("prompt", data.get("input"))) if count_prompt else None
     return ParsedBody(
         raw=raw,
-        data=data,
         slugs=tuple(slugs),
         stream=bool(stream),
         session_id=session_id,
         prefs=_prefs(data.get("provider")),
         needs_rewrite=not GATEWAY_FIELDS.isdisjoint(data),
+        has_model="model" in data,
+        has_stream_options="stream_options" in data,
+        stream_options=data.get("stream_options"),
+        prompt_length=_text_length(prompt) if count_prompt else 0,
     )
 
 

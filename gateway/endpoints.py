@@ -129,7 +129,8 @@ class ProxyEndpoint:
                 receive, runtime.settings.max_body_bytes, incoming.declared_length()
             )
             session = incoming.session_id.decode("latin-1") if incoming.session_id else None
-            parsed = parse_body(raw, self.path, session)
+            counting = key is not None and limiter.counts_tokens(key)
+            parsed = parse_body(raw, self.path, session, counting)
             plan = build_plan(config.routes, parsed, key, runtime.health, runtime.strategies)
             limited = key is not None and limiter.limited(key)
             rate_headers = limiter.admit(key) if key is not None and limited else []
