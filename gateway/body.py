@@ -32,10 +32,14 @@ class ProviderPrefs:
     allow_fallbacks: bool = True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ParsedBody:
     """What the gateway needs of a request body. The parsed JSON itself is not kept: for
-    a large body it is as big as the body, and the splice needs only the raw bytes."""
+    a large body it is as big as the body, and the splice needs only the raw bytes.
+
+    Written by parse_body alone and read after; not frozen only because a frozen
+    dataclass's __init__ sets each field through object.__setattr__ (0.94 us against
+    0.18 us for ten fields, on every request)."""
 
     raw: bytes
     slugs: tuple[str, ...]  # `model` first, then `models`, without repeats

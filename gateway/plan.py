@@ -15,7 +15,7 @@ from gateway.routes import Model, Routes, Target
 from gateway.strategies import Strategies
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per entry per request, read after: see body.ParsedBody
 class Candidate:
     slug: str  # what the client asked for; the response's `model`
     model: Model
