@@ -239,8 +239,8 @@ class Metrics:
             return
         loop.run_in_executor(None, _write_snapshot, path, copies)
 
-    def _others(self) -> Iterator[tuple[bool, dict[str, Any]]]:
-        """(still running, snapshot) of every other worker that wrote a file."""
+    def _others(self) -> Iterator[tuple[bool, list[bytes]]]:
+        """(still running, lines of its file) of every other worker that wrote one."""
         if self.directory is None:
             return
         mine = os.getpid()
@@ -249,10 +249,10 @@ class Metrics:
             if pid == mine:
                 continue
             try:
-                snapshot = orjson.loads(path.read_bytes())
-            except (OSError, orjson.JSONDecodeError):
+                lines = path.read_bytes().splitlines()
+            except OSError:
                 continue
-            yield _running(pid), snapshot
+            yield _running(pid), lines
 
     # exposition
 
@@ -262,27 +262,42 @@ class Metrics:
     def render_chunks(self, series_per_chunk: int = RENDER_CHUNK) -> Iterator[bytes]:
         """The exposition in pieces of about `series_per_chunk` series, so a caller can
         hand the loop back between them (MetricsEndpoint): with 100k keys a whole
-        render held it for 0.4 s. Series come in the order they were first seen."""
-        others = list(self._others())
+        render held it for 0.4 s. Other workers' files are merged a line (a piece of
+        their series) at a time, with an empty piece after each. Series come in the
+        order they were first seen."""
+        by_name = {f.name: f for f in self.families}
+        merged: dict[str, dict[tuple[str, ...], Any]] = {}
+        for running, lines in self._others():
+            for line in lines:
+                try:
+                    name, rows = orjson.loads(line)
+                except (orjson.JSONDecodeError, ValueError, TypeError):
+                    continue  # a file cut short, or another version's
+                family = by_name.get(name)
+                if family is None or (family.kind == "gauge" and not running):
+                    continue
+                into = merged.setdefault(name, {})
+                for row in rows:
+                    key = tuple(row[:-1])
+                    into[key] = _merge(into.get(key), row[-1], family.merge)
+                yield b""
         out: list[str] = []
         for f in self.families:
-            # A C copy of the family (safe across the pieces' yields); values are read as
-            # they are written out, unless other workers' must be merged in first.
-            series: Any = list(f.children.items())
-            if others:
-                merged: dict[tuple[str, ...], Any] = {k: c.state() for k, c in series}
-                for running, snapshot in others:
-                    if f.kind == "gauge" and not running:
-                        continue
-                    for row in snapshot.get(f.name, ()):
-                        key, value = tuple(row[:-1]), row[-1]
-                        merged[key] = _merge(merged.get(key), value, f.merge)
-                series = [(k, _Fixed(v)) for k, v in merged.items()]
+            # A C copy of the family: safe across the pieces' yields.
+            children = list(f.children.items())
+            others = merged.pop(f.name, None)
+            series: Any = children
+            if others is not None:
+                for i, (key, child) in enumerate(children):
+                    others[key] = _merge(others.get(key), child.state(), f.merge)
+                    if i % series_per_chunk == series_per_chunk - 1:
+                        yield b""
+                series = others.items()
             out.append(f"# HELP {f.name} {f.help}\n# TYPE {f.name} {f.kind}\n")
             bounds = _bounds(f)
             suffix = "_total" if f.kind == "counter" else ""
-            for key, child in series:
-                value = child.state()
+            for key, item in series:
+                value = item if others is not None else item.state()
                 if bounds:
                     out += _histogram_lines(
                         f.name, list(zip(f.labels, key, strict=True)), bounds, value
@@ -295,26 +310,21 @@ class Metrics:
         yield "".join(out).encode()
 
 
-class _Fixed:
-    """A merged value standing in for a series' own counter in render_chunks."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def state(self) -> Any:
-        return self.value
+def snapshot_lines(copies: list[tuple[str, dict[tuple[str, ...], Any]]]) -> bytes:
+    """A worker's values for the others' scrapes: JSON lines of `[family, [rows]]`, each
+    at most RENDER_CHUNK rows, so a scrape merges them a line at a time."""
+    lines = []
+    for name, children in copies:
+        rows = [[*labels, child.state()] for labels, child in children.items()]
+        for at in range(0, len(rows), RENDER_CHUNK):
+            lines.append(orjson.dumps([name, rows[at : at + RENDER_CHUNK]]))
+    return b"\n".join(lines) + b"\n"
 
 
 def _write_snapshot(path: Path, copies: list[tuple[str, dict[tuple[str, ...], Any]]]) -> None:
-    snapshot = {
-        name: [[*labels, child.state()] for labels, child in children.items()]
-        for name, children in copies
-    }
     temp = path.with_suffix(".tmp")
     try:
-        temp.write_bytes(orjson.dumps(snapshot))
+        temp.write_bytes(snapshot_lines(copies))
         temp.replace(path)  # a scrape never reads a half-written file
     except OSError:
         pass  # the directory went away with the supervisor: nothing left to report to

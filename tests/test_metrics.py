@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import DIR_ENV, Metrics
+from gateway.metrics import DIR_ENV, RENDER_CHUNK, Metrics, snapshot_lines
 from tests.conftest import GatewayFactory
 
 ECHO_ROUTES = "providers:\n  echo:\n    base_url: builtin:echo\nmodels:\n  echo:\n    providers: [{provider: echo}]\n"
@@ -85,17 +86,15 @@ def test_scrape_adds_other_workers_files(tmp_path: Path, monkeypatch: pytest.Mon
     other.duration("m").observe(0.02)
     other.in_flight.inc(7)
     other.provider_up("p", "m").set(0)
-    snapshot = {f.name: [[*k, c.state()] for k, c in f.children.items()] for f in other.families}
-    (tmp_path / f"metrics-{dead_pid}.json").write_bytes(orjson.dumps(snapshot))
+    snapshot = snapshot_lines([(f.name, f.children) for f in other.families])
+    (tmp_path / f"metrics-{dead_pid}.json").write_bytes(snapshot)
     # A worker still running (this test's parent process stands in for it).
     live = Metrics()
     live.requests("m", "p", "200", "false").inc(2)
     live.in_flight.inc(3)
     live.provider_up("p", "m").set(1)
-    live_snapshot = {
-        f.name: [[*k, c.state()] for k, c in f.children.items()] for f in live.families
-    }
-    (tmp_path / f"metrics-{os.getppid()}.json").write_bytes(orjson.dumps(live_snapshot))
+    live_snapshot = snapshot_lines([(f.name, f.children) for f in live.families])
+    (tmp_path / f"metrics-{os.getppid()}.json").write_bytes(live_snapshot)
     (tmp_path / "metrics-999999999.json").write_bytes(b"{half a fi")  # unreadable: skipped
 
     mine = Metrics()
@@ -116,8 +115,14 @@ def test_dump_writes_this_workers_file(tmp_path: Path, monkeypatch: pytest.Monke
     m = Metrics()
     m.attempts("p").inc(4)
     m.dump()
-    data = orjson.loads((tmp_path / f"metrics-{os.getpid()}.json").read_bytes())
-    assert data["gateway_upstream_attempts"] == [["p", 4.0]]
+    path = tmp_path / f"metrics-{os.getpid()}.json"
+    # Written from a thread: wait (bounded) for the file.
+    for _ in range(500):
+        if path.exists():
+            break
+        time.sleep(0.01)
+    data = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert ["gateway_upstream_attempts", [["p", 4.0]]] in data
     assert not list(tmp_path.glob("*.tmp"))
     # Without the directory (one worker) nothing is written anywhere.
     monkeypatch.delenv(DIR_ENV)
@@ -179,3 +184,25 @@ async def test_a_large_scrape_hands_the_loop_back_between_pieces(
     assert r.status_code == 200 and b'key="key-99999"' in r.content
     assert len(seen) > 10
     assert seen[-1] - seen[0] >= len(seen) - 2  # the loop turned between the pieces
+
+
+def test_workers_files_are_lines_merged_a_piece_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker's 3 x RENDER_CHUNK series come as three lines; the scrape merges
+    them with an empty piece (a turn of the loop) after each, and sums what both have."""
+    monkeypatch.setenv(DIR_ENV, str(tmp_path))
+    other = Metrics()
+    for i in range(3 * RENDER_CHUNK):
+        other.tokens(f"k{i}", "prompt").inc(2)
+    data = snapshot_lines([(f.name, f.children) for f in other.families])
+    tokens_lines = [ln for ln in data.splitlines() if ln.startswith(b'["gateway_tokens"')]
+    assert len(tokens_lines) == 3
+    (tmp_path / f"metrics-{os.getppid()}.json").write_bytes(data)
+    mine = Metrics()
+    mine.tokens("k0", "prompt").inc(1)
+    pieces = list(mine.render_chunks())
+    assert pieces[:3] == [b"", b"", b""]  # one per line of the other's tokens
+    got = samples(mine)
+    assert got[("gateway_tokens_total", (("key", "k0"), ("kind", "prompt")))] == 3
+    assert got[("gateway_tokens_total", (("key", "k5"), ("kind", "prompt")))] == 2

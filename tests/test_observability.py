@@ -600,7 +600,10 @@ def worker_request_counts(supervisor: int) -> dict[int, float] | None:
         file = Path(directory or "/nonexistent") / f"metrics-{pid}.json"
         if not file.exists():
             continue
-        counts[pid] = sum(row[-1] for row in json.loads(file.read_text())["gateway_requests"])
+        lines = [json.loads(line) for line in file.read_text().splitlines() if line]
+        counts[pid] = sum(
+            row[-1] for name, rows in lines if name == "gateway_requests" for row in rows
+        )
     return counts
 
 
