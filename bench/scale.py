@@ -7,7 +7,9 @@ Curves:
   and the longest /healthz answer while a SIGHUP reload of the same size runs (the event
   loop's stall), plus the supervisor's RSS with --workers 2;
 - wildcard slug churn: N requests each with a new slug under `w/*`: RSS growth and the
-  size of /metrics.
+  size of /metrics;
+- request body size, 1 KB -> 8 MB: the gateway's peak RSS over its RSS before the
+  request (VmHWM after /proc/PID/clear_refs), in bodies.
 
 Usage: bench/scale.py [--quick]
 """
@@ -76,7 +78,18 @@ class Client:
         for line in raw.split(b"\r\n"):
             if line.lower().startswith(b"content-length:"):
                 length = int(line.split(b":", 1)[1])
+            elif line.lower() == b"transfer-encoding: chunked":
+                return await self._chunked()
         return await self.reader.readexactly(length)
+
+    async def _chunked(self) -> bytes:
+        parts = []
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            data = await self.reader.readexactly(size + 2)
+            if size == 0:
+                return b"".join(parts)
+            parts.append(data[:-2])
 
     def close(self) -> None:
         self.writer.close()
@@ -171,12 +184,76 @@ async def churn_point(procs: run.Processes, tmp: Path, requests: int) -> dict[st
             "metrics_bytes": len(metrics), "metrics_series": series}  # fmt: skip
 
 
+ANSWER = b'{"id":"x","object":"chat.completion","created":1,"model":"up","choices":[]}'
+
+
+async def small_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An upstream that reads each request whole and answers a small JSON body: what the
+    gateway holds for a large request is then the request's alone."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
+            )
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+        writer.close()  # the gateway went away, or the bench is ending
+
+
+async def body_points(procs: run.Processes, tmp: Path, sizes: list[int]) -> list[dict[str, Any]]:
+    upstream = await asyncio.start_server(small_answers, "127.0.0.1", 0)
+    up_port = upstream.sockets[0].getsockname()[1]
+    routes, keyfile = tmp / "routes.yaml", tmp / "keys.yaml"
+    routes.write_text(
+        f"providers:\n  up:\n    base_url: http://127.0.0.1:{up_port}/v1\n"
+        "models:\n  m0:\n    providers: [{provider: up}]\n"
+    )
+    keyfile.write_text("")
+    port = run.free_ports(1)[0]
+    argv = [*run.gateway_command(), "serve", "--routes", str(routes), "--keys", str(keyfile)]
+    argv += ["--port", str(port), "--log-level", "warning", "--max-body-bytes", str(64 << 20)]
+    proc = procs.start(argv, "proxy", log=tmp / "bodies.log")
+    points = []
+    try:
+        client = await Client.connect(port, 30)
+        await client.request("GET", "/healthz")
+        for size in sizes:
+            text = "hello " * (size // 6)
+            body = json.dumps({"model": "m0", "messages": [{"role": "user", "content": text}]})
+            before = run.status_kib(proc.pid, "VmRSS")
+            reset_peak(proc.pid)
+            await client.request("POST", "/v1/chat/completions", body.encode())
+            peak = run.status_kib(proc.pid, "VmHWM") - before
+            ratio = peak * 1024 / len(body)
+            progress(f"body {len(body) / 1024:>8,.0f} KiB: peak {peak / 1024:6.1f} MiB over the "
+                     f"RSS before it = {ratio:4.1f} bodies")  # fmt: skip
+            points.append({"body_bytes": len(body), "peak_kib": peak, "bodies": ratio})
+        client.close()
+    finally:
+        procs.stop(proc)
+        upstream.close()
+        await upstream.wait_closed()
+    return points
+
+
+def reset_peak(pid: int) -> None:
+    """VmHWM starts again from the current RSS (Linux: clear_refs 5)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
 async def bench(quick: bool) -> dict[str, Any]:
     procs = run.Processes(run.pick_cores())
     sizes = [(10, 10), (10_000, 10), (10, 10_000), (10_000, 10_000)]
     if not quick:
         sizes += [(100_000, 0), (10, 100_000)]
-    out: dict[str, Any] = {"config": [], "supervisor": [], "churn": []}
+    out: dict[str, Any] = {"config": [], "supervisor": [], "churn": [], "bodies": []}
     with tempfile.TemporaryDirectory(prefix="gateway-scale-") as name:
         tmp = Path(name)
         try:
@@ -185,6 +262,8 @@ async def bench(quick: bool) -> dict[str, Any]:
             out["supervisor"].append(await supervisor_point(procs, tmp, 10_000))
             for n in (1_000, 10_000) if quick else (1_000, 10_000, 50_000):
                 out["churn"].append(await churn_point(procs, tmp, n))
+            sizes = [1 << 10, 64 << 10, 1 << 20, 8 << 20]
+            out["bodies"] = await body_points(procs, tmp, sizes)
         finally:
             procs.stop_all()
     return out
