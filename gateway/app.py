@@ -22,7 +22,7 @@ from gateway.endpoints import (
 )
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
-from gateway.server.protocol import ServerLimits
+from gateway.server.admission import ServerLimits
 from gateway.settings import Settings, default_max_connections
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -73,3 +74,50 @@ async def until(check: Callable[[], Any], within: float = 5.0, every: float = 0.
         if loop.time() >= deadline:
             raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(every)
+
+
+class MemoryTransport(asyncio.Transport):
+    """A server connection's transport in memory: what the protocol wrote and did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closing = False
+        self.reading = True
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        assert not self.closing, "write after close"
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closing = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        info = {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}
+        return info.get(name, default)
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def can_write_eof(self) -> bool:
+        return False  # refusals then close at once (the lingering close is tested on sockets)
+
+    @property
+    def wire(self) -> bytes:
+        return b"".join(self.writes)
+
+
+def stop(proc: subprocess.Popen[Any], grace: float = 10) -> None:
+    """Stop a process the test started, by its own pid: terminate, then kill."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)

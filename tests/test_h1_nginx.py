@@ -16,6 +16,7 @@ from gateway.routes import Provider
 from gateway.upstream.client import Upstream
 from gateway.upstream.connection import State
 from tests.helpers import free_port as _free_port
+from tests.helpers import stop
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 BODY = b'{"id":"x","object":"chat.completion","model":"upstream-model","choices":[]}'
@@ -97,12 +98,7 @@ http {{
                 time.sleep(0.05)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc)
 
 
 def _provider(port: int) -> Provider:

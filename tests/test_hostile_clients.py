@@ -34,9 +34,10 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from gateway.server.protocol import ServerLimits, ServerProtocol
+from gateway.server.admission import ServerLimits
+from gateway.server.protocol import ServerProtocol
 from tests.conftest import GatewayFactory, RunningGateway, one_provider
-from tests.helpers import assert_envelope, free_port
+from tests.helpers import MemoryTransport, assert_envelope, free_port, stop
 from tests.upstream import Hang, Json, Upstream, chat_completion
 
 WAIT = 5.0  # the longest any single step may take before the test fails instead of hanging
@@ -545,12 +546,7 @@ def serve(
             time.sleep(0.05)
         yield proc, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
 
 
 def answer_to(data: bytes, port: int, timeout: float = WAIT) -> Answer:
@@ -968,41 +964,6 @@ class Clock:
             self.now = max(self.now, timer.when)
             timer.callback()
         self.now = end
-
-
-class MemoryTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-        self.closing = False
-        self.reading = True
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        assert not self.closing, "write after close"
-        self.writes.append(bytes(data))
-
-    def close(self) -> None:
-        self.closing = True
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        info = {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}
-        return info.get(name, default)
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def can_write_eof(self) -> bool:
-        return False  # refusals then close at once (the lingering close is tested on sockets)
-
-    @property
-    def wire(self) -> bytes:
-        return b"".join(self.writes)
 
 
 @dataclass

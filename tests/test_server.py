@@ -18,7 +18,7 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from gateway.server.protocol import ServerProtocol
-from tests.helpers import assert_envelope, loopback_socket, start_uvicorn
+from tests.helpers import MemoryTransport, assert_envelope, loopback_socket, start_uvicorn
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -231,41 +231,12 @@ async def test_httpx_client_reuses_the_connection() -> None:
 # one transport write for head and first body bytes (in-process, with a fake transport)
 
 
-class FakeTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes.append(bytes(data))
-
-    def close(self) -> None:
-        self.closing = True
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        info = {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}
-        return info.get(name, default)
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return False
-
-
 async def drive(app: App, request: bytes) -> list[bytes]:
     """Feed `request` to one protocol instance; the transport writes it made."""
     config = uvicorn.Config(app, http=ServerProtocol, lifespan="off", log_level="warning")
     state = ServerState()
     protocol = ServerProtocol(config, state, {}, _loop=asyncio.get_running_loop())
-    transport = FakeTransport()
+    transport = MemoryTransport()
     protocol.connection_made(transport)
     try:
         protocol.data_received(request)

@@ -23,37 +23,24 @@ import asyncio
 import math
 import urllib.parse
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, cast
 
 import httptools
 
 from gateway.errors import (
     BadRequest,
-    GatewayError,
     HeaderTooLarge,
     NotFound,
-    Overloaded,
     RequestTimeout,
     UriTooLong,
 )
+from gateway.server.admission import give_way, limits_of, overloaded
 from gateway.server.cycle import Cycle, FlowControl, Message, closing
+from gateway.server.upgrade import BodyOnly, is_websocket, resume_head
 
 HIGH_WATER = 64 * 1024  # buffered request body bytes at which reading pauses
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
-# At the connection cap, a connection still sending its head after this long may be
-# closed to make room (a whole head arrives in one packet from a well-behaved client).
-SLOW_HEAD_SECONDS = 0.1
 LINGER_SECONDS = 2.0  # after a refusal: the longest the client's bytes are drained
-
-
-@dataclass(frozen=True, slots=True)
-class ServerLimits:
-    max_header_bytes: int = 65536  # request line plus header fields
-    max_header_fields: int = 256
-    header_timeout: float = 10.0  # from the head's first byte to its end
-    body_timeout: float = 30.0  # longest pause between request body bytes
-    max_connections: int = 10_000
 
 
 class _Refused(Exception):
@@ -73,7 +60,7 @@ class ServerProtocol(asyncio.Protocol):
         if not config.loaded:
             config.load()
         self.app = config.loaded_app
-        self.limits = _limits_of(self.app)
+        self.limits = limits_of(self.app)
         self.keep_alive_for: float = config.timeout_keep_alive
         self.first_due = min(self.limits.header_timeout, self.keep_alive_for)
         self.loop = _loop or asyncio.get_event_loop()
@@ -123,7 +110,7 @@ class ServerProtocol(asyncio.Protocol):
             self.scheme = "https"
         if len(connections) > self.limits.max_connections and not self._make_room():
             # Nothing was read from it, and no lingering: the fd goes back at once.
-            self.refusal = closing(b"503 Service Unavailable", _overloaded(), b"retry-after: 1\r\n")
+            self.refusal = overloaded()
             self.transport.write(self.refusal)
             self.transport.close()
             return
@@ -227,10 +214,10 @@ class ServerProtocol(asyncio.Protocol):
             raise _Refused
         parser = self.parser
         self.upgrading = parser.should_upgrade()
-        if self.upgrading and self._upgrade_to_websocket():
+        if self.upgrading and is_websocket(self.headers):
             # Nothing here speaks WebSocket; clients (Codex CLI) fall back at once on a
             # 404, while a 4xx that looks retryable costs them seconds.
-            self._refuse(b"404 Not Found", NotFound("WebSocket is not served here"))
+            self._refuse(closing(b"404 Not Found", NotFound("WebSocket is not served here")))
             raise _Refused
         url = self.url
         if url[:1] == b"/":
@@ -271,8 +258,7 @@ class ServerProtocol(asyncio.Protocol):
         else:
             # Pipelined: answered in order, one at a time; read no further meanwhile.
             self.queued.append(cycle)
-            self.flow.hold = True
-            self.flow.pause_reading()
+            self.hold_reading()
 
     def on_body(self, body: bytes) -> None:
         cycle = self.parsing
@@ -297,52 +283,43 @@ class ServerProtocol(asyncio.Protocol):
 
     # upgrades, which are never honoured
 
-    def _upgrade_to_websocket(self) -> bool:
-        for name, value in self.headers:
-            if name == b"upgrade" and b"websocket" in value.lower():
-                return True
-        return False
-
     def _upgrade(self, rest: bytes) -> None:
-        """llhttp stopped after an upgrade request's head. The request is served as
-        plain HTTP with its body: a fresh parser reads the body behind a synthetic head
-        that carries only the framing, its head callbacks going nowhere (_BodyOnly)."""
-        framing = b""
-        for name, value in self.headers:
-            if name == b"content-length" or name == b"transfer-encoding":
-                framing += name + b": " + value + b"\r\n"
+        """llhttp stopped after an upgrade request's head: serve it as plain HTTP with
+        its body (gateway/server/upgrade.py)."""
+        head = resume_head(self.headers)
         self.upgrading = False
-        if not framing or self.parsing is None:
+        if head is None or self.parsing is None:
             self.on_message_complete()
             self.parser = self._new_parser()
             return  # nothing after the head is read: the connection ends with the answer
-        self.parser = httptools.HttpRequestParser(_BodyOnly(self))
-        self._feed(b"POST / HTTP/1.1\r\n" + framing + b"\r\n" + rest)
+        self.parser = httptools.HttpRequestParser(BodyOnly(self))
+        self._feed(head + rest)
+
+    def hold_reading(self) -> None:
+        """Stop reading until finished() lets go (a cycle reading its body cannot)."""
+        self.flow.hold = True
+        self.flow.pause_reading()
 
     # refusals
 
     def _refuse_head(self, status: int) -> None:
         if status == 414:
-            self._refuse(b"414 URI Too Long", UriTooLong("the request line is too long"))
+            self._refuse(closing(b"414 URI Too Long", UriTooLong("the request line is too long")))
         else:
-            self._refuse(
-                b"431 Request Header Fields Too Large",
-                HeaderTooLarge(
-                    "the request head is too large",
-                    {
-                        "max_bytes": self.limits.max_header_bytes,
-                        "max_fields": self.limits.max_header_fields,
-                    },
-                ),
-            )
+            limits = {
+                "max_bytes": self.limits.max_header_bytes,
+                "max_fields": self.limits.max_header_fields,
+            }
+            error = HeaderTooLarge("the request head is too large", limits)
+            self._refuse(closing(b"431 Request Header Fields Too Large", error))
 
-    def _refuse(self, status: bytes, error: GatewayError, extra: bytes = b"") -> None:
-        """End the connection with this answer, after the answers to the requests
-        before it: nothing more is read, and no upstream sees the refused request."""
+    def _refuse(self, answer: bytes) -> None:
+        """End the connection with this answer (cycle.closing), after the answers to the
+        requests before it: nothing more is read, and no upstream sees the refused
+        request."""
         self.head_since = self.body_at = 0.0
-        self.refusal = closing(status, error, extra)
-        self.flow.hold = True
-        self.flow.pause_reading()
+        self.refusal = answer
+        self.hold_reading()
         if self.cycle is None:
             self._send_refusal()
 
@@ -381,7 +358,7 @@ class ServerProtocol(asyncio.Protocol):
             # A queued request's body broke: it is never answered.
             self.queued.remove(cycle)
             self.parsing = None
-        self._refuse(b"400 Bad Request", BadRequest("malformed HTTP request"))
+        self._refuse(closing(b"400 Bad Request", BadRequest("malformed HTTP request")))
 
     # lifecycle
 
@@ -478,37 +455,20 @@ class ServerProtocol(asyncio.Protocol):
         if cycle is not None:
             self.queued.remove(cycle)
             self.parsing = None
-        self._refuse(b"408 Request Timeout", RequestTimeout(message))
+        self._refuse(closing(b"408 Request Timeout", RequestTimeout(message)))
 
     def _make_room(self) -> bool:
-        """At the connection cap: close the longest-idle keep-alive connection, else one
-        that has been sending a head for over SLOW_HEAD_SECONDS (it holds no request);
-        False when there is none."""
-        now = self.loop.time()
-        idle: ServerProtocol | None = None
-        slow: ServerProtocol | None = None
-        for other in self.state.connections:
-            if other is self or not isinstance(other, ServerProtocol):
-                continue
-            if other.cycle is None and not other.head_since and other.idle_since:
-                if idle is None or other.idle_since < idle.idle_since:
-                    idle = other
-            elif (
-                other.cycle is None
-                and other.head_since
-                and now - other.head_since > SLOW_HEAD_SECONDS
-                and (slow is None or other.head_since < slow.head_since)
-            ):
-                slow = other
-        if idle is not None:
-            idle.transport.close()
-            idle.state.connections.discard(idle)
-            return True
-        if slow is not None:
-            slow._refuse(b"503 Service Unavailable", _overloaded(), b"retry-after: 1\r\n")
-            slow.state.connections.discard(slow)
-            return True
-        return False
+        """At the connection cap: let one connection go (admission.give_way); False when
+        none may."""
+        other, idle = give_way(self.state.connections, self, self.loop.time())
+        if other is None:
+            return False
+        if idle:
+            other.transport.close()
+        else:
+            other._refuse(overloaded())
+        other.state.connections.discard(other)
+        return True
 
     def shutdown(self) -> None:
         """uvicorn's drain: close when idle, else once the current response ends."""
@@ -518,45 +478,8 @@ class ServerProtocol(asyncio.Protocol):
             self.cycle.keep_alive = False
 
 
-class _BodyOnly:
-    """Parser callbacks for an upgrade request's body behind its synthetic head: the
-    body and its end go to the protocol; after it the connection reads nothing more."""
-
-    def __init__(self, protocol: ServerProtocol) -> None:
-        self.protocol = protocol
-
-    def on_body(self, body: bytes) -> None:
-        self.protocol.on_body(body)
-
-    def on_message_complete(self) -> None:
-        protocol = self.protocol
-        protocol.on_message_complete()
-        protocol.flow.hold = True  # an upgrade request is the connection's last
-        protocol.flow.pause_reading()
-
-
-DEFAULT_LIMITS = ServerLimits()
-
-
 def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
     return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
-
-
-def _limits_of(app: Any) -> ServerLimits:
-    """The app's `server_limits` (the gateway's come from its settings), looked for
-    through the middleware uvicorn may wrap it in; else the defaults."""
-    for _ in range(8):
-        limits = getattr(app, "server_limits", None)
-        if isinstance(limits, ServerLimits):
-            return limits
-        app = getattr(app, "app", None)
-        if app is None:
-            break
-    return DEFAULT_LIMITS
-
-
-def _overloaded() -> Overloaded:
-    return Overloaded("the gateway is at its connection limit; retry shortly")
 
 
 def _address(value: Any) -> tuple[str, int] | None:
