@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import orjson
+from msgspec import UNSET, UnsetType
 
 from gateway.errors import BadRequest, PayloadTooLarge, ValidationFailed
 from gateway.jsonscan import MODEL_KEY, rewrite_members, splice_sole
@@ -138,26 +141,79 @@ def _prefs(value: Any) -> ProviderPrefs | None:
     )
 
 
+class _Fields(msgspec.Struct):
+    """The members the gateway reads; msgspec validates every other member while skipping
+    it, building no object for it. The prompt fields stay raw JSON (a view of the body):
+    for a large body they are the body, and the gateway needs only their shape."""
+
+    model: Any = UNSET
+    models: Any = UNSET
+    route: Any = UNSET
+    provider: Any = UNSET
+    session_id: Any = UNSET
+    stream: Any = UNSET
+    stream_options: Any = UNSET
+    messages: msgspec.Raw | UnsetType = UNSET
+    prompt: msgspec.Raw | UnsetType = UNSET
+    input: msgspec.Raw | UnsetType = UNSET
+
+
+# msgspec decodes into _Fields without materialising the rest: 0.28 us against orjson.loads'
+# 0.52 us for a 279-byte chat body, and an 8 MiB body costs nothing beyond itself (orjson
+# built the whole tree: 2.2x the body at its peak).
+_DECODE = msgspec.json.Decoder(_Fields).decode
+_EMPTY_LIST = re.compile(rb"\[[ \t\r\n]*\]")
+# UTF-8 inside skipped strings is not checked by msgspec; it is checked here, a window at
+# a time so a large body is never decoded whole.
+_UTF8_WINDOW = 1 << 20
+
+
+def _check_utf8(raw: bytes) -> None:
+    if raw.isascii():
+        return
+    try:
+        if len(raw) <= _UTF8_WINDOW:
+            str(raw, "utf-8")
+            return
+        decode = codecs.getincrementaldecoder("utf-8")().decode
+        view = memoryview(raw)
+        for start in range(0, len(view), _UTF8_WINDOW):
+            decode(view[start : start + _UTF8_WINDOW], start + _UTF8_WINDOW >= len(view))
+    except UnicodeDecodeError as exc:
+        raise BadRequest(
+            f"request body is not valid JSON: invalid UTF-8 at byte {exc.start}",
+            {"cause": "json"},
+        ) from None
+
+
+def _given(raw: Any) -> bool:
+    return raw is not UNSET and bytes(memoryview(raw)[:4]) != b"null"
+
+
 def parse_body(
     raw: bytes, path: str, header_session: str | None = None, count_prompt: bool = False
 ) -> ParsedBody:
     """Validate the body and keep what routing and the splice need. `count_prompt`: also
     count the prompt's characters (keys with token limits estimate from them)."""
     try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        data = _DECODE(raw)
+    except msgspec.ValidationError:  # the only typed expectation is the top-level object
+        # (decoding stops at the first value that is not one, before reading further)
+        raise BadRequest("request body must be a JSON object", {"cause": "not_object"}) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", {"cause": "json"}) from None
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object", {"cause": "not_object"})
+    except RecursionError:  # msgspec's depth limit is the interpreter's (1,000)
+        raise BadRequest("request body is nested too deeply", {"cause": "json"}) from None
+    _check_utf8(raw)
 
     slugs: list[str] = []
-    model = data.get("model")
-    if model is not None:
+    model = data.model
+    if model is not UNSET and model is not None:
         if not isinstance(model, str) or not _SLUG.fullmatch(model):
             raise _fail("model", "model must be a non-empty string without control characters")
         slugs.append(model)
-    models = data.get("models")
-    if models is not None:
+    models = data.models
+    if models is not UNSET and models is not None:
         if (
             not isinstance(models, list)
             or not models
@@ -167,42 +223,60 @@ def parse_body(
         slugs.extend(m for m in models if m not in slugs)
     if not slugs:
         raise _fail("model", "model is required")
-    route = data.get("route")
-    if route is not None and route != "fallback":
+    route = data.route
+    if route is not UNSET and route is not None and route != "fallback":
         raise _fail("route", 'route may only be "fallback"')
 
     needed = REQUIRED[path]
-    value = data.get(needed)
+    value = getattr(data, needed)
     if needed == "messages":
-        if not isinstance(value, list) or not value:
+        if (
+            value is UNSET
+            or bytes(memoryview(value)[:1]) != b"["
+            or _EMPTY_LIST.match(memoryview(value)) is not None
+        ):
             raise _fail("messages", "messages must be a non-empty list")
-    elif value is None:
+    elif not _given(value):
         raise _fail(needed, f"{needed} is required")
 
-    stream = data.get("stream")
+    stream = None if data.stream is UNSET else data.stream
     if stream is not None and not isinstance(stream, bool):
         raise _fail("stream", "stream must be true or false")
 
-    session_id = data.get("session_id", header_session)
+    session_id = header_session if data.session_id is UNSET else data.session_id
     if session_id is not None:
         if not isinstance(session_id, str):
             raise _fail("session_id", "session_id must be a string")
         if len(session_id) > MAX_SESSION_ID:
             raise _fail("session_id", f"session_id must be at most {MAX_SESSION_ID} characters")
 
-    prompt = data.get("messages", data.get("prompt", data.get("input"))) if count_prompt else None
+    has_options = data.stream_options is not UNSET
     return ParsedBody(
         raw=raw,
         slugs=tuple(slugs),
         stream=bool(stream),
         session_id=session_id,
-        prefs=_prefs(data.get("provider")),
-        needs_rewrite=not GATEWAY_FIELDS.isdisjoint(data),
-        has_model="model" in data,
-        has_stream_options="stream_options" in data,
-        stream_options=data.get("stream_options"),
-        prompt_length=_text_length(prompt) if count_prompt else 0,
+        prefs=_prefs(None if data.provider is UNSET else data.provider),
+        needs_rewrite=(
+            data.models is not UNSET
+            or data.route is not UNSET
+            or data.provider is not UNSET
+            or data.session_id is not UNSET
+        ),
+        has_model=model is not UNSET,
+        has_stream_options=has_options,
+        stream_options=data.stream_options if has_options else None,
+        prompt_length=_prompt_length(data) if count_prompt else 0,
     )
+
+
+def _prompt_length(data: _Fields) -> int:
+    """The prompt's characters, from the first of messages, prompt and input given (the
+    prompt is parsed only here, for keys with token limits)."""
+    for field in (data.messages, data.prompt, data.input):
+        if isinstance(field, msgspec.Raw) and _given(field):
+            return _text_length(orjson.loads(memoryview(field)))
+    return 0
 
 
 def _text_length(value: Any) -> int:

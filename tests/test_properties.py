@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.body import GATEWAY_FIELDS, parse_body
-from gateway.errors import UpstreamResponseTooLarge
+from gateway.errors import BadRequest, UpstreamResponseTooLarge, ValidationFailed
 from gateway.sse import EventSplitter, Splicer, event_spans, splice_model
 from gateway.upstream.connection import H1Connection, State
 
@@ -1019,3 +1019,78 @@ def test_switching_protocols_fails_the_attempt(
     got, conn = by_h1(data.draw(splits(raw)), False)
     assert conn.error is not None and conn.state is State.CLOSED
     assert not got.ended and not got.reusable and got.body == b"" and got.status == 0
+
+
+# --------------------------------------------------------------------------- JSON validity
+
+# Bytes near valid bodies: a valid body with one byte replaced, inserted or removed, or a
+# member with a hostile value. orjson (a full parser building every value) is the oracle
+# for which bodies are JSON; parse_body validates while building only what it reads.
+_HOSTILE_VALUES = st.sampled_from(
+    [
+        b'"\xff"',
+        b'"\xc3"',
+        b'"\xed\xa0\x80"',
+        b'"a\\q"',
+        b'"\x01"',
+        b"[1,]",
+        b"01",
+        b"1e",
+        b"NaN",
+        b'{"a":1,}',
+        b"[[[[",
+        b"tru",
+        b'"\\ud800"',
+        b"-",
+        b"1.",
+        b'"\xe2\x82"',
+    ]
+)
+
+
+@st.composite
+def near_json_bodies(draw: st.DrawFn) -> bytes:
+    raw = orjson.dumps(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": draw(st.text(max_size=20))}],
+            "other": draw(st.sampled_from([1, [1, {"x": None}], "é", 1.5])),
+        }
+    )
+    how = draw(st.sampled_from(["replace", "insert", "delete", "value", "none"]))
+    if how == "value":
+        return raw[:-1] + b',"extra":' + draw(_HOSTILE_VALUES) + b"}"
+    if how == "none":
+        return raw
+    at = draw(st.integers(0, len(raw) - 1))
+    byte = bytes([draw(st.integers(0, 255))])
+    if how == "replace":
+        return raw[:at] + byte + raw[at + 1 :]
+    if how == "insert":
+        return raw[:at] + byte + raw[at:]
+    return raw[:at] + raw[at + 1 :]
+
+
+@FAST
+@given(raw=near_json_bodies())
+def test_parse_body_refuses_exactly_what_is_not_json(raw: bytes) -> None:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        data = None
+        valid = False
+    else:
+        valid = True
+    try:
+        parse_body(raw, "/chat/completions")
+    except BadRequest as exc:
+        if exc.details["cause"] == "json":
+            assert not valid
+            return
+        # A body whose first value is not an object is refused at that value, whatever
+        # follows it.
+        assert exc.details["cause"] == "not_object" and not isinstance(data, dict)
+        return
+    except ValidationFailed:
+        pass
+    assert valid

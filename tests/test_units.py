@@ -951,3 +951,44 @@ def test_gateway_errors_envelope() -> None:
             "details": {"x": 1},
         }
     }
+
+
+@pytest.mark.parametrize("bad_at", [0, (1 << 20) - 1, 1 << 20, (3 << 20) - 5])
+def test_parse_body_checks_utf8_of_large_bodies_a_window_at_a_time(bad_at: int) -> None:
+    """Skipped strings are checked for UTF-8 too, in windows; a character split across
+    a window's edge is fine, a bad byte anywhere is 400."""
+    text = "é" * (3 << 19)  # 3 MiB of two-byte characters: every window edge splits none
+    raw = orjson.dumps({"model": "a", "messages": [{"role": "user", "content": "x" + text}]})
+    assert parse_body(raw, "/chat/completions").slugs == ("a",)  # the odd offset splits them
+    start = raw.index(b"x") + 1
+    broken = raw[: start + bad_at] + b"\xff" + raw[start + bad_at + 1 :]
+    with pytest.raises(BadRequest) as info:
+        parse_body(broken, "/chat/completions")
+    assert info.value.details["cause"] == "json"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"model":"a","messages":[ \n ]}', "messages"),
+        (b'{"model":"a","messages":null}', "messages"),
+        (b'{"model":"a","messages":{"role":"user"}}', "messages"),
+        (b'{"model":"a"}', "messages"),
+    ],
+)
+def test_parse_body_needs_a_non_empty_messages_list(raw: bytes, field: str) -> None:
+    with pytest.raises(ValidationFailed) as info:
+        parse_body(raw, "/chat/completions")
+    assert info.value.details["field"] == field
+
+
+def test_parse_body_needs_a_prompt_that_is_not_null() -> None:
+    with pytest.raises(ValidationFailed):
+        parse_body(b'{"model":"a","prompt":null}', "/completions")
+    assert parse_body(b'{"model":"a","prompt":""}', "/completions").slugs == ("a",)
+
+
+def test_parse_body_counts_the_prompt_only_when_asked() -> None:
+    raw = b'{"model":"a","messages":[{"role":"user","content":"abcd"},{"content":[{"text":"ef"}]}]}'
+    assert parse_body(raw, "/chat/completions").prompt_length == 0
+    assert parse_body(raw, "/chat/completions", count_prompt=True).prompt_length == 6
