@@ -59,6 +59,58 @@ KINDS = ("json", "stream")
 # cases keep running without auth, as in earlier tables.
 LIMITED = "stream-limited"
 LIMITED_SECRET = "sk-bench-limited"
+# --curves (SPEC §8: costs grow with the work): the same JSON request with bodies from
+# 1 KiB to 8 MiB, streams longer or with larger events, and an exact slug looked up among
+# 5,000 wildcard patterns. They run on their own routes file (5,000 patterns), so they
+# have their own baseline.
+CURVE_BASELINE = "curves-baseline"
+WILDCARDS = 5000
+LONG_TOKENS = 200  # content events of the long stream
+BIG_PAD = 16 * 1024  # extra characters in each content event of the big-event stream
+
+
+def padded_body(size: int) -> bytes:
+    head = b'{"model":"bench-json","messages":[{"role":"user","content":"'
+    tail = b'"}]}'
+    return head + b"x" * max(0, size - len(head) - len(tail)) + tail
+
+
+@dataclass(frozen=True)
+class Curve:
+    body: bytes
+    quick: int  # requests under --quick
+    count: int  # requests otherwise
+    per: str  # the unit the table divides by: "KiB" of request body or "event"
+    units: float  # that unit's count per request
+
+
+CURVES: dict[str, Curve] = {
+    "body 1 KiB": Curve(padded_body(1024), 100, 500, "KiB", 1),
+    "body 64 KiB": Curve(padded_body(64 * 1024), 50, 200, "KiB", 64),
+    "body 1 MiB": Curve(padded_body(1024 * 1024), 10, 30, "KiB", 1024),
+    "body 8 MiB": Curve(padded_body(8 * 1024 * 1024), 3, 6, "KiB", 8192),
+    f"stream {LONG_TOKENS + 4} events": Curve(
+        b'{"model":"bench-long","stream":true,"messages":[{"role":"user","content":"hi"}]}',
+        30,
+        150,
+        "event",
+        LONG_TOKENS + 4,
+    ),
+    "stream 22 events of 16 KiB": Curve(
+        b'{"model":"bench-big","stream":true,"messages":[{"role":"user","content":"hi"}]}',
+        30,
+        150,
+        "event",
+        22,
+    ),
+    f"JSON among {WILDCARDS:,} wildcards": Curve(
+        b'{"model":"wild4999/x","messages":[{"role":"user","content":"hi"}]}',
+        100,
+        500,
+        "request",
+        1,
+    ),
+}
 
 
 # ---------------------------------------------------------------- tools
@@ -192,6 +244,17 @@ def start_upstream(procs: run.Processes, tools: dict[str, str], tmp: Path) -> di
         "SSE_BODY": run.nginx_string("".join(run.sse_events())),
     }
     text = (run.BENCH / "nginx_upstream.conf.in").read_text()
+    sse_server = "listen 127.0.0.1:@SSE_PORT@ backlog=4096;\n"
+    extra = ""
+    for prefix_path, events in (
+        ("/long/", run.sse_events(tokens=LONG_TOKENS)),
+        ("/big/", run.sse_events(pad=BIG_PAD)),
+    ):
+        extra += (
+            f"        location {prefix_path} {{\n            default_type text/event-stream;\n"
+            f"            return 200 '{run.nginx_string(''.join(events))}';\n        }}\n"
+        )
+    text = text.replace(sse_server, sse_server + extra)
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
     conf = prefix / "nginx.conf"
@@ -204,17 +267,30 @@ def start_upstream(procs: run.Processes, tools: dict[str, str], tmp: Path) -> di
     return ports
 
 
-def write_gateway_files(tmp: Path, ports: dict[str, int]) -> tuple[Path, Path]:
-    """As bench/run.py's Bench.write_gateway_files, for the two models measured here."""
-    routes = tmp / "routes.yaml"
+def routes_text(ports: dict[str, int], curves: bool) -> str:
+    """The two models measured here (as bench/run.py's Bench.write_gateway_files); with
+    `curves`, also the long and big-event streams and 5,000 wildcard patterns."""
+    providers = [("bench-json", f"{ports['json']}/v1"), ("bench-sse", f"{ports['stream']}/v1")]
+    if curves:
+        providers += [("bench-long", f"{ports['stream']}/long/v1")]
+        providers += [("bench-big", f"{ports['stream']}/big/v1")]
     lines = ["providers:"]
-    for name, port in (("bench-json", ports["json"]), ("bench-sse", ports["stream"])):
-        lines += [f"  {name}:", f"    base_url: http://127.0.0.1:{port}/v1"]
+    for name, where in providers:
+        lines += [f"  {name}:", f"    base_url: http://127.0.0.1:{where}"]
     lines.append("models:")
-    for name in ("bench-json", "bench-sse"):
+    for name, _ in providers:
         lines += [f"  {name}:", "    providers:", f"      - provider: {name}"]
         lines.append(f"        model: {run.UPSTREAM_MODEL}")
-    routes.write_text("\n".join(lines) + "\n")
+    if curves:
+        for i in range(WILDCARDS):
+            lines.append(f"  wild{i}/*: {{providers: [{{provider: bench-json, model: '{{1}}'}}]}}")
+    return "\n".join(lines) + "\n"
+
+
+def write_gateway_files(tmp: Path, ports: dict[str, int]) -> tuple[Path, Path]:
+    routes = tmp / "routes.yaml"
+    routes.write_text(routes_text(ports, curves=False))
+    (tmp / "routes-curves.yaml").write_text(routes_text(ports, curves=True))
     keys = tmp / "keys.yaml"
     keys.write_text("keys: []\n")
     limited = tmp / "keys-limited.yaml"
@@ -259,10 +335,35 @@ def check_limited_stream(status: int, body: bytes) -> str | None:
     return None
 
 
+def curve_check(curve: Curve) -> Callable[[int, bytes], str | None]:
+    """The answer carries the client's model name (and, for a stream, every event)."""
+    model = model_of(curve.body)
+
+    def check(status: int, body: bytes) -> str | None:
+        if status != 200:
+            return f"status {status}: {body[:200]!r}"
+        if b'"model":' + json.dumps(model).encode() not in body:
+            return f"answer without the client's model name {model}: {body[:200]!r}"
+        if curve.per == "event":
+            events = [e for e in body.split(b"\n\n") if e.startswith(b"data:")]
+            if len(events) != curve.units or events[-1] != b"data: [DONE]":
+                return f"stream of {len(events)} events (want {curve.units:.0f})"
+        return None
+
+    return check
+
+
+def model_of(body: bytes) -> str:
+    model = json.loads(body)["model"]
+    assert isinstance(model, str)
+    return model
+
+
 BODIES: dict[str, tuple[bytes, Callable[[int, bytes], str | None]]] = {
     "json": (run.JSON_BODY, check_json),
     "stream": (run.SSE_BODY, check_stream),
     LIMITED: (run.SSE_BODY, check_limited_stream),
+    **{name: (curve.body, curve_check(curve)) for name, curve in CURVES.items()},
 }
 
 
@@ -360,6 +461,7 @@ class Context:
     counts: dict[str, int]
     connections: int
     profiles: Path | None
+    curves: bool
 
 
 def wait_healthz(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -440,7 +542,10 @@ def run_case(ctx: Context, tree: Tree, case: str) -> dict[str, Any]:
         "--tool=callgrind",
         f"--callgrind-out-file={folder / CALLGRIND_FILE}",
     ]
-    argv += [PYTHON, "-m", "gateway", "serve", "--routes", str(ctx.routes)]
+    routes = ctx.routes
+    if case == CURVE_BASELINE or case in CURVES:
+        routes = routes.with_name("routes-curves.yaml")
+    argv += [PYTHON, "-m", "gateway", "serve", "--routes", str(routes)]
     keys = ctx.keys.with_name("keys-limited.yaml") if case == LIMITED else ctx.keys
     argv += ["--keys", str(keys), "--port", str(port)]
     began = time.monotonic()
@@ -486,13 +591,17 @@ def measure(ctx: Context, tree: Tree) -> None:
     prepare(tree, ctx.tmp)
     progress_tree = f"{tree.label} (gateway from {tree.path / 'gateway'})"
     run.progress(f"measuring {progress_tree}")
-    for case in ("baseline", *KINDS, LIMITED):
+    cases = ["baseline", *KINDS, LIMITED]
+    if ctx.curves:
+        cases += [CURVE_BASELINE, *CURVES]
+    for case in cases:
         got = run_case(ctx, tree, case)
         tree.cases[case] = got
-        if case == "baseline":
+        if case in ("baseline", CURVE_BASELINE):
             what = f"{got['instructions'] / 1e6:,.1f} M instructions for start-up and shutdown"
         else:
-            extra = got["instructions"] - tree.cases["baseline"]["instructions"]
+            base = CURVE_BASELINE if case in CURVES else "baseline"
+            extra = got["instructions"] - tree.cases[base]["instructions"]
             got["per_request"] = round(extra / got["requests"], 1)
             what = (
                 f"{got['requests']} requests, {got['per_request'] / 1000:,.1f} k instructions"
@@ -530,6 +639,18 @@ def table(trees: list[Tree], counts: dict[str, int]) -> list[list[str]]:
     if len(ratios) == 2:
         row.append("-")
     rows.append(row)
+    if CURVE_BASELINE in trees[0].cases:
+        for name, curve in CURVES.items():
+            per = [tree.cases[name]["per_request"] for tree in trees]
+            unit = (
+                ""
+                if curve.per == "request"
+                else f" ({per[0] / curve.units / 1000:,.2f} k/{curve.per})"
+            )
+            row = [f"{name}, k instr/request{unit}", *(f"{v / 1000:,.1f}" for v in per)]
+            if len(per) == 2:
+                row.append(f"{per[0] / per[1]:.3f}" if per[1] else "-")
+            rows.append(row)
     return rows
 
 
@@ -572,6 +693,8 @@ def bench(args: argparse.Namespace, procs: run.Processes, tmp: Path) -> dict[str
     if args.streams is not None:
         counts["stream"] = args.streams
     counts[LIMITED] = counts["stream"]
+    if args.curves:
+        counts.update({n: c.quick if args.quick else c.count for n, c in CURVES.items()})
     trees = [working_tree()]
     if args.against:
         trees.append(revision_tree(args.against, tmp))
@@ -587,7 +710,7 @@ def bench(args: argparse.Namespace, procs: run.Processes, tmp: Path) -> dict[str
     if args.profiles:
         profiles = Path(args.profiles).resolve()
         profiles.mkdir(parents=True, exist_ok=True)
-    ctx = Context(procs, tools, tmp, routes, keys, counts, args.connections, profiles)
+    ctx = Context(procs, tools, tmp, routes, keys, counts, args.connections, profiles, args.curves)
     for tree in trees:
         measure(ctx, tree)
     return {
@@ -636,6 +759,12 @@ def main() -> int:
     parser.add_argument("--streams", type=positive, metavar="N", help="streams per tree")
     parser.add_argument(
         "--connections", type=positive, default=8, help="keep-alive connections (default 8)"
+    )
+    parser.add_argument(
+        "--curves",
+        action="store_true",
+        help="also the costs that should grow only with the work: bodies of 1 KiB to 8 MiB, "
+        f"longer streams, larger events, a slug among {WILDCARDS:,} wildcard patterns",
     )
     parser.add_argument(
         "--profiles",

@@ -77,8 +77,9 @@ def completion_body() -> str:
     )
 
 
-def sse_events() -> list[str]:
-    """~20 chunk events the way OpenAI streams them: role, content, finish, usage, [DONE]."""
+def sse_events(tokens: int = 18, pad: int = 0) -> list[str]:
+    """~20 chunk events the way OpenAI streams them: role, content, finish, usage, [DONE].
+    `tokens` content events, each `pad` characters longer (bench/instructions.py's curves)."""
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
         chunk = {
@@ -95,9 +96,9 @@ def sse_events() -> list[str]:
         return [{"index": 0, "delta": d, "finish_reason": finish}]
 
     events = [event(delta({"role": "assistant", "content": ""}))]
-    events += [event(delta({"content": f"token{i} "})) for i in range(18)]
+    events += [event(delta({"content": f"token{i} " + "x" * pad})) for i in range(tokens)]
     events.append(event(delta({}, "stop")))
-    usage = {"prompt_tokens": 9, "completion_tokens": 18, "total_tokens": 27}
+    usage = {"prompt_tokens": 9, "completion_tokens": tokens, "total_tokens": 9 + tokens}
     events.append(event([], usage=usage))
     events.append("data: [DONE]\n\n")
     return events

@@ -158,11 +158,24 @@ class _Fields(msgspec.Struct):
     input: msgspec.Raw | UnsetType = UNSET
 
 
+class _Counted(_Fields):
+    """The same for keys with token limits: their prompt is counted (an estimate when no
+    usage comes back), so its fields are built in the one decode."""
+
+    messages: Any = UNSET
+    prompt: Any = UNSET
+    input: Any = UNSET
+
+
 # msgspec decodes into _Fields without materialising the rest: 0.28 us against orjson.loads'
 # 0.52 us for a 279-byte chat body, and an 8 MiB body costs nothing beyond itself (orjson
 # built the whole tree: 2.2x the body at its peak).
 _DECODE = msgspec.json.Decoder(_Fields).decode
-_EMPTY_LIST = re.compile(rb"\[[ \t\r\n]*\]")
+_DECODE_COUNTED = msgspec.json.Decoder(_Counted).decode
+# Matched on the raw members themselves (re takes any buffer): 0.12 us, where slicing a
+# memoryview of them to look took 0.2 us per check.
+_NON_EMPTY_LIST = re.compile(rb"\[[ \t\r\n]*[^ \t\r\n\]]").match
+_NULL = re.compile(rb"null").match
 # UTF-8 inside skipped strings is not checked by msgspec; it is checked here, a window at
 # a time so a large body is never decoded whole.
 _UTF8_WINDOW = 1 << 20
@@ -186,8 +199,17 @@ def _check_utf8(raw: bytes) -> None:
         ) from None
 
 
-def _given(raw: Any) -> bool:
-    return raw is not UNSET and bytes(memoryview(raw)[:4]) != b"null"
+def _given(value: Any) -> bool:
+    """A member present and not null: raw JSON (_Fields) or built (_Counted)."""
+    if isinstance(value, msgspec.Raw):
+        return _NULL(value) is None
+    return value is not UNSET and value is not None
+
+
+def _non_empty_list(value: Any) -> bool:
+    if isinstance(value, msgspec.Raw):
+        return _NON_EMPTY_LIST(value) is not None
+    return isinstance(value, list) and len(value) > 0
 
 
 def parse_body(
@@ -196,7 +218,7 @@ def parse_body(
     """Validate the body and keep what routing and the splice need. `count_prompt`: also
     count the prompt's characters (keys with token limits estimate from them)."""
     try:
-        data = _DECODE(raw)
+        data = _DECODE_COUNTED(raw) if count_prompt else _DECODE(raw)
     except msgspec.ValidationError:  # the only typed expectation is the top-level object
         # (decoding stops at the first value that is not one, before reading further)
         raise BadRequest("request body must be a JSON object", {"cause": "not_object"}) from None
@@ -230,11 +252,7 @@ def parse_body(
     needed = REQUIRED[path]
     value = getattr(data, needed)
     if needed == "messages":
-        if (
-            value is UNSET
-            or bytes(memoryview(value)[:1]) != b"["
-            or _EMPTY_LIST.match(memoryview(value)) is not None
-        ):
+        if not _non_empty_list(value):
             raise _fail("messages", "messages must be a non-empty list")
     elif not _given(value):
         raise _fail(needed, f"{needed} is required")
@@ -271,11 +289,10 @@ def parse_body(
 
 
 def _prompt_length(data: _Fields) -> int:
-    """The prompt's characters, from the first of messages, prompt and input given (the
-    prompt is parsed only here, for keys with token limits)."""
+    """The prompt's characters, from the first of messages, prompt and input given."""
     for field in (data.messages, data.prompt, data.input):
-        if isinstance(field, msgspec.Raw) and _given(field):
-            return _text_length(orjson.loads(memoryview(field)))
+        if _given(field):
+            return _text_length(field)
     return 0
 
 
