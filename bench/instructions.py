@@ -244,16 +244,21 @@ def start_upstream(procs: run.Processes, tools: dict[str, str], tmp: Path) -> di
         "SSE_BODY": run.nginx_string("".join(run.sse_events())),
     }
     text = (run.BENCH / "nginx_upstream.conf.in").read_text()
+    # The curves' streams are too long for a `return` string (4 KiB): they are files, which
+    # nginx serves to a POST through error_page (its redirect turns the method into GET).
     sse_server = "listen 127.0.0.1:@SSE_PORT@ backlog=4096;\n"
-    extra = ""
-    for prefix_path, events in (
-        ("/long/", run.sse_events(tokens=LONG_TOKENS)),
-        ("/big/", run.sse_events(pad=BIG_PAD)),
+    extra = f"        location /files/ {{\n            root {prefix};\n"
+    extra += "            default_type text/event-stream;\n        }\n"
+    for name, events in (
+        ("long", run.sse_events(tokens=LONG_TOKENS)),
+        ("big", run.sse_events(pad=BIG_PAD)),
     ):
+        (prefix / "files").mkdir(exist_ok=True)
+        (prefix / "files" / f"{name}.sse").write_text("".join(events))
         extra += (
-            f"        location {prefix_path} {{\n            default_type text/event-stream;\n"
-            f"            return 200 '{run.nginx_string(''.join(events))}';\n        }}\n"
+            f"        location /{name}/ {{\n            error_page 405 =200 /files/{name}.sse;\n"
         )
+        extra += "            return 405;\n        }\n"
     text = text.replace(sse_server, sse_server + extra)
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))

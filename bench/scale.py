@@ -9,7 +9,8 @@ Curves:
 - wildcard slug churn: N requests each with a new slug under `w/*`: RSS growth and the
   size of /metrics;
 - request body size, 1 KB -> 8 MB: the gateway's peak RSS over its RSS before the
-  request (VmHWM after /proc/PID/clear_refs), in bodies.
+  request (VmHWM after /proc/PID/clear_refs), in bodies;
+- syscalls per relayed stream event (`strace -f -c`, less a run without streams).
 
 Usage: bench/scale.py [--quick]
 """
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -242,6 +244,113 @@ async def body_points(procs: run.Processes, tmp: Path, sizes: list[int]) -> list
     return points
 
 
+LONG_TOKENS = 200  # the long stream: 204 events, the short one 22
+
+
+async def sse_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An upstream streaming bench/run.py's 22 chat events, one write per event with the
+    loop handed over between them, as a model's tokens come."""
+    short = [e.encode() for e in run.sse_events()]
+    long = [e.encode() for e in run.sse_events(tokens=LONG_TOKENS)]
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            events = long if head.startswith(b"POST /long/") else short
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"content-length: %d\r\n\r\n" % sum(map(len, events))
+            )
+            for event in events:
+                writer.write(event)
+                await writer.drain()
+                await asyncio.sleep(0)
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+        writer.close()
+
+
+def strace_counts(path: Path) -> dict[str, int]:
+    """`strace -c` summary lines: syscall name -> calls."""
+    counts: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] not in ("total",):
+            counts[parts[-1]] = int(parts[3])
+    return counts
+
+
+async def syscall_point(procs: run.Processes, tmp: Path, streams: int) -> dict[str, Any]:
+    """Syscalls per stream and per event, counted by `strace -f -c`: `streams` streams of
+    22 events and as many of 204, each run less one without streams (start-up and
+    shutdown); per event = the difference between the two lengths over 182 events, what
+    every stream costs once (its request) then drops out."""
+    strace = run.find_binary("strace")
+    if strace is None:
+        progress("syscalls per event: skipped (no strace; apt-get install strace)")
+        return {}
+    upstream = await asyncio.start_server(sse_answers, "127.0.0.1", 0)
+    up_port = upstream.sockets[0].getsockname()[1]
+    routes, keyfile = tmp / "routes.yaml", tmp / "keys.yaml"
+    routes.write_text(
+        f"providers:\n  up:\n    base_url: http://127.0.0.1:{up_port}/v1\n"
+        f"  long:\n    base_url: http://127.0.0.1:{up_port}/long/v1\n"
+        "models:\n  m0:\n    providers: [{provider: up}]\n"
+        "  m1:\n    providers: [{provider: long}]\n"
+    )
+    keyfile.write_text("")
+    lengths = {"m0": run.SSE_EVENT_COUNT, "m1": LONG_TOKENS + 4}
+    runs: dict[str, dict[str, int]] = {}
+    try:
+        for model in ("", "m0", "m1"):
+            out = tmp / f"strace-{model or 'none'}.txt"
+            port = run.free_ports(1)[0]
+            argv = [str(strace), "-f", "-c", "-o", str(out), *run.gateway_command(), "serve"]
+            argv += ["--routes", str(routes), "--keys", str(keyfile), "--port", str(port)]
+            argv += ["--log-level", "warning"]
+            proc = procs.start(argv, "proxy", log=tmp / "strace.log")
+            try:
+                client = await Client.connect(port, 60)
+                await client.request("GET", "/healthz")
+                body = b'{"model":"%s","stream":true,"messages":[]}' % model.encode()
+                body = body.replace(b"[]", b'[{"role":"user","content":"hi"}]')
+                for _ in range(streams if model else 0):
+                    answer = await client.request("POST", "/v1/chat/completions", body)
+                    if answer.count(b"data:") != lengths[model]:
+                        raise run.BenchError(f"a stream came back short: {answer[:300]!r}")
+                client.close()
+                for pid in run.children(proc.pid):  # the gateway; strace exits after it
+                    os.kill(pid, signal.SIGTERM)
+                await asyncio.to_thread(proc.wait, 60)
+            finally:
+                procs.stop(proc)
+            runs[model] = strace_counts(out)
+    finally:
+        upstream.close()
+        await upstream.wait_closed()
+
+    def per_stream(model: str, name: str) -> float:
+        return (runs[model].get(name, 0) - runs[""].get(name, 0)) / streams
+
+    names = sorted(set(runs["m0"]) | set(runs["m1"]))
+    short = {name: round(per_stream("m0", name), 2) for name in names}
+    extra = lengths["m1"] - lengths["m0"]
+    per_event = {
+        name: round((per_stream("m1", name) - per_stream("m0", name)) / extra, 3) for name in names
+    }
+    top = sorted(short.items(), key=lambda item: -item[1])[:5]
+    progress(
+        f"syscalls per {lengths['m0']}-event stream: "
+        + ", ".join(f"{name} {value:.1f}" for name, value in top)
+        + "; per further event: "
+        + ", ".join(f"{name} {per_event[name]:.3f}" for name, _ in top)
+    )
+    return {"streams": streams, "per_stream": short, "per_event": per_event}
+
+
 def reset_peak(pid: int) -> None:
     """VmHWM starts again from the current RSS (Linux: clear_refs 5)."""
     with open(f"/proc/{pid}/clear_refs", "w") as f:
@@ -264,6 +373,7 @@ async def bench(quick: bool) -> dict[str, Any]:
                 out["churn"].append(await churn_point(procs, tmp, n))
             sizes = [1 << 10, 64 << 10, 1 << 20, 8 << 20]
             out["bodies"] = await body_points(procs, tmp, sizes)
+            out["syscalls"] = await syscall_point(procs, tmp, 100 if quick else 500)
         finally:
             procs.stop_all()
     return out
