@@ -122,8 +122,8 @@ class AccessLog:
                 # estimate (a stream cut short, or a provider that takes no stream_options).
                 "usage": "upstream" if ex.usage is not None else ("estimated" if charged else None),
                 "tokens_charged": charged or None,
-                "prompt_tokens": usage.get("prompt_tokens"),
-                "completion_tokens": usage.get("completion_tokens"),
+                "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
+                "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
                 "client_disconnected": ex.client_gone,
             }
         )

@@ -11,15 +11,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Config
 from gateway.endpoints import (
+    AzureDeployment,
     Healthz,
     MetricsEndpoint,
     ModelList,
     ModelRetrieve,
     NotFoundEndpoint,
     ProxyEndpoint,
+    ResponseById,
     RouterModels,
     RouterProviders,
 )
+from gateway.families import PREFIXES, endpoints
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
 from gateway.server.admission import ServerLimits
@@ -58,16 +61,21 @@ class Gateway:
 
 def create_app(settings: Settings, config: Config) -> Gateway:
     runtime = Runtime(settings, config)
-    chat = ProxyEndpoint(runtime, "/chat/completions")
-    hot: dict[str, ASGIApp] = {
-        "/v1/chat/completions": chat,
-        "/chat/completions": chat,
-        "/api/v1/chat/completions": chat,
-        "/v1/completions": ProxyEndpoint(runtime, "/completions"),
-        "/v1/embeddings": ProxyEndpoint(runtime, "/embeddings"),
-    }
+    # Every relayed path of every family under every prefix (gateway/families.py); one
+    # endpoint object per family path, shared by its prefixes.
+    shared: dict[str, ProxyEndpoint] = {}
+    hot: dict[str, ASGIApp] = {}
+    for path, endpoint in endpoints().items():
+        hot[path] = shared.setdefault(endpoint.upstream_path, ProxyEndpoint(runtime, endpoint))
+    by_id = ResponseById(runtime)
     routes = [
         *(Route(path, endpoint) for path, endpoint in hot.items()),
+        *(
+            Route(prefix + "/responses/{response_id}" + tail, by_id, methods=None)
+            for prefix in PREFIXES
+            for tail in ("", "{tail:path}")
+        ),
+        Route("/openai/deployments/{slug}/{rest:path}", AzureDeployment(runtime)),
         Route("/v1/models", ModelList(runtime)),
         Route("/v1/models/{slug:path}", ModelRetrieve(runtime)),
         Route("/v1/router/models", RouterModels(runtime)),

@@ -17,15 +17,7 @@ from gateway.exchange import Exchange, Failure, Opened
 from gateway.health import Health
 from gateway.jsonscan import MODEL_KEY, replace_value
 from gateway.plan import Candidate
-from gateway.sse import (
-    CONTENT,
-    ERROR,
-    EventSplitter,
-    Splicer,
-    classify,
-    event_spans,
-    payload_of,
-)
+from gateway.sse import CONTENT, ERROR, EventSplitter, event_spans, payload_of, splicer_for
 from gateway.upstream.client import Upstream
 from gateway.upstream.head import Headers
 from gateway.usage import Tally, usage_in_body
@@ -45,14 +37,24 @@ def retry_after(headers: Headers) -> float | None:
     return None
 
 
+_ANTHROPIC_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500}
+
+
+def _is_json(headers: Headers) -> bool:
+    return any(name == b"content-type" and b"json" in value for name, value in headers)
+
+
 def inband_failure(event: bytes) -> Failure:
     """A 200 stream whose first event is an error: an HTTP error if nothing else serves."""
     payload = payload_of(event) or b""
     status = 502
     try:
-        code = orjson.loads(payload)["error"].get("code")
+        error = orjson.loads(payload)["error"]
+        code = error.get("code")
         if isinstance(code, int) and 400 <= code <= 599:
             status = code
+        elif error.get("type") in _ANTHROPIC_STATUS:  # messages: the type says it
+            status = _ANTHROPIC_STATUS[error["type"]]
     except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
         pass
     return Failure(status=status, headers=[(b"content-type", b"application/json")], body=payload)
@@ -79,10 +81,11 @@ async def open_attempt(
     resp = None
     try:
         injected = ex.inject_usage and cand.target.provider.stream_usage
-        body = ex.parsed.for_upstream(cand.upstream_model, injected)
+        family = ex.family
+        body = ex.parsed.for_upstream(cand.upstream_model, injected) if ex.parsed.raw else b""
         try:
             resp = await upstream.send(
-                cand.target.provider, ex.path, body, ex.client_headers, deadline
+                cand.target.provider, ex.path, body, ex.client_headers, deadline, ex.method
             )
         except GatewayError as exc:
             health.failed(key, cooldown)
@@ -103,7 +106,7 @@ async def open_attempt(
             except GatewayError as exc:
                 health.failed(key, cooldown)
                 return Failure(error=exc)
-            if resp.status < 300:
+            if resp.status < 300 and not (family.binary_answer and not _is_json(resp.headers)):
                 raw = replace_value(raw, MODEL_KEY, model_json)
                 opened.tally = Tally(False)
                 opened.tally.usage = usage_in_body(raw)
@@ -113,7 +116,7 @@ async def open_attempt(
             return opened
 
         opened.tally = Tally(injected, count_content=ex.count_tokens)
-        splicer = opened.splicer = Splicer(model_json)
+        splicer = opened.splicer = splicer_for(family.event_model, model_json)
         splitter = opened.splitter = EventSplitter(upstream.max_event_bytes)
         held = opened.held
         # Events held before content count together toward the one-event limit.
@@ -152,7 +155,7 @@ async def open_attempt(
                 block = opened.tally.block(block)
             for start, end in event_spans(block):
                 event = block[start:end]
-                kind = classify(event)
+                kind = family.classify(event)
                 if kind == ERROR:
                     health.failed(key, cooldown)
                     return inband_failure(event)

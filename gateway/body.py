@@ -12,19 +12,14 @@ import orjson
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import BadRequest, PayloadTooLarge, ValidationFailed
-from gateway.jsonscan import MODEL_KEY, rewrite_members, splice_sole
+from gateway.families import Family
+from gateway.jsonscan import MODEL_KEY, rewrite_members, splice, splice_sole
 
 # A slug (and what a wildcard captures of it) ends up in response headers such as
 # x-upstream-model: no control characters, so no line breaks.
 _SLUG = re.compile(r"[^\x00-\x1f\x7f]{1,512}")
 GATEWAY_FIELDS = frozenset({"models", "route", "provider", "session_id"})
 MAX_SESSION_ID = 128
-# What each endpoint needs besides `model`: the field and a word for the message.
-REQUIRED = {
-    "/chat/completions": "messages",
-    "/completions": "prompt",
-    "/embeddings": "input",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +49,9 @@ class ParsedBody:
     has_stream_options: bool = False
     stream_options: Any = None
     prompt_length: int = 0  # prompt characters, counted only when asked (parse_body)
+    previous_response_id: str | None = None  # responses: the id this request continues
+    # A multipart upload (audio): the span of the `model` part's value in `raw`.
+    model_span: tuple[int, int] | None = None
 
     def for_upstream(self, upstream_model: str, inject_usage: bool = False) -> bytes:
         """The client's bytes with `model` replaced and the gateway's own fields removed.
@@ -61,6 +59,8 @@ class ParsedBody:
         `inject_usage` asks the upstream for a final usage chunk (the gateway counts
         tokens from it and hides it from a client that did not ask).
         """
+        if self.model_span is not None:
+            return splice(self.raw, *self.model_span, upstream_model.encode())
         replace = {"model": orjson.dumps(upstream_model)}
         if not inject_usage and not self.needs_rewrite and self.has_model:
             fast = splice_sole(self.raw, MODEL_KEY, replace["model"])
@@ -153,9 +153,12 @@ class _Fields(msgspec.Struct):
     session_id: Any = UNSET
     stream: Any = UNSET
     stream_options: Any = UNSET
+    previous_response_id: Any = UNSET
     messages: msgspec.Raw | UnsetType = UNSET
     prompt: msgspec.Raw | UnsetType = UNSET
     input: msgspec.Raw | UnsetType = UNSET
+    query: msgspec.Raw | UnsetType = UNSET
+    documents: msgspec.Raw | UnsetType = UNSET
 
 
 class _Counted(_Fields):
@@ -213,10 +216,16 @@ def _non_empty_list(value: Any) -> bool:
 
 
 def parse_body(
-    raw: bytes, path: str, header_session: str | None = None, count_prompt: bool = False
+    raw: bytes,
+    family: Family,
+    header_session: str | None = None,
+    count_prompt: bool = False,
+    path_slug: str | None = None,
 ) -> ParsedBody:
     """Validate the body and keep what routing and the splice need. `count_prompt`: also
-    count the prompt's characters (keys with token limits estimate from them)."""
+    count the prompt's characters (keys with token limits estimate from them).
+    `path_slug`: the slug an Azure deployment path names, which the body's `model`
+    does not override."""
     try:
         data = _DECODE_COUNTED(raw) if count_prompt else _DECODE(raw)
     except msgspec.ValidationError:  # the only typed expectation is the top-level object
@@ -243,19 +252,26 @@ def parse_body(
         ):
             raise _fail("models", "models must be a non-empty list of model slugs")
         slugs.extend(m for m in models if m not in slugs)
-    if not slugs:
+    previous = data.previous_response_id
+    if previous is UNSET or previous is None:
+        previous = None
+    elif not isinstance(previous, str) or not _SLUG.fullmatch(previous):
+        raise _fail("previous_response_id", "previous_response_id must be a response id")
+    if path_slug is not None:
+        slugs = [path_slug]
+    elif not slugs and previous is None:
         raise _fail("model", "model is required")
     route = data.route
     if route is not UNSET and route is not None and route != "fallback":
         raise _fail("route", 'route may only be "fallback"')
 
-    needed = REQUIRED[path]
-    value = getattr(data, needed)
-    if needed == "messages":
-        if not _non_empty_list(value):
-            raise _fail("messages", "messages must be a non-empty list")
-    elif not _given(value):
-        raise _fail(needed, f"{needed} is required")
+    for needed in family.required:
+        value = getattr(data, needed)
+        if needed == "messages":
+            if not _non_empty_list(value):
+                raise _fail("messages", "messages must be a non-empty list")
+        elif not _given(value):
+            raise _fail(needed, f"{needed} is required")
 
     stream = None if data.stream is UNSET else data.stream
     if stream is not None and not isinstance(stream, bool):
@@ -285,6 +301,7 @@ def parse_body(
         has_stream_options=has_options,
         stream_options=data.stream_options if has_options else None,
         prompt_length=_prompt_length(data) if count_prompt else 0,
+        previous_response_id=previous,
     )
 
 
@@ -304,3 +321,58 @@ def _text_length(value: Any) -> int:
     if isinstance(value, dict):
         return _text_length(value.get("content")) + _text_length(value.get("text"))
     return 0
+
+
+# A multipart part's head names its field: `Content-Disposition: form-data; name="model"`.
+_PART_NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*;[ \t]*name="([^"\r\n]*)"')
+_BOUNDARY = re.compile(rb'(?i)boundary=(?:"([^"]{1,70})"|([^;, \t]{1,70}))')
+MAX_PART_HEAD = 16 * 1024  # a part's own head: bytes before its blank line
+
+
+def parse_multipart(
+    raw: bytes, content_type: bytes | None, header_session: str | None = None
+) -> ParsedBody:
+    """An audio upload (multipart/form-data): the `model` part is found (its value is
+    what the splice replaces, every other byte is kept) and `stream` read; the file part
+    is never copied or decoded."""
+    found = _BOUNDARY.search(content_type or b"")
+    if content_type is None or b"multipart/form-data" not in content_type.lower() or not found:
+        raise BadRequest(
+            "this endpoint takes multipart/form-data with a boundary", {"cause": "not_multipart"}
+        )
+    delimiter = b"--" + (found.group(1) or found.group(2))
+    model: tuple[int, int] | None = None
+    stream = False
+    at = raw.find(delimiter)
+    while at >= 0:
+        head_start = at + len(delimiter)
+        if raw.startswith(b"--", head_start):
+            break  # the closing delimiter
+        head_end = raw.find(b"\r\n\r\n", head_start, head_start + MAX_PART_HEAD)
+        if head_end < 0:
+            raise BadRequest("a multipart part has no end to its headers", {"cause": "multipart"})
+        value_start = head_end + 4
+        nxt = raw.find(b"\r\n" + delimiter, value_start)
+        if nxt < 0:
+            raise BadRequest("the multipart body is not closed", {"cause": "multipart"})
+        name = _PART_NAME.search(raw, head_start, head_end)
+        if name is not None:
+            if name.group(1) == b"model":
+                model = (value_start, nxt)
+            elif name.group(1) == b"stream":
+                stream = raw[value_start:nxt].strip().lower() == b"true"
+        at = nxt + 2
+    if model is None:
+        raise _fail("model", "model is required (a form field)")
+    slug = raw[model[0] : model[1]].decode("utf-8", "replace")
+    if not _SLUG.fullmatch(slug):
+        raise _fail("model", "model must be a non-empty string without control characters")
+    return ParsedBody(
+        raw=raw,
+        slugs=(slug,),
+        stream=stream,
+        session_id=header_session,
+        prefs=None,
+        needs_rewrite=False,
+        model_span=model,
+    )

@@ -7,20 +7,30 @@ import logging
 import os
 import re
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
 
 from gateway.auth import authenticate, bearer_token
-from gateway.body import ClientGone, parse_body, read_body
+from gateway.body import ClientGone, ParsedBody, parse_body, parse_multipart, read_body
 from gateway.errors import (
     BadRequest,
     GatewayError,
     MethodNotAllowed,
     ModelNotListed,
     NotFound,
+    ResponseNotFound,
 )
 from gateway.exchange import Exchange
+from gateway.families import (
+    AZURE_DEPLOYMENT,
+    RELAYED,
+    RESPONSES_BY_ID,
+    Body,
+    Endpoint,
+    Envelope,
+)
 from gateway.keys import Key
 from gateway.metrics import CONTENT_TYPE
 from gateway.plan import build_plan
@@ -34,11 +44,20 @@ _REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 class Incoming:
     """The few request headers the gateway reads, found in one pass."""
 
-    __slots__ = ("authorization", "content_length", "request_id", "session_id")
+    __slots__ = (
+        "api_key",
+        "authorization",
+        "content_length",
+        "content_type",
+        "request_id",
+        "session_id",
+    )
 
     def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
         self.authorization: bytes | None = None
+        self.api_key: bytes | None = None  # x-api-key (Anthropic) or api-key (Azure)
         self.content_length: bytes | None = None
+        self.content_type: bytes | None = None
         self.session_id: bytes | None = None
         request_id: bytes | None = None
         for name, value in headers:
@@ -46,18 +65,23 @@ class Incoming:
                 self.authorization = value
             elif name == b"content-length":
                 self.content_length = value
+            elif name == b"content-type":
+                self.content_type = value
             elif name == b"x-request-id":
                 request_id = value
             elif name == b"x-session-id":
                 self.session_id = value
+            elif name == b"x-api-key" or name == b"api-key":
+                self.api_key = value.strip() or None
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = os.urandom(12).hex().encode()
         self.request_id = request_id
 
     def token(self) -> bytes | None:
+        """The secret from `Authorization: Bearer`, `x-api-key` or `api-key` (SPEC §9)."""
         if self.authorization is None:
-            return None
-        return bearer_token(self.authorization)
+            return self.api_key
+        return bearer_token(self.authorization) or self.api_key
 
     def declared_length(self) -> int | None:
         if self.content_length is None:
@@ -105,21 +129,38 @@ async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Excha
 
 
 class ProxyEndpoint:
-    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+    """Every relayed path (gateway/families.py): one endpoint per family and path."""
 
-    def __init__(self, runtime: Runtime, path: str) -> None:
+    def __init__(self, runtime: Runtime, endpoint: Endpoint) -> None:
         self.runtime = runtime
-        self.path = path
+        self.family = endpoint.family
+        self.path = endpoint.upstream_path
+        self.anthropic = endpoint.family.envelope is Envelope.ANTHROPIC
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        return self.handle(scope, receive, send, None, self.path)
+
+    async def handle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path_slug: str | None,
+        upstream_path: str,
+        response_id: str | None = None,
+    ) -> None:
+        """`path_slug`: Azure's deployment from the path; `response_id`: a responses
+        lookup by id (GET, DELETE or a POST without a body of its own)."""
         t0 = time.perf_counter()
         incoming = Incoming(scope["headers"])
         rid = incoming.request_id
         runtime = self.runtime
         config = runtime.config  # this request's snapshot, whatever a reload does meanwhile
-        if scope["method"] != "POST":
+        family = self.family
+        method = scope["method"]
+        if response_id is None and method != "POST":
             extra = [(b"allow", b"POST"), server_timing(t0)]
-            await send_error(send, MethodNotAllowed("use POST"), rid, extra)
+            await send_error(send, MethodNotAllowed("use POST"), rid, extra, self.anthropic)
             return
         key: Key | None = None
         limiter = runtime.limiter
@@ -130,22 +171,49 @@ class ProxyEndpoint:
             )
             session = incoming.session_id.decode("latin-1") if incoming.session_id else None
             counting = key is not None and limiter.counts_tokens(key)
-            parsed = parse_body(raw, self.path, session, counting)
-            plan = build_plan(config.routes, parsed, key, runtime.health, runtime.strategies)
+            pinned = None
+            if response_id is not None:
+                parsed = ParsedBody(raw, (), False, session, None, False)
+                previous: str | None = response_id
+            elif family.body is Body.MULTIPART:
+                parsed = parse_multipart(raw, incoming.content_type, session)
+                previous = None
+            else:
+                parsed = parse_body(raw, family, session, counting, path_slug)
+                previous = parsed.previous_response_id
+            if previous is not None:
+                creator = runtime.response_ids.find(previous)
+                if creator is not None:
+                    pinned = (creator.provider, creator.upstream_model)
+                    parsed.slugs = (creator.slug,)
+                elif not parsed.slugs:
+                    raise ResponseNotFound(
+                        f"no response {previous!r} is known to this gateway",
+                        {"response_id": previous},
+                    )
+            plan = build_plan(
+                config.routes, parsed, key, runtime.health, runtime.strategies, family, pinned
+            )
             limited = key is not None and limiter.limited(key)
             rate_headers = limiter.admit(key) if key is not None and limited else []
         except GatewayError as exc:
             extra = limiter.headers(key) if key is not None and limiter.limited(key) else []
             extra.append(server_timing(t0))
-            await send_error(send, exc, rid, extra)
-            runtime.refused(exc, key, rid, self.path, time.perf_counter() - t0)
+            await send_error(send, exc, rid, extra, self.anthropic)
+            runtime.refused(exc, key, rid, upstream_path, time.perf_counter() - t0)
             return
         except ClientGone:
             return
-        ex = Exchange(send, rid, self.path, scope["headers"], parsed, rate_headers, t0)
+        ex = Exchange(send, rid, upstream_path, scope["headers"], parsed, family)
+        ex.extra_headers = rate_headers
+        ex.t0 = t0
+        if response_id is not None and method != "POST":
+            ex.method = method.encode()
+        elif response_id is not None:
+            ex.method = b"POST"
         if key is not None and limiter.counts_tokens(key):
             ex.count_tokens = True
-            ex.inject_usage = parsed.stream and not parsed.asked_usage
+            ex.inject_usage = family.injects_usage and parsed.stream and not parsed.asked_usage
         task = asyncio.current_task()
         assert task is not None
         watch = DisconnectWatch(receive, task, ex)
@@ -162,7 +230,11 @@ class ProxyEndpoint:
             if not ex.started:
                 ex.status = 500
                 await send_error(
-                    send, GatewayError("internal gateway error"), rid, [server_timing(t0)]
+                    send,
+                    GatewayError("internal gateway error"),
+                    rid,
+                    [server_timing(t0)],
+                    self.anthropic,
                 )
         finally:
             watch.stop()
@@ -171,6 +243,57 @@ class ProxyEndpoint:
             if tokens and key is not None:
                 limiter.charge(key, tokens)
             runtime.served(ex, key, tokens, time.perf_counter() - t0)
+
+
+class AzureDeployment:
+    """POST /openai/deployments/{slug}/chat/completions (and /completions, /embeddings):
+    Azure OpenAI's paths; the deployment is the slug, the client's api-version ignored."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.endpoints = {
+            path: ProxyEndpoint(runtime, Endpoint(RELAYED["/" + path], "/" + path))
+            for path in AZURE_DEPLOYMENT
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = scope.get("path_params", {})
+        endpoint = self.endpoints.get(params.get("rest", ""))
+        if endpoint is None:
+            await NotFoundEndpoint(next(iter(self.endpoints.values())).runtime)(
+                scope, receive, send
+            )
+            return
+        await endpoint.handle(scope, receive, send, params["slug"], endpoint.path)
+
+
+class ResponseById:
+    """GET/DELETE /v1/responses/{id}, POST /v1/responses/{id}/cancel, GET
+    /v1/responses/{id}/input_items: to the provider entry that created the id."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.endpoint = ProxyEndpoint(runtime, Endpoint(RESPONSES_BY_ID, "/responses"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = scope.get("path_params", {})
+        response_id, tail = params["response_id"], params.get("tail", "")
+        allowed = _BY_ID_METHODS.get(tail)
+        if allowed is None or not _RESPONSE_ID.fullmatch(response_id):
+            await NotFoundEndpoint(self.endpoint.runtime)(scope, receive, send)
+            return
+        if scope["method"] not in allowed:
+            rid = Incoming(scope["headers"]).request_id
+            extra = [(b"allow", ", ".join(allowed).encode())]
+            await send_error(send, MethodNotAllowed(f"use {' or '.join(allowed)}"), rid, extra)
+            return
+        path = f"/responses/{response_id}{tail}"
+        query = scope.get("query_string", b"")
+        if query:
+            path += "?" + query.decode("latin-1")
+        await self.endpoint.handle(scope, receive, send, None, path, response_id)
+
+
+_RESPONSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,256}")
+_BY_ID_METHODS = {"": ("GET", "DELETE"), "/cancel": ("POST",), "/input_items": ("GET",)}
 
 
 class JsonEndpoint:
@@ -304,3 +427,7 @@ class NotFoundEndpoint:
             raise NotFound(f"no such endpoint: {scope['path']}")
         except GatewayError as exc:
             await send_error(send, exc, rid, [server_timing(t0)])
+            # Logged and counted, so operators see what clients asked for (the path in
+            # the log line only: as a metric label it would be the client's to grow).
+            where = f"{scope['method']} {scope['path'][:512]}"
+            self.runtime.refused(exc, None, rid, where, time.perf_counter() - t0)

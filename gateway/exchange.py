@@ -7,12 +7,13 @@ from typing import Any
 
 from gateway.body import ParsedBody
 from gateway.errors import GatewayError
+from gateway.families import CHAT, Family
 from gateway.plan import Candidate
 from gateway.respond import Send
-from gateway.sse import EventSplitter, Splicer
+from gateway.sse import EventSplitter, NestedSplicer, Splicer
 from gateway.upstream.client import UpstreamResponse
 from gateway.upstream.head import Headers
-from gateway.usage import Tally
+from gateway.usage import Tally, usage_tokens
 
 
 @dataclass(slots=True)
@@ -24,6 +25,8 @@ class Exchange:
     path: str
     client_headers: Headers
     parsed: ParsedBody
+    family: Family = CHAT
+    method: bytes | None = None  # upstream method other than POST (responses by id)
     extra_headers: Headers = field(default_factory=list)  # rate-limit headers
     t0: float = 0.0  # perf_counter() when the request arrived
     count_tokens: bool = False  # the key has token limits: read `usage` from the answer
@@ -45,11 +48,7 @@ class Exchange:
         """Tokens to charge: the upstream's usage, else a quarter of the characters."""
         usage = self.usage
         if usage is not None:
-            total = usage.get("total_tokens")
-            if isinstance(total, int) and total >= 0:
-                return total
-            parts = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
-            return sum(p for p in parts if isinstance(p, int) and p > 0)
+            return usage_tokens(usage)
         if self.provider is None and not self.client_gone:
             return 0  # nothing was served
         return max(1, (self.parsed.prompt_chars() + self.content_chars) // 4)
@@ -76,7 +75,7 @@ class Opened:
     body: bytes | None = None  # a whole (non-SSE) answer, already spliced
     held: list[bytes] = field(default_factory=list)  # SSE events up to the first content
     splitter: EventSplitter | None = None  # set for SSE by the attempt
-    splicer: Splicer | None = None  # set for SSE: the slug into each event's `model`
+    splicer: Splicer | NestedSplicer | None = None  # set for SSE: the slug into `model`
     ended: bool = False  # the stream ended before content (last candidate: relay it)
     latency: float = 0.0  # seconds to the response head
     ttfb: float | None = None  # seconds to the first content

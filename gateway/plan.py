@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 from gateway.auth import check_allowed
 from gateway.body import ParsedBody, ProviderPrefs
-from gateway.errors import ModelNotFound, NoProviderAvailable
+from gateway.errors import ApiNotSupported, ModelNotFound, NoProviderAvailable, ResponseNotFound
+from gateway.families import CHAT, Family
 from gateway.health import EntryKey, Health
 from gateway.keys import Key
 from gateway.routes import Model, Routes, Target
@@ -64,7 +65,11 @@ def build_plan(
     key: Key | None,
     health: Health,
     strategies: Strategies,
+    family: Family = CHAT,
+    pinned: tuple[str, str] | None = None,
 ) -> list[Candidate]:
+    """`family`: only providers serving it (SPEC §9); `pinned`: only the (provider,
+    upstream model) entry that created the Responses id the request continues."""
     models: list[tuple[str, Model]] = []
     for slug in parsed.slugs:
         model = routes.resolve(slug)
@@ -75,6 +80,8 @@ def build_plan(
 
     plan: list[Candidate] = []
     cooling: list[float] = []
+    api = family.name
+    serving = 0
     for slug, model in models:
         cands = [candidate(slug, model, t) for t in model.targets]
         order = strategies.order(model, slug, [c.key for c in cands])
@@ -83,6 +90,11 @@ def build_plan(
         limit = model.max_attempts or len(order)
         for i in order:
             cand = cands[i]
+            if api not in cand.target.provider.apis:
+                continue
+            if pinned is not None and pinned != (cand.target.provider.name, cand.upstream_model):
+                continue
+            serving += 1
             if not health.available(cand.key):
                 cooling.append(health.retry_at(cand.key))
                 continue
@@ -90,6 +102,16 @@ def build_plan(
                 plan.append(cand)
                 picked += 1
     if not plan:
+        if not serving and pinned is None:
+            raise ApiNotSupported(
+                f"no provider of {', '.join(map(repr, parsed.slugs))} serves the {api} API",
+                {"api": api, "models": list(parsed.slugs)},
+            )
+        if not serving:
+            raise ResponseNotFound(
+                "the provider entry that created this response is no longer in the catalog",
+                {"models": list(parsed.slugs)},
+            )
         if cooling:
             wait = max(0.0, min(cooling) - health.clock())
             until = datetime.now(UTC) + timedelta(seconds=wait)

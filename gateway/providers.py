@@ -9,14 +9,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from gateway.families import ALL, DEFAULT_APIS
 from gateway.yamlsrc import LineMap, Source, check_keys, line_of, number
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("echo",)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PROVIDER_KEYS = frozenset(
-    {"base_url", "api_key", "headers", "query", "timeout", "stream_usage", "max_connections"}
-)
+    {"base_url", "api_key", "headers", "query", "timeout", "stream_usage", "max_connections",
+     "apis"}
+)  # fmt: skip
 DEFAULT_MAX_CONNECTIONS = 1024  # open connections to one provider at once
 _TIMEOUT_KEYS = frozenset({"connect", "read", "first_byte", "total"})
 
@@ -64,6 +66,8 @@ class Provider:
     stream_usage: bool = True
     # More requests than this wait for a free connection, at most timeout.connect.
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # The API families it serves (SPEC §9); the built-in echo serves them all.
+    apis: frozenset[str] = DEFAULT_APIS
 
     @property
     def builtin(self) -> str | None:
@@ -172,6 +176,23 @@ def parse_provider(src: Source, name: str, raw: Any, line: int) -> ProviderDraft
     if "max_connections" in raw:
         value = number(src, raw, "max_connections", 1, integer=True)
         max_connections = DEFAULT_MAX_CONNECTIONS if value is None else int(value)
+    apis = frozenset(ALL) if base_url.startswith(BUILTIN_PREFIX) else DEFAULT_APIS
+    if "apis" in raw:
+        value = raw["apis"]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            src.problem(line_of(raw, "apis"), "apis must be a non-empty list like [chat, messages]")
+        else:
+            unknown = [v for v in value if v not in ALL]
+            if unknown:
+                src.problem(
+                    line_of(raw, "apis"),
+                    f"unknown API famil{'y' if len(unknown) == 1 else 'ies'} "
+                    + ", ".join(map(repr, unknown))
+                    + " (known: "
+                    + ", ".join(ALL)
+                    + ")",
+                )
+            apis = frozenset(value)
     provider = Provider(
         name=name,
         base_url=base_url,
@@ -181,5 +202,6 @@ def parse_provider(src: Source, name: str, raw: Any, line: int) -> ProviderDraft
         timeout=timeout,
         stream_usage=stream_usage,
         max_connections=max_connections,
+        apis=apis,
     )
     return ProviderDraft(provider, missing)

@@ -25,12 +25,14 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.exchange import Exchange, Failure, Opened
+from gateway.families import RESPONSES, Envelope
 from gateway.health import Health
 from gateway.keepalive import KEEPALIVE, KeepAlive
 from gateway.metrics import Metrics
 from gateway.plan import Candidate
 from gateway.respond import send_bytes, send_error, server_timing
-from gateway.sse import EventSplitter, Splicer
+from gateway.response_ids import ResponseIds, first_id
+from gateway.sse import EventSplitter, splicer_for
 from gateway.upstream.client import Upstream
 from gateway.upstream.head import Headers
 
@@ -40,6 +42,7 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+ANTHROPIC = Envelope.ANTHROPIC
 HEDGE_SHARE = 0.1  # at most this share of hedge-eligible requests start a second attempt
 
 
@@ -66,11 +69,13 @@ class Relay:
         upstream: Upstream,
         health: Health,
         metrics: Metrics,
+        response_ids: ResponseIds | None = None,
         hedge_share: float = HEDGE_SHARE,
     ) -> None:
         self.upstream = upstream
         self.health = health
         self.metrics = metrics
+        self.response_ids = ResponseIds() if response_ids is None else response_ids
         self.hedge_share = hedge_share
         self._hedge_allowance = 1.0
         self._up: dict[tuple[str, str], float] = {}
@@ -254,6 +259,8 @@ class Relay:
             opened.ttfb,
         )
         broke = False
+        if ex.family is RESPONSES and resp.status < 300:
+            self._remember_id(opened)
         try:
             if opened.body is not None:
                 if ex.started:
@@ -290,6 +297,16 @@ class Relay:
                 ex.usage = opened.tally.usage
                 ex.content_chars = opened.tally.content_chars
 
+    def _remember_id(self, opened: Opened) -> None:
+        """A created response's id -> the entry that made it (SPEC §9)."""
+        first = opened.body if opened.body is not None else b"".join(opened.held)
+        found = first_id(first)
+        if found is not None:
+            cand = opened.cand
+            self.response_ids.remember(
+                found, cand.slug, cand.target.provider.name, cand.upstream_model
+            )
+
     async def _pump(self, ex: Exchange, opened: Opened, held: bytes) -> bool:
         """Relay `held` and the rest of the stream, and end the response; False when it
         broke (the error event was sent).
@@ -299,7 +316,9 @@ class Relay:
         one write, and nothing waits for bytes still to come."""
         send, resp, tally = ex.send, opened.resp, opened.tally
         splitter = opened.splitter or EventSplitter()
-        splicer = opened.splicer or Splicer(orjson.dumps(opened.cand.slug))
+        splicer = opened.splicer or splicer_for(
+            ex.family.event_model, orjson.dumps(opened.cand.slug)
+        )
         delay = self.metrics.event_delay
         clock = time.perf_counter
         pending = [held] if held else []
@@ -367,12 +386,21 @@ class Relay:
         ex.status = exc.status
         ex.started = True
         extra = [NO_RETRY, attempts, *ex.extra_headers, server_timing(ex.t0)]
-        await send_error(ex.send, exc, ex.request_id, extra)
+        await send_error(ex.send, exc, ex.request_id, extra, ex.family.envelope is ANTHROPIC)
 
     async def _break(self, ex: Exchange, exc: GatewayError) -> None:
-        """After commit a failure can only be told in-band, then the stream ends."""
-        error = {"error": {"message": exc.message, "type": exc.type, "code": exc.code}}
-        event = b"data: " + orjson.dumps(error) + b"\n\n"
+        """After commit a failure can only be told in-band, then the stream ends: in the
+        family's own error event (chat: a data line; responses and messages: `event:
+        error`)."""
+        family = ex.family
+        if family.envelope is ANTHROPIC:
+            event = b"event: error\ndata: " + exc.body(anthropic=True) + b"\n\n"
+        elif family.content_types:
+            typed = {"type": "error", "code": exc.code, "message": exc.message, "param": None}
+            event = b"event: error\ndata: " + orjson.dumps(typed) + b"\n\n"
+        else:
+            error = {"error": {"message": exc.message, "type": exc.type, "code": exc.code}}
+            event = b"data: " + orjson.dumps(error) + b"\n\n"
         await ex.send({"type": "http.response.body", "body": event, "more_body": False})
 
 

@@ -41,7 +41,8 @@ async def send_error(
     exc: GatewayError,
     request_id: bytes,
     extra: Sequence[tuple[bytes, bytes]] = (),
+    anthropic: bool = False,
 ) -> None:
     headers = [(b"x-request-id", request_id), *extra]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
-    await send_bytes(send, exc.status, exc.body(), headers)
+    await send_bytes(send, exc.status, exc.body(anthropic), headers)

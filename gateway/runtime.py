@@ -14,6 +14,7 @@ from gateway.keys import Key
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.relay import Relay
+from gateway.response_ids import ResponseIds
 from gateway.settings import Settings
 from gateway.strategies import Strategies
 from gateway.upstream.client import Upstream
@@ -33,7 +34,8 @@ class Runtime:
         self.limiter = Limiter()
         self.metrics = Metrics()
         self.access = AccessLog(settings.log_format)
-        self.relay = Relay(self.upstream, self.health, self.metrics)
+        self.response_ids = ResponseIds()
+        self.relay = Relay(self.upstream, self.health, self.metrics, self.response_ids)
 
     def swap(self, config: Config) -> Config:
         """The new snapshot in, the old one back; state of keys that left is freed (a

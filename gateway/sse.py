@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import orjson
 
 from gateway.errors import UpstreamResponseTooLarge
-from gateway.jsonscan import MODEL_KEY, replace_value
+from gateway.jsonscan import MODEL_KEY, iter_members, replace_value
 
 DEFAULT_MAX_EVENT = 16 * 1024 * 1024  # bytes of one event (--max-event-bytes)
 
@@ -216,6 +216,59 @@ def splice_model(event: bytes, model_json: bytes) -> bytes:
             if new is not line:
                 out = out[:start] + new + out[end:]
     return out
+
+
+def splice_nested(line: bytes, path: tuple[bytes, ...], model_json: bytes) -> bytes:
+    """Replace `model` in the object at `path` (raw keys, e.g. (b'"response"',)) of one
+    data line's JSON: the responses and messages families keep it there."""
+    start = 0
+    for raw_key in path:
+        for key, _, vstart, _ in iter_members(line, start):
+            if key == raw_key:
+                if line[vstart : vstart + 1] != b"{":
+                    return line
+                start = vstart
+                break
+        else:
+            return line
+    return replace_value(line, MODEL_KEY, model_json, start)
+
+
+class NestedSplicer:
+    """Splicer's counterpart for events whose `model` sits in a nested object. Only the
+    few events that name a `model` at all (a stream's lifecycle events) are looked at:
+    every other block passes with one bytes search."""
+
+    __slots__ = ("model_json", "path")
+
+    def __init__(self, model_json: bytes, path: tuple[str, ...]) -> None:
+        self.model_json = model_json
+        self.path = tuple(orjson.dumps(name) for name in path)
+
+    def event(self, event: bytes) -> bytes:
+        if MODEL_KEY not in event:
+            return event
+        out = event
+        for start, end in reversed(data_payloads(event)):
+            line = out[start:end]
+            stripped = line.lstrip(b" \t")
+            if stripped[:1] == b"{":
+                new = splice_nested(stripped, self.path, self.model_json)
+                if new is not stripped:
+                    out = out[:start] + line[: len(line) - len(stripped)] + new + out[end:]
+        return out
+
+    def block(self, block: bytes) -> bytes:
+        if MODEL_KEY not in block:
+            return block
+        return b"".join([self.event(e) for e in split_events(block)])
+
+
+def splicer_for(path: tuple[str, ...] | None, model_json: bytes) -> Splicer | NestedSplicer:
+    """The splicer for a family's events: top-level `model` (chat) or nested."""
+    if path:
+        return NestedSplicer(model_json, path)
+    return Splicer(model_json)
 
 
 # What an event means to the relay before commit.

@@ -30,7 +30,9 @@ _USAGE_OBJECT = re.compile(rb'"usage"[ \t]*:[ \t]*\{')
 # Text a stream relays: chat deltas' `content`, completions' `text`. Their JSON string
 # length stands for their characters (escapes count a little more): only an estimate is
 # made from it, when a stream ends without usage.
-_CONTENT = re.compile(rb'"(?:content|text)"[ \t]*:[ \t]*"((?:[^"\\\r\n]|\\.)*)"')
+_CONTENT = re.compile(
+    rb'"(?:content|text|delta|arguments|partial_json)"[ \t]*:[ \t]*"((?:[^"\\\r\n]|\\.)*)"'
+)
 
 
 class Tally:
@@ -85,7 +87,27 @@ class Tally:
         if not isinstance(obj, dict):
             return True
         usage = obj.get("usage")
+        if not isinstance(usage, dict):
+            # responses: response.completed's `response.usage`; messages: message_start's
+            # `message.usage` (input), then message_delta's top-level one (output so far).
+            for holder in ("response", "message"):
+                inner = obj.get(holder)
+                if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+                    usage = inner["usage"]
+                    break
         if isinstance(usage, dict):
-            self.usage = usage
+            self.usage = usage if self.usage is None else {**self.usage, **usage}
             return not (self.hide_usage_chunk and not obj.get("choices"))
         return True
+
+
+def usage_tokens(usage: dict[str, Any]) -> int:
+    """Tokens in a usage object of any family: `total_tokens`, else chat's prompt and
+    completion tokens, else input, output and Anthropic's cache tokens."""
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and total >= 0:
+        return total
+    names = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
+             "cache_creation_input_tokens", "cache_read_input_tokens")  # fmt: skip
+    parts = (usage.get(name) for name in names)
+    return sum(p for p in parts if isinstance(p, int) and p > 0)

@@ -123,13 +123,14 @@ models:
 PEAK_SCRIPT = """
 import orjson
 from gateway.body import parse_body
+from gateway.families import CHAT
 from gateway.upstream.client import JOIN_BELOW
 raw = orjson.dumps({"messages": [{"role": "user", "content": "hello " * 1400000}], "model": "m"})
 def kib(field):
     return int([l for l in open("/proc/self/status") if l.startswith(field)][0].split()[1])
 before = kib("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM restarts from the RSS now
-parsed = parse_body(raw, "/chat/completions")
+parsed = parse_body(raw, CHAT)
 out = parsed.for_upstream("upstream-model")
 assert len(out) >= JOIN_BELOW  # sent after its head, not joined to it
 print((kib("VmHWM") - before) * 1024 / len(raw))

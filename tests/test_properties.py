@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from gateway.body import GATEWAY_FIELDS, parse_body
 from gateway.errors import BadRequest, UpstreamResponseTooLarge, ValidationFailed
+from gateway.families import CHAT
 from gateway.sse import EventSplitter, Splicer, event_spans, splice_model
 from gateway.upstream.connection import H1Connection, State
 
@@ -256,7 +257,7 @@ def _expected_data(body: Body, upstream_model: str, inject_usage: bool) -> dict[
 @given(body=request_bodies(gateway_fields=False), upstream_model=UPSTREAM_MODELS)
 def test_request_splice_replaces_only_the_model_value(body: Body, upstream_model: str) -> None:
     assume(not nested_model_bug_applies(body, upstream_model))
-    parsed = parse_body(body.raw, "/chat/completions")
+    parsed = parse_body(body.raw, CHAT)
     out = parsed.for_upstream(upstream_model)
     assert orjson.loads(out) == _expected_data(body, upstream_model, False)
     start, end = body.span_of("model")
@@ -294,7 +295,7 @@ def test_request_splice_leaves_a_nested_model_alone(
     must reach the upstream with its nested member's bytes untouched."""
     head = b"{" + top_key + b":" + orjson.dumps(value) + b',"messages":[{"role":"user","model":'
     raw = head + nested + b"}]}"
-    out = parse_body(raw, "/chat/completions").for_upstream(upstream_model)
+    out = parse_body(raw, CHAT).for_upstream(upstream_model)
     assert orjson.loads(out)["model"] == upstream_model
     assert out.endswith(b',"messages":[{"role":"user","model":' + nested + b"}]}")
 
@@ -305,7 +306,7 @@ def test_request_splice_drops_gateway_fields_and_keeps_other_bytes(
     body: Body, upstream_model: str, inject_usage: bool
 ) -> None:
     assume(not nested_model_bug_applies(body, upstream_model))
-    parsed = parse_body(body.raw, "/chat/completions")
+    parsed = parse_body(body.raw, CHAT)
     out = parsed.for_upstream(upstream_model, inject_usage=inject_usage)
     assert orjson.loads(out) == _expected_data(body, upstream_model, inject_usage)
 
@@ -1082,7 +1083,7 @@ def test_parse_body_refuses_exactly_what_is_not_json(raw: bytes) -> None:
     else:
         valid = True
     try:
-        parse_body(raw, "/chat/completions")
+        parse_body(raw, CHAT)
     except BadRequest as exc:
         if exc.details["cause"] == "json":
             assert not valid

@@ -22,6 +22,7 @@ from gateway.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from gateway.families import CHAT, COMPLETIONS, EMBEDDINGS, RELAYED
 from gateway.health import Health
 from gateway.jsonscan import iter_members, replace_value, rewrite_members
 from gateway.keys import Key, Keys, digest_of, parse_keys
@@ -420,7 +421,7 @@ def test_splice_model_leaves_other_lines_alone(event: bytes) -> None:
 
 def test_parse_body_basic() -> None:
     raw = b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "stream": null}'
-    parsed = parse_body(raw, "/chat/completions")
+    parsed = parse_body(raw, CHAT)
     assert parsed.slugs == ("a",)
     assert parsed.stream is False
     assert parsed.session_id is None
@@ -431,24 +432,24 @@ def test_parse_body_basic() -> None:
 
 def test_parse_body_model_then_models_without_repeats() -> None:
     raw = b'{"model":"a","models":["b","a","c"],"route":"fallback","messages":[1],"stream":true}'
-    parsed = parse_body(raw, "/chat/completions")
+    parsed = parse_body(raw, CHAT)
     assert parsed.slugs == ("a", "b", "c")
     assert parsed.stream is True
     assert parsed.needs_rewrite is True
 
 
 def test_parse_body_models_only() -> None:
-    parsed = parse_body(b'{"models":["b","c"],"messages":[1]}', "/chat/completions")
+    parsed = parse_body(b'{"models":["b","c"],"messages":[1]}', CHAT)
     assert parsed.slugs == ("b", "c")
 
 
 def test_parse_body_session_id_body_wins_over_header() -> None:
     body = b'{"model":"a","messages":[1],"session_id":"from-body"}'
-    assert parse_body(body, "/chat/completions", "hdr").session_id == "from-body"
+    assert parse_body(body, CHAT, "hdr").session_id == "from-body"
     plain = b'{"model":"a","messages":[1]}'
-    assert parse_body(plain, "/chat/completions", "hdr").session_id == "hdr"
+    assert parse_body(plain, CHAT, "hdr").session_id == "hdr"
     ok = b'{"model":"a","messages":[1],"session_id":"' + b"s" * 128 + b'"}'
-    assert parse_body(ok, "/chat/completions").session_id == "s" * 128
+    assert parse_body(ok, CHAT).session_id == "s" * 128
 
 
 def test_parse_body_provider_prefs() -> None:
@@ -456,7 +457,7 @@ def test_parse_body_provider_prefs() -> None:
         b'{"model":"a","messages":[1],"provider":{"order":["x","y"],"only":["x"],'
         b'"ignore":["z"],"allow_fallbacks":false}}'
     )
-    prefs = parse_body(raw, "/chat/completions").prefs
+    prefs = parse_body(raw, CHAT).prefs
     assert prefs is not None
     assert prefs.order == ("x", "y")
     assert prefs.only == ("x",)
@@ -470,7 +471,7 @@ def test_parse_body_provider_prefs() -> None:
 )
 def test_parse_body_not_a_json_object(raw: bytes) -> None:
     with pytest.raises(BadRequest) as info:
-        parse_body(raw, "/chat/completions")
+        parse_body(raw, CHAT)
     assert info.value.status == 400
     assert info.value.code == "bad_request"
 
@@ -510,7 +511,7 @@ def test_parse_body_not_a_json_object(raw: bytes) -> None:
 )
 def test_parse_body_validation(path: str, body: dict[str, Any], field: str) -> None:
     with pytest.raises(ValidationFailed) as info:
-        parse_body(orjson.dumps(body), path)
+        parse_body(orjson.dumps(body), RELAYED[path])
     assert info.value.status == 422
     assert info.value.code == "validation_error"
     assert field in [str(v) for v in info.value.details.values()]
@@ -518,7 +519,7 @@ def test_parse_body_validation(path: str, body: dict[str, Any], field: str) -> N
 
 def test_parse_body_long_header_session_id_is_rejected() -> None:
     with pytest.raises(ValidationFailed):
-        parse_body(b'{"model":"a","messages":[1]}', "/chat/completions", "h" * 129)
+        parse_body(b'{"model":"a","messages":[1]}', CHAT, "h" * 129)
 
 
 def test_for_upstream_replaces_model_and_keeps_every_other_byte() -> None:
@@ -528,7 +529,7 @@ def test_for_upstream_replaces_model_and_keeps_every_other_byte() -> None:
         b'  "models": ["slug", "other"],\n  "route": "fallback",\n  "session_id": "s1",\n'
         b'  "provider": {"order": ["p"]}\n}'
     )
-    out = parse_body(raw, "/chat/completions").for_upstream("up/model-1")
+    out = parse_body(raw, CHAT).for_upstream("up/model-1")
     assert out == (
         b'{\n  "model": "up/model-1",\n  "messages": [{"role": "user", "content": "caf\\u00e9 {x}"}],\n'
         b'  "temperature": 0.70,\n  "max_tokens": 1E3,\n  "unknown_field": {"model": "keep"}\n}'
@@ -537,7 +538,7 @@ def test_for_upstream_replaces_model_and_keeps_every_other_byte() -> None:
 
 def test_for_upstream_inserts_model_when_only_models_given() -> None:
     raw = b'{"models": ["a", "b"], "messages": [{"role": "user", "content": "x"}], "n": 1}'
-    out = parse_body(raw, "/chat/completions").for_upstream('we"ird')
+    out = parse_body(raw, CHAT).for_upstream('we"ird')
     assert orjson.loads(out) == {
         "model": 'we"ird',
         "messages": [{"role": "user", "content": "x"}],
@@ -547,7 +548,7 @@ def test_for_upstream_inserts_model_when_only_models_given() -> None:
 
 def test_for_upstream_plain_body_only_model_changes() -> None:
     raw = b'{"model":"a","input":["x","y"],"encoding_format":"float"}'
-    out = parse_body(raw, "/embeddings").for_upstream("text-embed")
+    out = parse_body(raw, EMBEDDINGS).for_upstream("text-embed")
     assert out == b'{"model":"text-embed","input":["x","y"],"encoding_format":"float"}'
 
 
@@ -959,11 +960,11 @@ def test_parse_body_checks_utf8_of_large_bodies_a_window_at_a_time(bad_at: int) 
     a window's edge is fine, a bad byte anywhere is 400."""
     text = "é" * (3 << 19)  # 3 MiB of two-byte characters: every window edge splits none
     raw = orjson.dumps({"model": "a", "messages": [{"role": "user", "content": "x" + text}]})
-    assert parse_body(raw, "/chat/completions").slugs == ("a",)  # the odd offset splits them
+    assert parse_body(raw, CHAT).slugs == ("a",)  # the odd offset splits them
     start = raw.index(b"x") + 1
     broken = raw[: start + bad_at] + b"\xff" + raw[start + bad_at + 1 :]
     with pytest.raises(BadRequest) as info:
-        parse_body(broken, "/chat/completions")
+        parse_body(broken, CHAT)
     assert info.value.details["cause"] == "json"
 
 
@@ -978,17 +979,17 @@ def test_parse_body_checks_utf8_of_large_bodies_a_window_at_a_time(bad_at: int) 
 )
 def test_parse_body_needs_a_non_empty_messages_list(raw: bytes, field: str) -> None:
     with pytest.raises(ValidationFailed) as info:
-        parse_body(raw, "/chat/completions")
+        parse_body(raw, CHAT)
     assert info.value.details["field"] == field
 
 
 def test_parse_body_needs_a_prompt_that_is_not_null() -> None:
     with pytest.raises(ValidationFailed):
-        parse_body(b'{"model":"a","prompt":null}', "/completions")
-    assert parse_body(b'{"model":"a","prompt":""}', "/completions").slugs == ("a",)
+        parse_body(b'{"model":"a","prompt":null}', COMPLETIONS)
+    assert parse_body(b'{"model":"a","prompt":""}', COMPLETIONS).slugs == ("a",)
 
 
 def test_parse_body_counts_the_prompt_only_when_asked() -> None:
     raw = b'{"model":"a","messages":[{"role":"user","content":"abcd"},{"content":[{"text":"ef"}]}]}'
-    assert parse_body(raw, "/chat/completions").prompt_length == 0
-    assert parse_body(raw, "/chat/completions", count_prompt=True).prompt_length == 6
+    assert parse_body(raw, CHAT).prompt_length == 0
+    assert parse_body(raw, CHAT, count_prompt=True).prompt_length == 6

@@ -241,18 +241,19 @@ class Upstream:
         body: bytes,
         client_headers: Headers,
         deadline: float = math.inf,
+        method: bytes | None = None,
     ) -> UpstreamResponse:
         """Send the request; return once the final response head is in. `deadline` (loop
         time) bounds the whole exchange, body included, on top of the provider's
         timeouts."""
         if provider.builtin is not None:
-            return EchoResponse.answer(path, body)
+            return EchoResponse.answer(path, body, method, client_headers)
         target = self._target(provider)
         t = provider.timeout
         loop = asyncio.get_running_loop()
         total = math.inf if t.total is None else loop.time() + t.total
         deadline = min(deadline, total)
-        head = request_head(target, path, client_headers, len(body))
+        head = request_head(target, path, client_headers, len(body), method)
         # One write for the usual small request; a large body is not copied again to
         # join it to its head (the peak for one request stays near twice its body).
         data = head + body if len(body) < JOIN_BELOW else (head, body)

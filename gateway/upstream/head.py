@@ -78,9 +78,21 @@ def prepare(provider: Provider) -> Target:
 
 
 def request_head(
-    target: Target, path: str, client: Iterable[tuple[bytes, bytes]], length: int
+    target: Target,
+    path: str,
+    client: Iterable[tuple[bytes, bytes]],
+    length: int,
+    method: bytes | None = None,
 ) -> bytes:
-    parts = [target.request_line_prefix, path.encode(), target.query, b" HTTP/1.1\r\n"]
+    """The request's head. `method`: other than POST (the responses family's lookups by
+    id); `path` may then carry the client's query, joined to the provider's."""
+    prefix = target.request_line_prefix
+    query = target.query
+    if method is not None:
+        prefix = method + prefix[4:]
+        if query and "?" in path:
+            query = b"&" + query[1:]
+    parts = [prefix, path.encode(), query, b" HTTP/1.1\r\n"]
     named: set[bytes] = set()
     kept: Headers = []
     content_type = False
@@ -95,7 +107,7 @@ def request_head(
     for name, value in kept:
         if name not in named:
             parts += (name, b": ", value, b"\r\n")
-    if not content_type:
+    if not content_type and length:
         parts.append(b"content-type: application/json\r\n")
     parts += (target.fixed, b"content-length: ", str(length).encode(), b"\r\n\r\n")
     return b"".join(parts)

@@ -1,0 +1,168 @@
+"""API families (SPEC §9) as data: what differs between chat, responses, messages and the
+rest, so that the relay, late commit, usage and limits stay one path that asks.
+
+A family says which body members it needs, where `model` lives in its stream events, what
+counts as content and as an in-band error before the commit, whether the gateway may ask
+a stream for usage on the client's behalf, and which error envelope its clients read.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import orjson
+
+from gateway.sse import CONTENT, DONE, ERROR, NOTHING, classify, payload_of
+
+
+class Envelope(enum.Enum):
+    OPENAI = "openai"  # {"error": {"message", "type", "code", ...}} (SPEC §4)
+    ANTHROPIC = "anthropic"  # {"type": "error", "error": {"type", "message"}}
+
+
+class Body(enum.Enum):
+    JSON = "json"
+    MULTIPART = "multipart"  # audio uploads: only the `model` part is rewritten
+    NONE = "none"  # GET/DELETE by id: no body
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    name: str
+    # Members the body must have besides `model`; "messages" must be a non-empty list.
+    required: tuple[str, ...] = ()
+    # Where `model` sits in a stream event's JSON: () at the top level (chat's chunks),
+    # ("response",) inside the top-level `response` object; None: events carry none.
+    event_model: tuple[str, ...] | None = ()
+    # Event `type`s that are content (typed streams: responses, messages); empty: the
+    # chat chunk rules of sse.classify.
+    content_types: frozenset[str] = frozenset()
+    error_types: frozenset[str] = frozenset()
+    # The gateway may add stream_options.include_usage (chat and completions only: the
+    # other streams always carry usage).
+    injects_usage: bool = False
+    envelope: Envelope = Envelope.OPENAI
+    body: Body = Body.JSON
+    # The answer may be binary (audio speech): `model` is rewritten only in JSON answers.
+    binary_answer: bool = False
+
+    def classify(self, event: bytes) -> int:
+        """CONTENT, ERROR, DONE or NOTHING for one event held before the commit."""
+        if not self.content_types:
+            return classify(event)
+        name = _event_name(event)
+        if name == b"error":
+            return ERROR
+        payload = payload_of(event)
+        if payload is None:
+            return NOTHING
+        if payload.strip() == b"[DONE]":
+            return DONE
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return CONTENT  # not ours to judge: relay it
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if not isinstance(kind, str):
+            return CONTENT
+        if kind in self.error_types:
+            return ERROR
+        return CONTENT if kind in self.content_types else NOTHING
+
+
+def _event_name(event: bytes) -> bytes | None:
+    """The value of an `event:` line, if the event has one."""
+    at = event.find(b"event:")
+    if at < 0 or (at > 0 and event[at - 1] not in b"\r\n"):
+        return None
+    end = at + 6
+    stop = len(event)
+    for ending in (b"\r", b"\n"):
+        found = event.find(ending, end)
+        if 0 <= found < stop:
+            stop = found
+    return event[end:stop].strip()
+
+
+CHAT = Family("chat", required=("messages",), injects_usage=True)
+COMPLETIONS = Family("completions", required=("prompt",), injects_usage=True)
+EMBEDDINGS = Family("embeddings", required=("input",), event_model=None)
+RESPONSES = Family(
+    "responses",
+    event_model=("response",),
+    content_types=frozenset(
+        {
+            "response.output_text.delta",
+            "response.function_call_arguments.delta",
+            "response.output_item.added",
+            "response.completed",
+        }
+    ),
+    error_types=frozenset({"response.failed", "error"}),
+)
+MESSAGES = Family(
+    "messages",
+    required=("messages",),
+    event_model=("message",),
+    content_types=frozenset(
+        {"content_block_start", "content_block_delta", "message_delta", "message_stop"}
+    ),
+    error_types=frozenset({"error"}),
+    envelope=Envelope.ANTHROPIC,
+)
+IMAGES = Family("images", required=("prompt",), event_model=None)
+AUDIO_SPEECH = Family("audio", required=("input",), event_model=None, binary_answer=True)
+AUDIO_UPLOAD = Family("audio", event_model=None, body=Body.MULTIPART)
+MODERATIONS = Family("moderations", required=("input",), event_model=None)
+RERANK = Family("rerank", required=("query", "documents"), event_model=None)
+# Counting and lookups in the responses and messages families: same family, no stream.
+RESPONSES_TOKENS = Family("responses", event_model=None)
+MESSAGES_TOKENS = Family(
+    "messages", required=("messages",), event_model=None, envelope=Envelope.ANTHROPIC
+)
+RESPONSES_BY_ID = Family("responses", event_model=None, body=Body.NONE)
+
+ALL = ("chat", "completions", "embeddings", "responses", "images", "audio", "moderations",
+       "rerank", "messages")  # fmt: skip
+# What a provider serves without `apis:` (SPEC §9): everything but messages, which only
+# Anthropic-compatible upstreams speak.
+DEFAULT_APIS = frozenset(ALL) - {"messages"}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One relayed path: its family and the path sent upstream (after the base URL)."""
+
+    family: Family
+    upstream_path: str
+
+
+# Paths under each prefix (SPEC §9): "" and "/v1", "/api/v1", "/openai/v1".
+RELAYED: dict[str, Family] = {
+    "/chat/completions": CHAT,
+    "/completions": COMPLETIONS,
+    "/embeddings": EMBEDDINGS,
+    "/responses": RESPONSES,
+    "/responses/input_tokens": RESPONSES_TOKENS,
+    "/messages": MESSAGES,
+    "/messages/count_tokens": MESSAGES_TOKENS,
+    "/images/generations": IMAGES,
+    "/audio/speech": AUDIO_SPEECH,
+    "/audio/transcriptions": AUDIO_UPLOAD,
+    "/audio/translations": AUDIO_UPLOAD,
+    "/moderations": MODERATIONS,
+    "/rerank": RERANK,
+}
+PREFIXES = ("/v1", "", "/api/v1", "/openai/v1")
+# Azure OpenAI's deployment paths: the slug is the deployment.
+AZURE_DEPLOYMENT = {"chat/completions", "completions", "embeddings"}
+
+
+def endpoints() -> dict[str, Endpoint]:
+    """Every relayed path under every prefix -> its endpoint."""
+    return {
+        prefix + path: Endpoint(family, path)
+        for prefix in PREFIXES
+        for path, family in RELAYED.items()
+    }
