@@ -204,16 +204,20 @@ class ProxyEndpoint:
             return
         except ClientGone:
             return
-        ex = Exchange(send, rid, upstream_path, scope["headers"], parsed, family)
-        ex.extra_headers = rate_headers
-        ex.t0 = t0
-        if response_id is not None and method != "POST":
-            ex.method = method.encode()
-        elif response_id is not None:
-            ex.method = b"POST"
-        if key is not None and limiter.counts_tokens(key):
-            ex.count_tokens = True
-            ex.inject_usage = family.injects_usage and parsed.stream and not parsed.asked_usage
+        counted = key is not None and limiter.counts_tokens(key)
+        ex = Exchange(
+            send,
+            rid,
+            upstream_path,
+            scope["headers"],
+            parsed,
+            family,
+            None if response_id is None else method.encode(),
+            rate_headers,
+            t0,
+            counted,
+            counted and family.injects_usage and parsed.stream and not parsed.asked_usage,
+        )
         task = asyncio.current_task()
         assert task is not None
         watch = DisconnectWatch(receive, task, ex)
@@ -227,15 +231,7 @@ class ProxyEndpoint:
             task.uncancel()
         except Exception:
             log.exception("request %s failed inside the gateway", rid.decode())
-            if not ex.started:
-                ex.status = 500
-                await send_error(
-                    send,
-                    GatewayError("internal gateway error"),
-                    rid,
-                    [server_timing(t0)],
-                    self.anthropic,
-                )
+            await runtime.relay.internal_error(ex)
         finally:
             watch.stop()
             runtime.metrics.in_flight.dec()

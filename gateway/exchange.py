@@ -18,11 +18,18 @@ from gateway.usage import Tally, usage_tokens
 
 @dataclass(slots=True)
 class Exchange:
-    """Request state the relay fills in; also what gets logged and charged."""
+    """One request on its way through the relay; also what gets logged and charged.
 
+    Two parts with one writer each. What the request *is* comes in through __init__
+    (the endpoint builds it) and is never written again. What *happened* to it is
+    written by the relay alone, the client's leaving aside (`client_gone`, set by the
+    endpoint's disconnect watch). Not frozen: a frozen dataclass's __init__ sets each
+    field through object.__setattr__, on every request (see body.ParsedBody)."""
+
+    # -- what the request is
     send: Send
     request_id: bytes
-    path: str
+    path: str  # sent upstream after the provider's base URL
     client_headers: Headers
     parsed: ParsedBody
     family: Family = CHAT
@@ -31,6 +38,7 @@ class Exchange:
     t0: float = 0.0  # perf_counter() when the request arrived
     count_tokens: bool = False  # the key has token limits: read `usage` from the answer
     inject_usage: bool = False  # ask streams for usage the client did not ask for
+    # -- what happened to it (the relay's)
     started: bool = False  # response start sent to the client
     status: int = 0
     attempts: int = 0
@@ -43,6 +51,11 @@ class Exchange:
     client_gone: bool = False
     usage: dict[str, Any] | None = None
     content_chars: int = 0  # relayed content, for an estimate when no usage came
+
+    def commit(self, status: int) -> None:
+        """The response's status line is on its way: no other answer can follow."""
+        self.status = status
+        self.started = True
 
     def tokens(self) -> int:
         """Tokens to charge: the upstream's usage, else a quarter of the characters."""

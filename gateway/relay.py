@@ -237,8 +237,7 @@ class Relay:
         head = [*headers, *_own_headers(ex, upstream)]
         await ex.send({"type": "http.response.start", "status": 200, "headers": head})
         # Only once sent: a keep-alive task cancelled inside the send started nothing.
-        ex.status = 200
-        ex.started = True
+        ex.commit(200)
 
     def _headers(self, ex: Exchange, opened: Opened) -> Headers:
         cand = opened.cand
@@ -270,8 +269,7 @@ class Relay:
                         {"type": "http.response.body", "body": b"data: " + opened.body + b"\n\n"}
                     )
                 else:
-                    ex.status = resp.status
-                    ex.started = True
+                    ex.commit(resp.status)
                     headers = [*self._headers(ex, opened), *_own_headers(ex, opened.latency)]
                     await send_bytes(ex.send, resp.status, opened.body, headers, None)
                 return
@@ -367,8 +365,7 @@ class Relay:
                 await self._break(ex, UpstreamDisconnected(f"every provider failed{status}"))
             return
         if last is not None and answered:
-            ex.status = last.status
-            ex.started = True
+            ex.commit(last.status)
             headers = [*last.headers, *ex.extra_headers, attempts, NO_RETRY]
             headers += _own_headers(ex, None)
             await send_bytes(ex.send, last.status, last.body, headers, None)
@@ -383,10 +380,19 @@ class Relay:
             exc = UpstreamUnavailable(
                 "no provider could be reached", {"attempts": ex.attempts, "cause": cause}
             )
-        ex.status = exc.status
-        ex.started = True
+        ex.commit(exc.status)
         extra = [NO_RETRY, attempts, *ex.extra_headers, server_timing(ex.t0)]
         await send_error(ex.send, exc, ex.request_id, extra, ex.family.envelope is ANTHROPIC)
+
+    async def internal_error(self, ex: Exchange) -> None:
+        """A bug inside the gateway: a 500 if nothing went out yet (else the stream
+        just ends)."""
+        if ex.started:
+            return
+        ex.commit(500)
+        exc = GatewayError("internal gateway error")
+        anthropic = ex.family.envelope is ANTHROPIC
+        await send_error(ex.send, exc, ex.request_id, [server_timing(ex.t0)], anthropic)
 
     async def _break(self, ex: Exchange, exc: GatewayError) -> None:
         """After commit a failure can only be told in-band, then the stream ends: in the
