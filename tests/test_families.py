@@ -401,3 +401,54 @@ async def test_anthropic_sdk_messages_through_the_echo(gateway: GatewayFactory) 
         )
     await bad.close()
     await sdk.close()
+
+
+async def test_openai_sdk_every_other_family_through_the_echo(gateway: GatewayFactory) -> None:
+    """Images, speech, transcriptions, moderations, and Azure's and Groq's client paths,
+    as the official SDK sends them."""
+    openai = pytest.importorskip("openai")
+    gw = await sdk_gateway(gateway)
+    sdk = openai.AsyncOpenAI(base_url=gw.base_url, api_key="sk-client-a", max_retries=0)
+    image = await sdk.images.generate(model="m", prompt="a dot")
+    assert image.data and base64.b64decode(image.data[0].b64_json or "").startswith(b"\x89PNG")
+    speech = await sdk.audio.speech.create(model="m", input="hi", voice="alloy")
+    assert (await speech.aread()).startswith(b"ID3")
+    text = await sdk.audio.transcriptions.create(model="m", file=("a.mp3", b"\x00" * 300))
+    assert text.text == "echo: 300 bytes of audio"
+    mod = await sdk.moderations.create(model="m", input=["a", "b"])
+    assert [r.flagged for r in mod.results] == [False, False]
+    await sdk.close()
+
+    azure = openai.AsyncAzureOpenAI(
+        azure_endpoint=gw.url, api_key="sk-client-a", api_version="2024-10-21", max_retries=0
+    )
+    chat = await azure.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+    assert chat.model == "m" and chat.choices[0].message.content == "echo: hi"
+    await azure.close()
+    groq_style = openai.AsyncOpenAI(
+        base_url=f"{gw.url}/openai/v1", api_key="sk-client-a", max_retries=0
+    )
+    chat = await groq_style.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
+    assert chat.model == "m"
+    await groq_style.close()
+
+
+async def test_responses_usage_counts_for_limits(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    """responses: usage.input_tokens and output_tokens, in response.completed for a
+    stream, in the body otherwise; no stream_options is added to the request."""
+    gw = await gateway(routes(upstream), KEYS)
+    headers = {"authorization": "Bearer sk-client-a"}
+    upstream.script(Sse(responses_stream("resp_5")))
+    body = {"model": "m", "input": "hi", "stream": True}
+    r = await client.post(f"{gw.base_url}/responses", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert "stream_options" not in upstream.requests[-1].json()
+    assert gw.runtime.limiter.usage["a"].spent == 7
+    usage = {"input_tokens": 3, "output_tokens": 4}
+    upstream.script(Json(response_obj("resp_6", "completed", usage)))
+    r = await client.post(f"{gw.base_url}/responses", json={**body, "stream": False},
+                          headers=headers)  # fmt: skip
+    assert r.status_code == 200
+    assert gw.runtime.limiter.usage["a"].spent == 14
