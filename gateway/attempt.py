@@ -20,7 +20,7 @@ from gateway.plan import Candidate
 from gateway.sse import CONTENT, ERROR, EventSplitter, event_spans, payload_of, splicer_for
 from gateway.upstream.client import Upstream
 from gateway.upstream.head import Headers
-from gateway.usage import Tally, usage_in_body
+from gateway.usage import Tally, content_pattern, usage_in_body
 
 
 def retryable(status: int) -> bool:
@@ -115,7 +115,7 @@ async def open_attempt(
             keep = True
             return opened
 
-        opened.tally = Tally(injected, count_content=ex.count_tokens)
+        opened.tally = Tally(injected, ex.count_tokens, content_pattern(family.content_fields))
         splicer = opened.splicer = splicer_for(family.event_model, model_json)
         splitter = opened.splitter = EventSplitter(upstream.max_event_bytes)
         held = opened.held

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
 import time
-from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -136,22 +136,25 @@ class ProxyEndpoint:
         self.family = endpoint.family
         self.path = endpoint.upstream_path
         self.anthropic = endpoint.family.envelope is Envelope.ANTHROPIC
+        # Read per request; an enum member's lookup goes through its metaclass each time.
+        self.multipart = endpoint.family.body is Body.MULTIPART
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        return self.handle(scope, receive, send, None, self.path)
-
-    async def handle(
+    async def __call__(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
-        path_slug: str | None,
-        upstream_path: str,
+        path_slug: str | None = None,
+        upstream_path: str | None = None,
         response_id: str | None = None,
     ) -> None:
-        """`path_slug`: Azure's deployment from the path; `response_id`: a responses
-        lookup by id (GET, DELETE or a POST without a body of its own)."""
+        """The ASGI call; the others come from AzureDeployment and ResponseById:
+        `path_slug`, Azure's deployment from the path; `upstream_path`, a path of its
+        own; `response_id`, a responses lookup by id (GET, DELETE or a POST without a
+        body of its own)."""
         t0 = time.perf_counter()
+        if upstream_path is None:
+            upstream_path = self.path
         incoming = Incoming(scope["headers"])
         rid = incoming.request_id
         runtime = self.runtime
@@ -175,7 +178,7 @@ class ProxyEndpoint:
             if response_id is not None:
                 parsed = ParsedBody(raw, (), False, session, None, False)
                 previous: str | None = response_id
-            elif family.body is Body.MULTIPART:
+            elif self.multipart:
                 parsed = parse_multipart(raw, incoming.content_type, session)
                 previous = None
             else:
@@ -185,7 +188,9 @@ class ProxyEndpoint:
                 creator = runtime.response_ids.find(previous)
                 if creator is not None:
                     pinned = (creator.provider, creator.upstream_model)
-                    parsed.slugs = (creator.slug,)
+                    # The creator's slug, whatever `model` says (ParsedBody's one writer
+                    # stays parse_body: this is a copy).
+                    parsed = dataclasses.replace(parsed, slugs=(creator.slug,))
                 elif not parsed.slugs:
                     raise ResponseNotFound(
                         f"no response {previous!r} is known to this gateway",
@@ -204,7 +209,6 @@ class ProxyEndpoint:
             return
         except ClientGone:
             return
-        counted = key is not None and limiter.counts_tokens(key)
         ex = Exchange(
             send,
             rid,
@@ -215,8 +219,8 @@ class ProxyEndpoint:
             None if response_id is None else method.encode(),
             rate_headers,
             t0,
-            counted,
-            counted and family.injects_usage and parsed.stream and not parsed.asked_usage,
+            counting,
+            counting and family.injects_usage and parsed.stream and not parsed.asked_usage,
         )
         task = asyncio.current_task()
         assert task is not None
@@ -259,7 +263,7 @@ class AzureDeployment:
                 scope, receive, send
             )
             return
-        await endpoint.handle(scope, receive, send, params["slug"], endpoint.path)
+        await endpoint(scope, receive, send, params["slug"], endpoint.path)
 
 
 class ResponseById:
@@ -285,7 +289,7 @@ class ResponseById:
         query = scope.get("query_string", b"")
         if query:
             path += "?" + query.decode("latin-1")
-        await self.endpoint.handle(scope, receive, send, None, path, response_id)
+        await self.endpoint(scope, receive, send, None, path, response_id)
 
 
 _RESPONSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,256}")

@@ -46,6 +46,9 @@ class Family:
     body: Body = Body.JSON
     # The answer may be binary (audio speech): `model` is rewritten only in JSON answers.
     binary_answer: bool = False
+    # String members whose length stands for relayed text (a token estimate when a
+    # stream ends without usage).
+    content_fields: tuple[str, ...] = ("content", "text")
 
     def classify(self, event: bytes) -> int:
         """CONTENT, ERROR, DONE or NOTHING for one event held before the commit."""
@@ -100,6 +103,7 @@ RESPONSES = Family(
         }
     ),
     error_types=frozenset({"response.failed", "error"}),
+    content_fields=("delta",),  # output_text.delta and function_call_arguments.delta
 )
 MESSAGES = Family(
     "messages",
@@ -110,6 +114,7 @@ MESSAGES = Family(
     ),
     error_types=frozenset({"error"}),
     envelope=Envelope.ANTHROPIC,
+    content_fields=("text", "partial_json"),  # text_delta and input_json_delta
 )
 IMAGES = Family("images", required=("prompt",), event_model=None)
 AUDIO_SPEECH = Family("audio", required=("input",), event_model=None, binary_answer=True)

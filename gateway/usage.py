@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -30,9 +31,16 @@ _USAGE_OBJECT = re.compile(rb'"usage"[ \t]*:[ \t]*\{')
 # Text a stream relays: chat deltas' `content`, completions' `text`. Their JSON string
 # length stands for their characters (escapes count a little more): only an estimate is
 # made from it, when a stream ends without usage.
-_CONTENT = re.compile(
-    rb'"(?:content|text|delta|arguments|partial_json)"[ \t]*:[ \t]*"((?:[^"\\\r\n]|\\.)*)"'
-)
+
+
+@functools.cache
+def content_pattern(fields: tuple[str, ...]) -> re.Pattern[bytes]:
+    """The string members a family's events carry text in (families.Family)."""
+    names = b"|".join(re.escape(f.encode()) for f in fields)
+    return re.compile(rb'"(?:' + names + rb')"[ \t]*:[ \t]*"((?:[^"\\\r\n]|\\.)*)"')
+
+
+_CONTENT = content_pattern(("content", "text"))
 
 
 class Tally:
@@ -44,11 +52,17 @@ class Tally:
     limits, and to hide the usage-only chunk the gateway asked for).
     """
 
-    __slots__ = ("content_chars", "count_content", "hide_usage_chunk", "usage")
+    __slots__ = ("content", "content_chars", "count_content", "hide_usage_chunk", "usage")
 
-    def __init__(self, hide_usage_chunk: bool, count_content: bool = True) -> None:
+    def __init__(
+        self,
+        hide_usage_chunk: bool,
+        count_content: bool = True,
+        content: re.Pattern[bytes] = _CONTENT,
+    ) -> None:
         self.hide_usage_chunk = hide_usage_chunk
         self.count_content = count_content
+        self.content = content
         self.usage: dict[str, Any] | None = None
         self.content_chars = 0
 
@@ -56,7 +70,7 @@ class Tally:
         """A block of whole events to relay: all of it, less the usage-only chunk the
         gateway asked for."""
         if self.count_content:
-            self.content_chars += sum(map(len, _CONTENT.findall(block)))
+            self.content_chars += sum(map(len, self.content.findall(block)))
         # bytes.find first: a memchr-speed scan, where the regex would step byte by byte.
         at = block.find(USAGE_KEY)
         found = None if at < 0 else _USAGE_OBJECT.search(block, at)
