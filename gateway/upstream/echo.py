@@ -23,6 +23,12 @@ from urllib.parse import parse_qs
 import orjson
 
 WORD_DELAY = 0.01  # seconds between streamed words: enough to see streaming, cheap in tests
+# OpenAI's moderation categories: the SDK's strict validation wants every one named.
+MODERATION_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
+    "illicit/violent", "self-harm", "self-harm/instructions", "self-harm/intent", "sexual",
+    "sexual/minors", "violence", "violence/graphic",
+)  # fmt: skip
 # Responses kept for GET /responses/{id}: bounded like all gateway state, since a
 # long-running demo gateway must not grow with every request.
 MAX_STORED = 1000
@@ -587,7 +593,13 @@ def _moderations(call: _Call) -> EchoResponse:
             "id": f"modr-echo{next(_ids)}",
             "model": req.get("model", "echo"),
             "results": [
-                {"flagged": False, "categories": {}, "category_scores": {}} for _ in inputs
+                {
+                    "flagged": False,
+                    "categories": dict.fromkeys(MODERATION_CATEGORIES, False),
+                    "category_scores": dict.fromkeys(MODERATION_CATEGORIES, 0.0),
+                    "category_applied_input_types": dict.fromkeys(MODERATION_CATEGORIES, ["text"]),
+                }
+                for _ in inputs
             ],
         }
     )

@@ -1,0 +1,121 @@
+"""Pure parts of the API families (SPEC §9): classification, nested splices, usage,
+Anthropic's error types, the Responses id map."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway.errors import GatewayError, anthropic_type
+from gateway.families import CHAT, MESSAGES, RESPONSES, endpoints
+from gateway.response_ids import ResponseIds, first_id
+from gateway.sse import CONTENT, DONE, ERROR, NOTHING, NestedSplicer, splicer_for
+from gateway.usage import Tally, usage_tokens
+
+
+def ev(kind: str, named: bool = True, **data: object) -> bytes:
+    head = f"event: {kind}\n" if named else ""
+    return (head + "data: " + orjson.dumps({"type": kind, **data}).decode() + "\n\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("family", "event", "kind"),
+    [
+        (RESPONSES, ev("response.created", response={}), NOTHING),
+        (RESPONSES, ev("response.in_progress"), NOTHING),
+        (RESPONSES, ev("response.output_text.delta", delta="x"), CONTENT),
+        (RESPONSES, ev("response.function_call_arguments.delta", delta="{"), CONTENT),
+        (RESPONSES, ev("response.output_item.added", item={}), CONTENT),
+        (RESPONSES, ev("response.completed", response={}), CONTENT),
+        (RESPONSES, ev("response.failed", response={}), ERROR),
+        (RESPONSES, ev("error", named=False, message="x"), ERROR),
+        (MESSAGES, ev("message_start", message={}), NOTHING),
+        (MESSAGES, ev("ping"), NOTHING),
+        (MESSAGES, ev("content_block_start", index=0), CONTENT),
+        (MESSAGES, ev("content_block_delta", index=0), CONTENT),
+        (MESSAGES, ev("message_delta"), CONTENT),
+        (MESSAGES, ev("message_stop"), CONTENT),
+        (MESSAGES, b"event: error\ndata: {}\n\n", ERROR),
+        (MESSAGES, b": comment\n\n", NOTHING),
+        (RESPONSES, b"data: [DONE]\n\n", DONE),
+        (CHAT, b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n', CONTENT),
+        (CHAT, b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n', NOTHING),
+    ],
+)
+def test_each_family_says_what_is_content_and_error(
+    family: object, event: bytes, kind: int
+) -> None:
+    assert family.classify(event) == kind  # type: ignore[attr-defined]
+
+
+def test_nested_splice_rewrites_only_the_named_objects_model() -> None:
+    splicer = NestedSplicer(b'"m"', ("response",))
+    event = (
+        b'event: response.created\ndata: {"type":"response.created","model":"top",'
+        b'"response":{"id":"r","tools":[{"model":"tool"}],"model":"up","x":1}}\n\n'
+    )
+    out = splicer.event(event)
+    assert orjson.loads(out.split(b"data: ")[1])["response"]["model"] == "m"
+    assert b'"model":"top"' in out and b'{"model":"tool"}' in out
+    delta = ev("response.output_text.delta", delta='say "model": no')
+    assert splicer.block(delta + event) == delta + out
+    assert splicer_for(("message",), b'"m"').block(b"data: {}\n\n") == b"data: {}\n\n"
+
+
+def test_messages_usage_merges_start_and_running_output() -> None:
+    tally = Tally(False)
+    usage = {"input_tokens": 10, "output_tokens": 1, "cache_creation_input_tokens": 2}
+    tally.block(ev("message_start", message={"usage": usage}))
+    tally.block(ev("message_delta", usage={"output_tokens": 5}))
+    tally.block(ev("message_delta", usage={"output_tokens": 9}))
+    assert tally.usage is not None and usage_tokens(tally.usage) == 10 + 2 + 9
+    responses = Tally(False)
+    responses.block(ev("response.completed", response={"usage": {"input_tokens": 3,
+                                                                  "output_tokens": 4,
+                                                                  "total_tokens": 7}}))  # fmt: skip
+    assert responses.usage is not None and usage_tokens(responses.usage) == 7
+    assert usage_tokens({"prompt_tokens": 2, "completion_tokens": 3}) == 5
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(400, "invalid_request_error"), (413, "invalid_request_error"),
+     (422, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
+     (404, "not_found_error"), (429, "rate_limit_error"), (503, "overloaded_error"),
+     (529, "overloaded_error"), (500, "api_error"), (502, "api_error"), (504, "api_error")],
+)  # fmt: skip
+def test_anthropic_error_types(status: int, kind: str) -> None:
+    assert anthropic_type(status) == kind
+    error = GatewayError("boom")
+    error.status = status
+    assert orjson.loads(error.body(anthropic=True)) == {
+        "type": "error", "error": {"type": kind, "message": "boom"}
+    }  # fmt: skip
+
+
+def test_response_ids_are_bounded_and_expire() -> None:
+    now = [0.0]
+    ids = ResponseIds(capacity=3, ttl=10.0, clock=lambda: now[0])
+    for i in range(4):
+        ids.remember(f"r{i}", "m", "p", "up")
+    assert len(ids) == 3 and ids.find("r0") is None  # the oldest went
+    found = ids.find("r3")
+    assert found is not None and (found.slug, found.provider) == ("m", "p")
+    now[0] = 10.5
+    assert ids.find("r1") is None and len(ids) == 2
+
+
+def test_first_id_is_the_responses_own() -> None:
+    body = b'{"id":"resp_1","object":"response","output":[{"id":"msg_2"}]}'
+    assert first_id(body) == "resp_1"
+    assert first_id(ev("response.created", response={"id": "resp_3"})) == "resp_3"
+    assert first_id(b'{"object":"response"}') is None
+
+
+def test_every_family_path_under_every_prefix() -> None:
+    table = endpoints()
+    for prefix in ("/v1", "", "/api/v1", "/openai/v1"):
+        assert table[prefix + "/responses"].family is RESPONSES
+        assert table[prefix + "/messages"].family is MESSAGES
+        assert table[prefix + "/messages/count_tokens"].upstream_path == "/messages/count_tokens"
+    assert len(table) == 4 * 13
