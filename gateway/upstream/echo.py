@@ -597,7 +597,9 @@ def _moderations(call: _Call) -> EchoResponse:
                     "flagged": False,
                     "categories": dict.fromkeys(MODERATION_CATEGORIES, False),
                     "category_scores": dict.fromkeys(MODERATION_CATEGORIES, 0.0),
-                    "category_applied_input_types": dict.fromkeys(MODERATION_CATEGORIES, ["text"]),
+                    "category_applied_input_types": {
+                        key: ["text"] for key in MODERATION_CATEGORIES
+                    },
                 }
                 for _ in inputs
             ],
