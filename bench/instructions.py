@@ -82,6 +82,53 @@ class Curve:
     count: int  # requests otherwise
     per: str  # the unit the table divides by: "KiB" of request body or "event"
     units: float  # that unit's count per request
+    path: str = run.CHAT_PATH
+
+
+def typed_events(kind: str) -> list[str]:
+    """22 events of a Responses or a Messages stream, with chat's 18 text deltas."""
+
+    def event(name: str, **data: Any) -> str:
+        return f"event: {name}\ndata: " + json.dumps({"type": name, **data},
+                                                     separators=(",", ":")) + "\n\n"  # fmt: skip
+
+    model = run.UPSTREAM_MODEL
+    if kind == "responses":
+        response = {"id": "resp_bench", "object": "response", "created_at": 1700000000,
+                    "status": "in_progress", "model": model, "output": []}  # fmt: skip
+        item = {"id": "msg_bench", "type": "message", "role": "assistant", "content": []}
+        events = [event("response.created", sequence_number=0, response=response)]
+        events.append(event("response.output_item.added", output_index=0, item=item))
+        events += [
+            event(
+                "response.output_text.delta",
+                item_id="msg_bench",
+                output_index=0,
+                content_index=0,
+                delta=f"token{i} ",
+            )
+            for i in range(18)
+        ]
+        events.append(event("response.output_item.done", output_index=0, item=item))
+        usage = {"input_tokens": 9, "output_tokens": 18, "total_tokens": 27}
+        done = {**response, "status": "completed", "usage": usage}
+        events.append(event("response.completed", sequence_number=21, response=done))
+        return events
+    message = {"id": "msg_bench", "type": "message", "role": "assistant", "model": model,
+               "content": [], "stop_reason": None,
+               "usage": {"input_tokens": 9, "output_tokens": 1}}  # fmt: skip
+    events = [event("message_start", message=message)]
+    events.append(event("content_block_start", index=0, content_block={"type": "text",
+                                                                      "text": ""}))  # fmt: skip
+    events += [
+        event("content_block_delta", index=0, delta={"type": "text_delta", "text": f"token{i} "})
+        for i in range(17)
+    ]
+    events.append(event("content_block_stop", index=0))
+    events.append(event("message_delta", delta={"stop_reason": "end_turn"},
+                        usage={"output_tokens": 18}))  # fmt: skip
+    events.append(event("message_stop"))
+    return events
 
 
 CURVES: dict[str, Curve] = {
@@ -102,6 +149,18 @@ CURVES: dict[str, Curve] = {
         150,
         "event",
         22,
+    ),
+    "responses stream 22 events": Curve(
+        b'{"model":"bench-resp","stream":true,"input":"hi"}', 30, 300, "event", 22, "/v1/responses"
+    ),
+    "messages stream 22 events": Curve(
+        b'{"model":"bench-msg","stream":true,"max_tokens":20,'
+        b'"messages":[{"role":"user","content":"hi"}]}',
+        30,
+        300,
+        "event",
+        22,
+        "/v1/messages",
     ),
     f"JSON among {WILDCARDS:,} wildcards": Curve(
         b'{"model":"wild4999/x","messages":[{"role":"user","content":"hi"}]}',
@@ -252,6 +311,8 @@ def start_upstream(procs: run.Processes, tools: dict[str, str], tmp: Path) -> di
     for name, events in (
         ("long", run.sse_events(tokens=LONG_TOKENS)),
         ("big", run.sse_events(pad=BIG_PAD)),
+        ("resp", typed_events("responses")),
+        ("msg", typed_events("messages")),
     ):
         (prefix / "files").mkdir(exist_ok=True)
         (prefix / "files" / f"{name}.sse").write_text("".join(events))
@@ -279,9 +340,14 @@ def routes_text(ports: dict[str, int], curves: bool) -> str:
     if curves:
         providers += [("bench-long", f"{ports['stream']}/long/v1")]
         providers += [("bench-big", f"{ports['stream']}/big/v1")]
+        providers += [("bench-resp", f"{ports['stream']}/resp/v1")]
+        providers += [("bench-msg", f"{ports['stream']}/msg/v1")]
     lines = ["providers:"]
+    apis = {"bench-resp": "[responses]", "bench-msg": "[messages]"}
     for name, where in providers:
         lines += [f"  {name}:", f"    base_url: http://127.0.0.1:{where}"]
+        if name in apis:
+            lines.append(f"    apis: {apis[name]}")
     lines.append("models:")
     for name, _ in providers:
         lines += [f"  {name}:", "    providers:", f"      - provider: {name}"]
@@ -350,8 +416,9 @@ def curve_check(curve: Curve) -> Callable[[int, bytes], str | None]:
         if b'"model":' + json.dumps(model).encode() not in body:
             return f"answer without the client's model name {model}: {body[:200]!r}"
         if curve.per == "event":
-            events = [e for e in body.split(b"\n\n") if e.startswith(b"data:")]
-            if len(events) != curve.units or events[-1] != b"data: [DONE]":
+            events = [e for e in body.split(b"\n\n") if b"data:" in e]
+            done = curve.path != run.CHAT_PATH or events[-1] == b"data: [DONE]"
+            if len(events) != curve.units or not done:
                 return f"stream of {len(events)} events (want {curve.units:.0f})"
         return None
 
@@ -404,8 +471,9 @@ async def load(port: int, kind: str, count: int, connections: int) -> tuple[int,
     """`count` POSTs over `connections` keep-alive connections: (failures, first reasons)."""
     body, check = BODIES[kind]
     auth = f"authorization: Bearer {LIMITED_SECRET}\r\n" if kind == LIMITED else ""
+    path = CURVES[kind].path if kind in CURVES else run.CHAT_PATH
     request = (
-        f"POST {run.CHAT_PATH} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n{auth}"
+        f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n{auth}"
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
     ).encode() + body
     remaining = count
