@@ -132,6 +132,27 @@ def _quick_span(data: bytes, key: bytes, start: int) -> tuple[int, int] | None:
     return value.span(1)
 
 
+_OBJECT_VALUE = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*\{")
+
+
+def object_start(data: bytes, key: bytes, start: int = 0) -> int | None:
+    """Where the object value of the top-level member `key` (raw, b'"response"') of the
+    object at `start` begins; None when it has no such member or its value is not an
+    object. The usual shape (scalar members before it) is found in C: the key's first
+    bytes after nothing but scalar members are that member, whatever comes later (a
+    response's `"object":"response"` inside it); anything else by the member scan."""
+    pos = data.find(key, start)
+    if pos < 0:
+        return None
+    if _SCALAR_PREFIX.fullmatch(data, start, pos):
+        found = _OBJECT_VALUE.match(data, pos + len(key))
+        return found.end() - 1 if found is not None else None
+    for raw, _, vstart, _ in iter_members(data, start):
+        if raw == key:
+            return vstart if data[vstart : vstart + 1] == b"{" else None
+    return None
+
+
 VIEW_FROM = 64 * 1024  # bodies from this size are spliced through memoryviews
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import orjson
 
 from gateway.errors import UpstreamResponseTooLarge
-from gateway.jsonscan import MODEL_KEY, iter_members, replace_value
+from gateway.jsonscan import MODEL_KEY, object_start, replace_value
 
 DEFAULT_MAX_EVENT = 16 * 1024 * 1024  # bytes of one event (--max-event-bytes)
 
@@ -221,17 +221,12 @@ def splice_model(event: bytes, model_json: bytes) -> bytes:
 def splice_nested(line: bytes, path: tuple[bytes, ...], model_json: bytes) -> bytes:
     """Replace `model` in the object at `path` (raw keys, e.g. (b'"response"',)) of one
     data line's JSON: the responses and messages families keep it there."""
-    start = 0
+    start: int | None = 0
     for raw_key in path:
-        for key, _, vstart, _ in iter_members(line, start):
-            if key == raw_key:
-                if line[vstart : vstart + 1] != b"{":
-                    return line
-                start = vstart
-                break
-        else:
+        start = object_start(line, raw_key, start or 0)
+        if start is None:
             return line
-    return replace_value(line, MODEL_KEY, model_json, start)
+    return replace_value(line, MODEL_KEY, model_json, start or 0)
 
 
 class NestedSplicer:
@@ -259,9 +254,21 @@ class NestedSplicer:
         return out
 
     def block(self, block: bytes) -> bytes:
-        if MODEL_KEY not in block:
+        """Only the events that name a `model` are cut out and rewritten (a stream's
+        lifecycle events); the deltas between them pass as one slice."""
+        at = block.find(MODEL_KEY)
+        if at < 0:
             return block
-        return b"".join([self.event(e) for e in split_events(block)])
+        parts: list[bytes] = []
+        done = 0
+        while at >= 0:
+            start = last_event_end(block, done, at)
+            end = event_end(block, at)
+            parts += (block[done:start], self.event(block[start:end]))
+            done = end
+            at = block.find(MODEL_KEY, end)
+        parts.append(block[done:])
+        return b"".join(parts)
 
 
 def splicer_for(path: tuple[str, ...] | None, model_json: bytes) -> Splicer | NestedSplicer:

@@ -119,3 +119,19 @@ def test_every_family_path_under_every_prefix() -> None:
         assert table[prefix + "/messages"].family is MESSAGES
         assert table[prefix + "/messages/count_tokens"].upstream_path == "/messages/count_tokens"
     assert len(table) == 4 * 13
+
+
+@pytest.mark.parametrize(
+    ("line", "want"),
+    [
+        (b'{"type":"x","response":{"object":"response","model":"a"}}', 23),
+        (b'{"a":[1],"response":{"model":"a"}}', 20),  # a container first: the member scan
+        (b'{"type":"x","response":"response"}', None),  # not an object
+        (b'{"type":"response"}', None),
+        (b'{"x":{"response":{}}}', None),  # nested deeper: not this object's member
+    ],
+)
+def test_object_start_finds_only_a_top_level_object_member(line: bytes, want: int | None) -> None:
+    from gateway.jsonscan import object_start
+
+    assert object_start(line, b'"response"') == want
