@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ BUILTINS = ("echo",)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PROVIDER_KEYS = frozenset(
     {"base_url", "api_key", "headers", "query", "timeout", "stream_usage", "max_connections",
-     "apis"}
+     "apis", "auth"}
 )  # fmt: skip
 DEFAULT_MAX_CONNECTIONS = 1024  # open connections to one provider at once
 _TIMEOUT_KEYS = frozenset({"connect", "read", "first_byte", "total"})
@@ -55,6 +56,47 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuth2:
+    """OAuth2 client credentials (Azure Entra ID is one instance)."""
+
+    token_url: str
+    client_id: str
+    client_secret: Secret = field(repr=False)
+    scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Gcp:
+    credentials: str | None = None  # a service-account JSON file; None: application default
+
+
+@dataclass(frozen=True, slots=True)
+class Aws:
+    region: str
+    service: str = "bedrock"
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """How a provider's requests are authorised (SPEC §10): exactly one is set."""
+
+    header: str | None = None  # api_key goes in this header instead of Authorization: Bearer
+    oauth2: OAuth2 | None = None
+    gcp: Gcp | None = None
+    aws: Aws | None = None
+
+    @property
+    def per_request(self) -> bool:
+        """A token or a signature is added to each request (not a fixed header)."""
+        return self.header is None
+
+
+# The optional extras a credential kind needs: (module to import, extra's name).
+EXTRAS = {"gcp": ("google.auth", "gcp"), "aws": ("botocore", "aws")}
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
 class Provider:
     name: str
     base_url: str
@@ -68,6 +110,7 @@ class Provider:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     # The API families it serves (SPEC §9); the built-in echo serves them all.
     apis: frozenset[str] = DEFAULT_APIS
+    auth: Auth | None = None  # None: api_key as Authorization: Bearer (SPEC §10)
 
     @property
     def builtin(self) -> str | None:
@@ -193,6 +236,9 @@ def parse_provider(src: Source, name: str, raw: Any, line: int) -> ProviderDraft
                     + ")",
                 )
             apis = frozenset(value)
+    auth = _auth(src, raw, name, missing) if "auth" in raw else None
+    if auth is not None and auth.header is not None and api_key is None:
+        src.problem(line_of(raw, "auth"), f"auth.header sends api_key: provider {name!r} has none")
     provider = Provider(
         name=name,
         base_url=base_url,
@@ -203,5 +249,67 @@ def parse_provider(src: Source, name: str, raw: Any, line: int) -> ProviderDraft
         stream_usage=stream_usage,
         max_connections=max_connections,
         apis=apis,
+        auth=auth,
     )
     return ProviderDraft(provider, missing)
+
+
+_AUTH_KINDS = ("header", "oauth2", "gcp", "aws")
+
+
+def _auth(src: Source, raw: LineMap, name: str, missing: list[tuple[str, int]]) -> Auth | None:
+    value = raw["auth"]
+    line = line_of(raw, "auth")
+    where = f"provider {name!r} auth"
+    if not isinstance(value, LineMap) or len(value) != 1 or next(iter(value)) not in _AUTH_KINDS:
+        src.problem(line, f"{where} must be one of {{header: NAME}}, {{oauth2: {{...}}}}, "
+                    "{gcp: {...}}, {aws: {region, service}}")  # fmt: skip
+        return None
+    kind, body = next(iter(value.items()))
+    here = line_of(value, kind)
+    if kind == "header":
+        if not isinstance(body, str) or not _HEADER_NAME.fullmatch(body):
+            src.problem(here, f"{where}.header must be a header name like api-key")
+            return None
+        return Auth(header=body.lower())
+    if kind in EXTRAS:
+        module, extra = EXTRAS[kind]
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            src.problem(here, f"{where}.{kind} needs the optional extra: "
+                        f"pip install 'gateway[{extra}]'")  # fmt: skip
+    if not isinstance(body, LineMap) and not (kind == "gcp" and body is None):
+        src.problem(here, f"{where}.{kind} must be a mapping")
+        return None
+    fields = body if isinstance(body, LineMap) else LineMap()
+    strings = {}
+    allowed = {"oauth2": ("token_url", "client_id", "client_secret", "scope"),
+               "gcp": ("credentials",), "aws": ("region", "service")}[kind]  # fmt: skip
+    check_keys(src, fields, frozenset(allowed), f"{where}.{kind}")
+    for key in allowed:
+        item = fields.get(key)
+        if item is None:
+            continue
+        if not isinstance(item, str):
+            src.problem(line_of(fields, key), f"{where}.{kind}.{key} must be a string")
+            return None
+        names: list[str] = []
+        strings[key] = expand(item, names)
+        missing.extend((n, line_of(fields, key)) for n in names)
+    if kind == "oauth2":
+        need = [k for k in ("token_url", "client_id", "client_secret") if k not in strings]
+        if need:
+            src.problem(here, f"{where}.oauth2 needs {', '.join(need)}")
+            return None
+        if not strings["token_url"].startswith(("http://", "https://")) and "${" not in str(
+            fields.get("token_url")
+        ):
+            src.problem(line_of(fields, "token_url"), f"{where}.oauth2.token_url must be a URL")
+            return None
+        return Auth(oauth2=OAuth2(strings["token_url"], strings["client_id"],
+                                  Secret(strings["client_secret"]), strings.get("scope")))  # fmt: skip
+    if kind == "gcp":
+        return Auth(gcp=Gcp(strings.get("credentials")))
+    if "region" not in strings:
+        src.problem(here, f"{where}.aws needs region")
+        return None
+    return Auth(aws=Aws(strings["region"], strings.get("service", "bedrock")))

@@ -22,6 +22,7 @@ from gateway.errors import (
 from gateway.routes import Provider
 from gateway.sse import DEFAULT_MAX_EVENT
 from gateway.upstream.connection import ConnectionLost, H1Connection
+from gateway.upstream.credentials import Credentials
 from gateway.upstream.echo import EchoResponse
 from gateway.upstream.head import Headers, Target, prepare, request_head, response_headers
 from gateway.upstream.pool import Origin, Pool
@@ -220,8 +221,10 @@ class Upstream:
         self.max_response_bytes = max_response_bytes
         self.max_event_bytes = max_event_bytes
         self._targets: dict[int, tuple[Provider, Target]] = {}
+        self.credentials = Credentials(self)  # tokens of oauth2 and gcp providers
 
     async def close(self) -> None:
+        await self.credentials.close()
         self.pool.close()
         # Closed transports finish closing on the loop's next turn.
         await asyncio.sleep(0)
@@ -253,7 +256,13 @@ class Upstream:
         loop = asyncio.get_running_loop()
         total = math.inf if t.total is None else loop.time() + t.total
         deadline = min(deadline, total)
-        head = request_head(target, path, client_headers, len(body), method)
+        # A token (oauth2, gcp) per request; a plain key is in target.fixed already.
+        creds = (
+            b""
+            if provider.auth is None or not provider.auth.per_request
+            else (await self.credentials.header(provider))
+        )
+        head = request_head(target, path, client_headers, len(body), method, creds)
         # One write for the usual small request; a large body is not copied again to
         # join it to its head (the peak for one request stays near twice its body).
         data = head + body if len(body) < JOIN_BELOW else (head, body)

@@ -62,8 +62,13 @@ def prepare(provider: Provider) -> Target:
         host_header = f"[{host}]:{port}"
     lines = [f"host: {host_header}"]
     own = {name.lower() for name in provider.headers}
-    if provider.api_key is not None and provider.api_key.reveal() and "authorization" not in own:
-        lines.append("authorization: Bearer " + provider.api_key.reveal())
+    auth = provider.auth
+    key = provider.api_key.reveal() if provider.api_key is not None else ""
+    if auth is not None and auth.header is not None:
+        if key and auth.header not in own:
+            lines.append(f"{auth.header}: {key}")  # Azure's api-key, Anthropic's x-api-key
+    elif auth is None and key and "authorization" not in own:
+        lines.append("authorization: Bearer " + key)
     lines += [f"{name}: {value}" for name, value in provider.headers.items()]
     # Identity keeps the bytes the gateway splices plain.
     lines.append("accept-encoding: identity")
@@ -83,6 +88,7 @@ def request_head(
     client: Iterable[tuple[bytes, bytes]],
     length: int,
     method: bytes | None = None,
+    credentials: bytes = b"",
 ) -> bytes:
     """The request's head. `method`: other than POST (the responses family's lookups by
     id); `path` may then carry the client's query, joined to the provider's."""
@@ -109,7 +115,7 @@ def request_head(
             parts += (name, b": ", value, b"\r\n")
     if not content_type and length:
         parts.append(b"content-type: application/json\r\n")
-    parts += (target.fixed, b"content-length: ", str(length).encode(), b"\r\n\r\n")
+    parts += (target.fixed, credentials, b"content-length: ", str(length).encode(), b"\r\n\r\n")
     return b"".join(parts)
 
 
