@@ -20,7 +20,7 @@ import yaml
 from gateway.upstream.credentials import CredentialsFailed, TokenSource, TokenState
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.test_config import assert_problems, routes_of
-from tests.upstream import Json, Upstream
+from tests.upstream import DONE, Json, Sse, Upstream, chunk
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 SECRET = "cs-very-secret-client-value"
@@ -300,3 +300,77 @@ async def test_gcp_service_account_made_here(
     verify(tokens.requests[0].body)
     assert checked[0]["iss"] == "gw@p.iam.gserviceaccount.com"
     assert "cloud-platform" in checked[0]["scope"]
+
+
+def check_sigv4(got: Any, port: int, region: str = "us-east-1", service: str = "bedrock") -> None:
+    """Recompute the request's SigV4 signature with botocore over the bytes received."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials as AwsKeys
+
+    authorization = got.header("authorization")
+    assert authorization.startswith("AWS4-HMAC-SHA256 Credential=AKIDGATEWAYTEST/")
+    fields = dict(part.strip().split("=", 1) for part in authorization[17:].split(","))
+    signed = fields["SignedHeaders"].split(";")
+    assert "host" in signed and "x-amz-date" in signed
+    url = f"http://127.0.0.1:{port}{got.path}" + (f"?{got.query}" if got.query else "")
+    request = AWSRequest(method=got.method, url=url, data=got.body,
+                         headers={name: got.header(name) for name in signed})  # fmt: skip
+    request.context["timestamp"] = got.header("x-amz-date")
+    signer = SigV4Auth(AwsKeys("AKIDGATEWAYTEST", "aws-secret-for-tests"), service, region)
+    canonical = signer.canonical_request(request)
+    expected = signer.signature(signer.string_to_sign(request, canonical), request)
+    assert fields["Signature"] == expected
+
+
+async def test_aws_sigv4_signs_the_spliced_bytes(
+    gateway: GatewayFactory,
+    upstream: Upstream,
+    client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDGATEWAYTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-for-tests")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    text = routes(upstream, {"aws": {"region": "us-east-1", "service": "bedrock"}})
+    text = text.replace("    auth:", "    query: {api-version: '1'}\n    auth:", 1)
+    gw = await gateway(text)
+    caplog.set_level(logging.INFO)
+    r = await chat(client, gw)
+    assert r.status_code == 200, r.text
+    got = upstream.requests[-1]
+    assert got.json()["model"] == "upstream-model"  # signed after the splice
+    assert got.query == "api-version=1"
+    check_sigv4(got, upstream.port)
+
+    upstream.script(Sse([chunk("Hi"), DONE]))
+    r = await client.post(f"{gw.base_url}/chat/completions",
+                          json={"model": "m", "messages": MESSAGES, "stream": True})  # fmt: skip
+    assert r.status_code == 200
+    check_sigv4(upstream.requests[-1], upstream.port)
+    signature = upstream.requests[-1].header("authorization").rsplit("=", 1)[1]
+    for rec in caplog.records:
+        assert "aws-secret-for-tests" not in rec.getMessage()
+        assert signature not in rec.getMessage()
+
+
+async def test_aws_without_keys_fails_over(
+    gateway: GatewayFactory,
+    make_upstream: Any,
+    client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    upstream, plain = await make_upstream(), await make_upstream()
+    gw = await gateway(routes(upstream, {"aws": {"region": "us-east-1"}}, fallback=plain))
+    r = await chat(client, gw)
+    assert r.status_code == 200 and r.headers["x-gateway-provider"] == "plain"
+    assert upstream.requests == []

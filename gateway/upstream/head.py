@@ -82,6 +82,14 @@ def prepare(provider: Provider) -> Target:
     )
 
 
+def signed_query(target: Target, path: str) -> str:
+    """The provider's query as request_head joins it to `path` (what SigV4 signs)."""
+    if not target.query:
+        return ""
+    query = target.query.decode("latin-1")
+    return "&" + query[1:] if "?" in path else query
+
+
 def request_head(
     target: Target,
     path: str,
