@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-tools test-llama lint bench bench-scale bench-instructions bench-instructions-tools pyz clean
+.PHONY: install run test test-tools test-llama lint bench bench-scale bench-credentials bench-instructions bench-instructions-tools pyz clean
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) and installing the gateway with its dev tools (about a minute the first time)"
@@ -69,6 +69,10 @@ bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py $(ARGS)
 
 # Instructions per relayed request, counted by callgrind: noise-free where req/s is not.
+# OAuth2 token refresh under load: requests, failures, fetches (bench/credentials.py).
+bench-credentials: $(STAMP)
+	$(BIN)/python bench/credentials.py $(ARGS)
+
 # Options through ARGS, e.g. make bench-instructions ARGS="--quick --against HEAD~3"
 bench-instructions: $(STAMP)
 	@{ command -v valgrind || test -x /usr/bin/valgrind; } >/dev/null \

@@ -274,7 +274,7 @@ def _auth(src: Source, raw: LineMap, name: str, missing: list[tuple[str, int]]) 
         return Auth(header=body.lower())
     if kind in EXTRAS:
         module, extra = EXTRAS[kind]
-        if importlib.util.find_spec(module.split(".")[0]) is None:
+        if not _importable(module.split(".")[0]):
             src.problem(here, f"{where}.{kind} needs the optional extra: "
                         f"pip install 'gateway[{extra}]'")  # fmt: skip
     if not isinstance(body, LineMap) and not (kind == "gcp" and body is None):
@@ -313,3 +313,10 @@ def _auth(src: Source, raw: LineMap, name: str, missing: list[tuple[str, int]]) 
         src.problem(here, f"{where}.aws needs region")
         return None
     return Auth(aws=Aws(strings["region"], strings.get("service", "bedrock")))
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: in sys.modules as None (blocked)
+        return False

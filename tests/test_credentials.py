@@ -374,3 +374,28 @@ async def test_aws_without_keys_fails_over(
     r = await chat(client, gw)
     assert r.status_code == 200 and r.headers["x-gateway-provider"] == "plain"
     assert upstream.requests == []
+
+
+@pytest.mark.parametrize(("kind", "module", "extra"), [("gcp", "google", "gcp"),
+                                                       ("aws", "botocore", "aws")])  # fmt: skip
+def test_check_names_a_missing_extra(tmp_path: Path, kind: str, module: str, extra: str) -> None:
+    import subprocess
+    import sys
+
+    auth = {"gcp": "{gcp: {}}", "aws": "{aws: {region: us-east-1}}"}[kind]
+    (tmp_path / "routes.yaml").write_text(
+        f"providers:\n  c:\n    base_url: http://x/v1\n    auth: {auth}\n"
+        "models:\n  m: {providers: [{provider: c}]}\n"
+    )
+    (tmp_path / "keys.yaml").write_text("")
+    # The extra's package made unimportable, as on a machine without it.
+    code = (f"import sys; sys.modules[{module!r}] = None; from gateway.cli import main; "
+            "sys.exit(main())")  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code, "check", "--routes", str(tmp_path / "routes.yaml"),
+         "--keys", str(tmp_path / "keys.yaml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert f"pip install 'gateway[{extra}]'" in done.stderr
+    assert "routes.yaml:4" in done.stderr
