@@ -255,14 +255,19 @@ async def test_oauth2_one_fetch_refresh_before_expiry_and_failover_after(
     assert any("invalid_client" in m for m in shown)  # the OAuth2 code is said
 
 
+@pytest.mark.parametrize("how", ["file", "application default"])
 async def test_gcp_service_account_made_here(
     gateway: GatewayFactory,
     make_upstream: Any,
     client: httpx.AsyncClient,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
 ) -> None:
     """google-auth signs a JWT-bearer assertion with the account's key; the loopback
-    token endpoint checks that signature with the public key before it answers."""
+    token endpoint checks that signature with the public key before it answers. The
+    account comes from `credentials:` or, with `gcp: {}`, from Google's default chain
+    (GOOGLE_APPLICATION_CREDENTIALS here)."""
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -293,7 +298,11 @@ async def test_gcp_service_account_made_here(
 
     tokens.script(Json({"access_token": "ya29.made-here", "expires_in": 3600,
                         "token_type": "Bearer"}))  # fmt: skip
-    gw = await gateway(routes(upstream, {"gcp": {"credentials": str(path)}}))
+    if how == "file":
+        gw = await gateway(routes(upstream, {"gcp": {"credentials": str(path)}}))
+    else:
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(path))
+        gw = await gateway(routes(upstream, {"gcp": {}}))
     r = await chat(client, gw)
     assert r.status_code == 200, r.text
     assert upstream.requests[-1].header("authorization") == "Bearer ya29.made-here"
