@@ -135,3 +135,11 @@ def test_object_start_finds_only_a_top_level_object_member(line: bytes, want: in
     from gateway.jsonscan import object_start
 
     assert object_start(line, b'"response"') == want
+
+
+def test_response_ids_keep_at_least_100k_for_a_day() -> None:
+    ids = ResponseIds()
+    assert ids.capacity >= 100_000 and ids.ttl >= 24 * 3600
+    for i in range(100_000):
+        ids.remember(f"r{i}", "m", "p", "up")
+    assert ids.find("r0") is not None and len(ids) == 100_000
