@@ -150,6 +150,15 @@ CURVES: dict[str, Curve] = {
         "event",
         22,
     ),
+    # The same chat stream served from a file like the two below (nginx's static answer
+    # has a few more headers than its `return`): the fair baseline for them.
+    "chat stream 22 events (file)": Curve(
+        b'{"model":"bench-chat","stream":true,"messages":[{"role":"user","content":"hi"}]}',
+        30,
+        300,
+        "event",
+        22,
+    ),
     "responses stream 22 events": Curve(
         b'{"model":"bench-resp","stream":true,"input":"hi"}', 30, 300, "event", 22, "/v1/responses"
     ),
@@ -311,6 +320,7 @@ def start_upstream(procs: run.Processes, tools: dict[str, str], tmp: Path) -> di
     for name, events in (
         ("long", run.sse_events(tokens=LONG_TOKENS)),
         ("big", run.sse_events(pad=BIG_PAD)),
+        ("chat", run.sse_events()),
         ("resp", typed_events("responses")),
         ("msg", typed_events("messages")),
     ):
@@ -340,6 +350,7 @@ def routes_text(ports: dict[str, int], curves: bool) -> str:
     if curves:
         providers += [("bench-long", f"{ports['stream']}/long/v1")]
         providers += [("bench-big", f"{ports['stream']}/big/v1")]
+        providers += [("bench-chat", f"{ports['stream']}/chat/v1")]
         providers += [("bench-resp", f"{ports['stream']}/resp/v1")]
         providers += [("bench-msg", f"{ports['stream']}/msg/v1")]
     lines = ["providers:"]

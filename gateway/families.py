@@ -57,6 +57,13 @@ class Family:
         name = _event_name(event)
         if name == b"error":
             return ERROR
+        if name:
+            # OpenAI's and Anthropic's streams name each event: no need to parse its JSON
+            # (response.created carries the whole response object).
+            kind = name.decode("latin-1")
+            if kind in self.error_types:
+                return ERROR
+            return CONTENT if kind in self.content_types else NOTHING
         payload = payload_of(event)
         if payload is None:
             return NOTHING
