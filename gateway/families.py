@@ -60,10 +60,10 @@ class Family:
         if name:
             # OpenAI's and Anthropic's streams name each event: no need to parse its JSON
             # (response.created carries the whole response object).
-            kind = name.decode("latin-1")
-            if kind in self.error_types:
+            named = name.decode("latin-1")
+            if named in self.error_types:
                 return ERROR
-            return CONTENT if kind in self.content_types else NOTHING
+            return CONTENT if named in self.content_types else NOTHING
         payload = payload_of(event)
         if payload is None:
             return NOTHING

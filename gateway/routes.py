@@ -29,8 +29,25 @@ _MODEL_KEYS = frozenset(
 )
 # Names and slugs travel in response headers (x-gateway-provider): no control characters.
 _NAME = re.compile(r"[^\x00-\x1f\x7f]+")
-_TARGET_KEYS = frozenset({"provider", "model", "weight"})
+_TARGET_KEYS = frozenset({"provider", "model", "weight", "price"})
+_PRICE_KEYS = frozenset({"input", "output", "cached_input"})
 _COOLDOWN_KEYS = frozenset({"failures", "seconds"})
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per 1M tokens (SPEC §11); cached prompt tokens at `cached_input` (default:
+    `input`)."""
+
+    input: float
+    output: float
+    cached_input: float | None = None
+
+    def cost(self, prompt: int, cached: int, completion: int) -> float:
+        cached = min(max(cached, 0), max(prompt, 0))
+        cached_rate = self.input if self.cached_input is None else self.cached_input
+        usd = (prompt - cached) * self.input + cached * cached_rate
+        return (usd + completion * self.output) / 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +55,7 @@ class Target:
     provider: Provider
     model: str | None  # None: the slug itself, or what a wildcard's `*` matched
     weight: float = 1.0
+    price: Price | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,14 +200,35 @@ def _parse_targets(
         if "weight" in item:
             w = number(src, item, "weight", 0)
             weight = float(w) if w is not None else 1.0
+        price = _price(src, item, slug) if "price" in item else None
         targets.append(
             Target(
                 provider=draft.provider,
                 model=None if upstream is None else str(upstream),
                 weight=weight,
+                price=price,
             )
         )
     return tuple(targets)
+
+
+def _price(src: Source, item: LineMap, slug: str) -> Price | None:
+    raw = item["price"]
+    where = f"model {slug!r} price"
+    if not isinstance(raw, LineMap):
+        src.problem(line_of(item, "price"), f"{where} must be a mapping like "
+                    "{input: 0.15, output: 0.60} (USD per 1M tokens)")  # fmt: skip
+        return None
+    check_keys(src, raw, _PRICE_KEYS, where)
+    values = {k: number(src, raw, k, 0) for k in _PRICE_KEYS if k in raw}
+    if "input" not in raw or "output" not in raw:
+        src.problem(line_of(item, "price"), f"{where} needs input and output")
+        return None
+    if any(v is None for v in values.values()):
+        return None
+    cached = values.get("cached_input")
+    return Price(float(values["input"]), float(values["output"]),
+                 None if cached is None else float(cached))  # fmt: skip
 
 
 def _parse_model(
