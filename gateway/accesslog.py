@@ -124,6 +124,7 @@ class AccessLog:
                 "tokens_charged": charged or None,
                 "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
                 "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
+                "cost_usd": _cost(ex),
                 "client_disconnected": ex.client_gone,
             }
         )
@@ -158,3 +159,8 @@ class AccessLog:
             handlers[0].add(line)
         else:
             log.info(line)
+
+
+def _cost(ex: Exchange) -> float | None:
+    cost = ex.cost()
+    return None if cost is None else round(cost, 8)

@@ -80,7 +80,8 @@ async def open_attempt(
     keep = False
     resp = None
     try:
-        injected = ex.inject_usage and cand.target.provider.stream_usage
+        priced = ex.may_inject and cand.target.price is not None
+        injected = (ex.inject_usage or priced) and cand.target.provider.stream_usage
         family = ex.family
         body = ex.parsed.for_upstream(cand.upstream_model, injected) if ex.parsed.raw else b""
         try:

@@ -209,6 +209,7 @@ class ProxyEndpoint:
             return
         except ClientGone:
             return
+        may_inject = family.injects_usage and parsed.stream and not parsed.asked_usage
         ex = Exchange(
             send,
             rid,
@@ -220,7 +221,8 @@ class ProxyEndpoint:
             rate_headers,
             t0,
             counting,
-            counting and family.injects_usage and parsed.stream and not parsed.asked_usage,
+            counting and may_inject,
+            may_inject,
         )
         task = asyncio.current_task()
         assert task is not None

@@ -10,10 +10,11 @@ from gateway.errors import GatewayError
 from gateway.families import CHAT, Family
 from gateway.plan import Candidate
 from gateway.respond import Send
+from gateway.routes import Price
 from gateway.sse import EventSplitter, NestedSplicer, Splicer
 from gateway.upstream.client import UpstreamResponse
 from gateway.upstream.head import Headers
-from gateway.usage import Tally, usage_tokens
+from gateway.usage import Tally, usage_parts, usage_tokens
 
 
 @dataclass(slots=True)
@@ -38,6 +39,9 @@ class Exchange:
     t0: float = 0.0  # perf_counter() when the request arrived
     count_tokens: bool = False  # the key has token limits: read `usage` from the answer
     inject_usage: bool = False  # ask streams for usage the client did not ask for
+    # The family allows asking a stream for usage and the client did not: a priced entry
+    # asks (SPEC §11), as inject_usage does for a token-limited key.
+    may_inject: bool = False
     # -- what happened to it (the relay's)
     started: bool = False  # response start sent to the client
     status: int = 0
@@ -50,12 +54,20 @@ class Exchange:
     ttfb: float | None = None  # seconds from the serving attempt's start to content
     client_gone: bool = False
     usage: dict[str, Any] | None = None
+    price: Price | None = None  # the serving entry's
     content_chars: int = 0  # relayed content, for an estimate when no usage came
 
     def commit(self, status: int) -> None:
         """The response's status line is on its way: no other answer can follow."""
         self.status = status
         self.started = True
+
+    def cost(self) -> float | None:
+        """USD for this request: its usage at its entry's price; None when either is
+        missing."""
+        if self.price is None or self.usage is None:
+            return None
+        return self.price.cost(*usage_parts(self.usage))
 
     def tokens(self) -> int:
         """Tokens to charge: the upstream's usage, else a quarter of the characters."""

@@ -192,6 +192,13 @@ class Metrics:
             Counter,
             ("key", "limit"),
         )
+        self.cost = Family(
+            "gateway_cost_usd",
+            "USD spent at the entries' prices, by key, model and provider",
+            "counter",
+            Counter,
+            ("key", "slug", "provider"),
+        )
         self.families: list[Family[Any]] = [
             self.requests,
             self.duration,
@@ -204,6 +211,7 @@ class Metrics:
             in_flight,
             self.provider_up,
             self.rejections,
+            self.cost,
         ]
 
     def forget_keys(self, names: set[str]) -> None:

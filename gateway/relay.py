@@ -251,7 +251,7 @@ class Relay:
 
     async def _serve(self, ex: Exchange, opened: Opened) -> None:
         cand, resp = opened.cand, opened.resp
-        ex.slug, ex.label = cand.slug, cand.model.slug
+        ex.slug, ex.label, ex.price = cand.slug, cand.model.slug, cand.target.price
         ex.provider, ex.upstream_model, ex.ttfb = (
             cand.target.provider.name,
             cand.upstream_model,
@@ -271,6 +271,11 @@ class Relay:
                 else:
                     ex.commit(resp.status)
                     headers = [*self._headers(ex, opened), *_own_headers(ex, opened.latency)]
+                    if ex.price is not None and opened.tally is not None:
+                        ex.usage = opened.tally.usage
+                        cost = ex.cost()
+                        if cost is not None:
+                            headers.append((b"x-gateway-cost-usd", usd(cost).encode()))
                     await send_bytes(ex.send, resp.status, opened.body, headers, None)
                 return
             if not ex.started:
@@ -413,3 +418,8 @@ class Relay:
 def _own_headers(ex: Exchange, upstream: float | None) -> Headers:
     """What the gateway adds to every answer it relays: the request id and Server-Timing."""
     return [(b"x-request-id", ex.request_id), server_timing(ex.t0, upstream)]
+
+
+def usd(amount: float) -> str:
+    """A cost as plain decimal dollars (no exponent), to the micro-cent."""
+    return f"{amount:.8f}".rstrip("0").rstrip(".") or "0"

@@ -18,8 +18,7 @@ from gateway.response_ids import ResponseIds
 from gateway.settings import Settings
 from gateway.strategies import Strategies
 from gateway.upstream.client import Upstream
-
-_USAGE_FIELDS = (("prompt", "prompt_tokens"), ("completion", "completion_tokens"))
+from gateway.usage import usage_parts
 
 
 class Runtime:
@@ -68,10 +67,14 @@ class Runtime:
             m.hedges.inc()
         owner = key.name if key is not None else ""
         if ex.usage is not None:
-            for kind, field in _USAGE_FIELDS:
-                value = ex.usage.get(field)
-                if isinstance(value, int) and value > 0:
-                    m.tokens(owner, kind).inc(value)
+            prompt, _, completion = usage_parts(ex.usage)
+            if prompt:
+                m.tokens(owner, "prompt").inc(prompt)
+            if completion:
+                m.tokens(owner, "completion").inc(completion)
+            cost = ex.cost()
+            if cost:
+                m.cost(owner, label, ex.provider or "").inc(cost)
         elif tokens:
             m.tokens(owner, "estimated").inc(tokens)
         m.changed()

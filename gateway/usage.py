@@ -125,3 +125,24 @@ def usage_tokens(usage: dict[str, Any]) -> int:
              "cache_creation_input_tokens", "cache_read_input_tokens")  # fmt: skip
     parts = (usage.get(name) for name in names)
     return sum(p for p in parts if isinstance(p, int) and p > 0)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def usage_parts(usage: dict[str, Any]) -> tuple[int, int, int]:
+    """(prompt, cached prompt, completion) tokens of a usage object of any family: chat's
+    prompt/completion (cached in prompt_tokens_details), responses' input/output (cached
+    in input_tokens_details, already inside input), Anthropic's input/output with cache
+    reads and writes counted apart from input."""
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        details = usage.get("prompt_tokens_details")
+        cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        return _count(usage.get("prompt_tokens")), cached, _count(usage.get("completion_tokens"))
+    read = _count(usage.get("cache_read_input_tokens"))
+    written = _count(usage.get("cache_creation_input_tokens"))
+    details = usage.get("input_tokens_details")
+    cached = read or (_count(details.get("cached_tokens")) if isinstance(details, dict) else 0)
+    prompt = _count(usage.get("input_tokens")) + read + written
+    return prompt, cached, _count(usage.get("output_tokens"))

@@ -1,0 +1,139 @@
+"""What a request cost (SPEC §11): usage times the serving entry's price, cached prompt
+tokens at cached_input; in the access log, gateway_cost_usd_total and, on non-stream
+answers, x-gateway-cost-usd. A priced entry's streams are asked for usage."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from gateway.relay import usd
+from gateway.routes import Price
+from gateway.usage import usage_parts
+from tests.conftest import GatewayFactory
+from tests.test_config import assert_problems, routes_of
+from tests.upstream import DONE, Json, Sse, Upstream, chat_completion, chunk
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+PRICE = {"input": 2.0, "output": 8.0, "cached_input": 0.5}
+
+
+def test_price_counts_cached_prompt_tokens_apart() -> None:
+    price = Price(2.0, 8.0, 0.5)
+    # 1,000 prompt tokens of which 400 cached, 100 completion tokens.
+    assert price.cost(1000, 400, 100) == pytest.approx((600 * 2 + 400 * 0.5 + 100 * 8) / 1e6)
+    assert Price(2.0, 8.0).cost(1000, 400, 0) == pytest.approx(1000 * 2 / 1e6)
+    assert price.cost(10, 50, 0) == pytest.approx(10 * 0.5 / 1e6)  # cached never above prompt
+
+
+@pytest.mark.parametrize(
+    ("usage", "parts"),
+    [
+        ({"prompt_tokens": 10, "completion_tokens": 3,
+          "prompt_tokens_details": {"cached_tokens": 4}}, (10, 4, 3)),
+        ({"input_tokens": 10, "output_tokens": 3, "total_tokens": 13,
+          "input_tokens_details": {"cached_tokens": 6}}, (10, 6, 3)),
+        ({"input_tokens": 5, "output_tokens": 3, "cache_read_input_tokens": 20,
+          "cache_creation_input_tokens": 2}, (27, 20, 3)),
+        ({"prompt_tokens": "x", "completion_tokens": -1}, (0, 0, 0)),
+    ],
+)  # fmt: skip
+def test_usage_parts_of_every_family(usage: dict[str, Any], parts: tuple[int, int, int]) -> None:
+    assert usage_parts(usage) == parts
+
+
+def test_usd_is_plain_decimal() -> None:
+    assert usd(0.0000123) == "0.0000123"
+    assert usd(1.5) == "1.5"
+    assert usd(0.0) == "0"
+
+
+def test_price_problems_name_their_lines() -> None:
+    text = """\
+providers:
+  p: {base_url: "http://x/v1"}
+models:
+  a: {providers: [{provider: p, price: {input: 1}}]}
+  b: {providers: [{provider: p, price: {input: 1, output: -2}}]}
+  c: {providers: [{provider: p, price: {input: 1, output: 2, cache: 1}}]}
+  d: {providers: [{provider: p, price: 3}]}
+"""
+    _, problems = routes_of(text)
+    assert_problems(
+        problems,
+        [(4, "needs input and output"), (5, "output must be"), (6, "unknown key 'cache'"),
+         (7, "must be a mapping")],
+    )  # fmt: skip
+
+
+def routes(upstream: Upstream) -> str:
+    entry = {"provider": "p", "model": "upstream-model", "price": PRICE}
+    return yaml.safe_dump({"providers": {"p": {"base_url": upstream.url}},
+                           "models": {"m": {"providers": [entry]}}})  # fmt: skip
+
+
+KEYS = yaml.safe_dump({"keys": [{"name": "team-a", "key": "sk-team-a"}]})
+AUTH = {"authorization": "Bearer sk-team-a"}
+
+
+def metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_cost_in_header_log_and_metric(
+    gateway: GatewayFactory,
+    upstream: Upstream,
+    client: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw = await gateway(routes(upstream), KEYS)
+    body = chat_completion()
+    body["usage"] = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100,
+                     "prompt_tokens_details": {"cached_tokens": 400}}  # fmt: skip
+    upstream.script(Json(body))
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    r = await client.post(f"{gw.base_url}/chat/completions",
+                          json={"model": "m", "messages": MESSAGES}, headers=AUTH)  # fmt: skip
+    assert r.status_code == 200
+    want = (600 * 2 + 400 * 0.5 + 100 * 8) / 1e6
+    assert float(r.headers["x-gateway-cost-usd"]) == pytest.approx(want)
+
+    # A stream: usage asked for on the client's behalf (and its chunk hidden), no header.
+    upstream.script(Sse([chunk("Hi"), chunk(None, choices=[], usage={
+        "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}), DONE]))  # fmt: skip
+    r = await client.post(f"{gw.base_url}/chat/completions", headers=AUTH,
+                          json={"model": "m", "messages": MESSAGES, "stream": True})  # fmt: skip
+    assert r.status_code == 200
+    assert upstream.requests[-1].json()["stream_options"] == {"include_usage": True}
+    assert b'"usage"' not in r.content and "x-gateway-cost-usd" not in r.headers
+    stream_cost = (10 * 2 + 5 * 8) / 1e6
+
+    text = (await client.get(f"{gw.url}/metrics")).text
+    assert 'gateway_cost_usd_total{key="team-a",slug="m",provider="p"}' in text
+    assert metric(text, "gateway_cost_usd_total") == pytest.approx(want + stream_cost)
+    lines = [
+        json.loads(rec.getMessage()) for rec in caplog.records if "cost_usd" in rec.getMessage()
+    ]
+    assert [line["cost_usd"] for line in lines] == [pytest.approx(want), pytest.approx(stream_cost)]
+
+
+async def test_unpriced_entries_cost_nothing_and_change_nothing(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    text = yaml.safe_dump({"providers": {"p": {"base_url": upstream.url}},
+                           "models": {"m": {"providers": [{"provider": "p"}]}}})  # fmt: skip
+    gw = await gateway(text)
+    r = await client.post(f"{gw.base_url}/chat/completions",
+                          json={"model": "m", "messages": MESSAGES, "stream": True})  # fmt: skip
+    assert "x-gateway-cost-usd" not in r.headers
+    assert "stream_options" not in upstream.requests[-1].json()
+    assert "gateway_cost_usd_total{" not in (await client.get(f"{gw.url}/metrics")).text
