@@ -254,21 +254,41 @@ class NestedSplicer:
         return out
 
     def block(self, block: bytes) -> bytes:
-        """Only the events that name a `model` are cut out and rewritten (a stream's
-        lifecycle events); the deltas between them pass as one slice."""
+        """Only the `data:` lines that name a `model` are cut out and rewritten (a
+        stream's lifecycle events); everything between them passes as one slice. A line,
+        not its event, is the unit: the rewrite reads one line's JSON (see event())."""
         at = block.find(MODEL_KEY)
         if at < 0:
             return block
         parts: list[bytes] = []
         done = 0
         while at >= 0:
-            start = last_event_end(block, done, at)
-            end = event_end(block, at)
-            parts += (block[done:start], self.event(block[start:end]))
-            done = end
+            start = max(block.rfind(b"\n", done, at), block.rfind(b"\r", done, at)) + 1
+            end = _line_end(block, at)
+            if block.startswith(b"data:", start):
+                json_at = start + 5
+                while json_at < end and block[json_at] in b" \t":
+                    json_at += 1
+                if block.startswith(b"{", json_at):
+                    line = block[json_at:end]
+                    new = splice_nested(line, self.path, self.model_json)
+                    if new is not line:
+                        parts += (block[done:json_at], new)
+                        done = end
             at = block.find(MODEL_KEY, end)
+        if not parts:
+            return block
         parts.append(block[done:])
         return b"".join(parts)
+
+
+def _line_end(block: bytes, at: int) -> int:
+    """Where the line holding `at` ends (its CR or LF), or the block's end."""
+    lf = block.find(b"\n", at)
+    cr = block.find(b"\r", at, lf if lf >= 0 else len(block))
+    if cr >= 0:
+        return cr
+    return lf if lf >= 0 else len(block)
 
 
 def splicer_for(path: tuple[str, ...] | None, model_json: bytes) -> Splicer | NestedSplicer:

@@ -1095,3 +1095,41 @@ def test_parse_body_refuses_exactly_what_is_not_json(raw: bytes) -> None:
     except ValidationFailed:
         pass
     assert valid
+
+
+# --------------------------------------------------------------------------- nested splice
+
+
+@st.composite
+def typed_streams(draw: st.DrawFn) -> bytes:
+    """A responses-like stream: lifecycle events with a nested `model`, deltas whose text
+    may say "model", any of SSE's line endings, comments, a top-level `model` too."""
+    eol = draw(st.sampled_from([b"\n", b"\r\n", b"\r"]))
+    events = []
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["created", "delta", "comment", "top"]))
+        if kind == "created":
+            obj: dict[str, Any] = {"type": "response.created", "sequence_number": 0,
+                                   "response": {"id": "r", "object": "response",
+                                                "model": draw(st.text(max_size=5))}}  # fmt: skip
+        elif kind == "delta":
+            obj = {"type": "response.output_text.delta", "delta": draw(
+                st.sampled_from(['"model": "x"', "model", "a\\nb", 'x"model"']))}  # fmt: skip
+        elif kind == "top":
+            obj = {"model": "top", "response": {"tools": [{"model": "t"}], "model": "up"}}
+        else:
+            events.append(b": model comment" + eol + eol)
+            continue
+        head = b"event: x" + eol if draw(st.booleans()) else b""
+        spacing = draw(st.sampled_from([b"", b" ", b"  "]))
+        events.append(head + b"data:" + spacing + orjson.dumps(obj) + eol + eol)
+    return b"".join(events)
+
+
+@FAST
+@given(stream=typed_streams())
+def test_nested_splice_of_a_block_is_the_splice_of_each_event(stream: bytes) -> None:
+    from gateway.sse import NestedSplicer, split_events
+
+    splicer = NestedSplicer(b'"slug"', ("response",))
+    assert splicer.block(stream) == b"".join(splicer.event(e) for e in split_events(stream))
