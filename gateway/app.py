@@ -13,6 +13,7 @@ from gateway.config import Config
 from gateway.endpoints import (
     AzureDeployment,
     Healthz,
+    KeyInfo,
     MetricsEndpoint,
     ModelList,
     ModelRetrieve,
@@ -81,6 +82,8 @@ def create_app(settings: Settings, config: Config) -> Gateway:
         Route("/v1/models/{slug:path}", ModelRetrieve(runtime)),
         Route("/v1/router/models", RouterModels(runtime)),
         Route("/v1/router/models/{model_id:path}/providers", RouterProviders(runtime)),
+        Route("/v1/key", KeyInfo(runtime)),
+        Route("/api/v1/key", KeyInfo(runtime)),
         Route("/healthz", Healthz(runtime)),
         Route("/metrics", MetricsEndpoint(runtime)),
     ]

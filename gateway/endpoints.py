@@ -242,8 +242,9 @@ class ProxyEndpoint:
             watch.stop()
             runtime.metrics.in_flight.dec()
             tokens = ex.tokens() if ex.count_tokens and key is not None else 0
-            if tokens and key is not None:
-                limiter.charge(key, tokens)
+            usd = (ex.cost() or 0.0) if key is not None and key.budget_usd is not None else 0.0
+            if key is not None and (tokens or usd):
+                limiter.charge(key, tokens, usd)
             runtime.served(ex, key, tokens, time.perf_counter() - t0)
 
 
@@ -407,6 +408,15 @@ class MetricsEndpoint:
             await asyncio.sleep(0)
             first = chunk
         await send({"type": "http.response.body", "body": first})
+
+
+class KeyInfo(JsonEndpoint):
+    """GET /v1/key: what the calling key may use and has used this period (SPEC §11)."""
+
+    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
+        if key is None:  # an open gateway: no key, no limits
+            return {"object": "key", "name": None, "limits": {}, "usage": {}, "remaining": {}}
+        return self.runtime.limiter.report(key)
 
 
 class NotFoundEndpoint:

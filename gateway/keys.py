@@ -17,8 +17,10 @@ from gateway.yamlsrc import LineList, LineMap, Source, check_keys, line_of, pars
 
 SECRET_PREFIX = "sk-gw-"
 _KEY_FIELDS = frozenset(
-    {"name", "sha256", "key", "models", "rpm", "tpm", "token_quota", "expires", "disabled"}
-)
+    {"name", "sha256", "key", "models", "rpm", "tpm", "token_quota", "expires", "disabled",
+     "budget"}
+)  # fmt: skip
+PERIODS = ("day", "month", "total")  # UTC calendar (SPEC §11)
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -32,6 +34,9 @@ class Key:
     token_quota: int | None = None
     expires: datetime | None = None  # first instant at which the key is no longer valid
     disabled: bool = False
+    quota_period: str = "total"  # the token_quota's period
+    budget_usd: float | None = None
+    budget_period: str = "total"
 
     def allows(self, slug: str) -> bool:
         if self.models is None:
@@ -127,12 +132,55 @@ def _parse_key(src: Source, raw: Any, line: int) -> Key | None:
     if not isinstance(disabled, bool):
         src.problem(line_of(raw, "disabled"), "disabled must be true or false")
         disabled = False
-    limits = {k: _positive_int(src, raw, k) for k in ("rpm", "tpm", "token_quota")}
+    limits = {k: _positive_int(src, raw, k) for k in ("rpm", "tpm")}
+    quota, quota_period = _quota(src, raw)
+    budget, budget_period = _budget(src, raw)
     if name is None or digest is None:
         return None
     return Key(
-        name=name, digest=digest, models=models, expires=expires, disabled=disabled, **limits
-    )
+        name=name, digest=digest, models=models, expires=expires, disabled=disabled,
+        token_quota=quota, quota_period=quota_period, budget_usd=budget,
+        budget_period=budget_period, **limits,
+    )  # fmt: skip
+
+
+def _period(src: Source, holder: LineMap, where: str) -> str:
+    period = holder.get("period", "total")
+    if period not in PERIODS:
+        src.problem(
+            line_of(holder, "period"), f"{where}.period must be one of {', '.join(PERIODS)}"
+        )
+        return "total"
+    return str(period)
+
+
+def _quota(src: Source, raw: LineMap) -> tuple[int | None, str]:
+    """token_quota: a bare number (the whole life of the key) or {tokens, period}."""
+    value = raw.get("token_quota")
+    if not isinstance(value, LineMap):
+        return _positive_int(src, raw, "token_quota"), "total"
+    check_keys(src, value, frozenset({"tokens", "period"}), "token_quota")
+    if "tokens" not in value:
+        src.problem(line_of(raw, "token_quota"), "token_quota needs tokens")
+        return None, "total"
+    return _positive_int(src, value, "tokens"), _period(src, value, "token_quota")
+
+
+def _budget(src: Source, raw: LineMap) -> tuple[float | None, str]:
+    value = raw.get("budget")
+    if value is None:
+        return None, "total"
+    if not isinstance(value, LineMap) or "usd" not in value:
+        src.problem(
+            line_of(raw, "budget"), "budget must be a mapping like {usd: 50, period: month}"
+        )
+        return None, "total"
+    check_keys(src, value, frozenset({"usd", "period"}), "budget")
+    usd = value["usd"]
+    if isinstance(usd, bool) or not isinstance(usd, int | float) or usd <= 0:
+        src.problem(line_of(value, "usd"), "budget.usd must be a positive number of dollars")
+        return None, "total"
+    return float(usd), _period(src, value, "budget")
 
 
 def parse_keys(data: Any, src: Source) -> Keys:

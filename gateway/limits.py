@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from gateway.errors import QuotaExhausted, RateLimited
 from gateway.keys import Key
@@ -39,10 +41,40 @@ class Bucket:
 
 
 @dataclass(slots=True)
+class Period:
+    """A key's use in one calendar period (UTC): `day` 2026-11-25, `month` 2026-11, or
+    `total`. A new period starts the counts afresh."""
+
+    name: str  # which one of its kind: "2026-11-25", "2026-11", "total"
+    requests: int = 0
+    tokens: int = 0
+    usd: float = 0.0
+
+
+def period_name(kind: str, now: datetime) -> str:
+    if kind == "day":
+        return now.strftime("%Y-%m-%d")
+    if kind == "month":
+        return now.strftime("%Y-%m")
+    return "total"
+
+
+def period_end(kind: str, now: datetime) -> datetime | None:
+    """When the current period of this kind ends (None: never)."""
+    if kind == "day":
+        return datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+    if kind == "month":
+        year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
+        return datetime(year, month, 1, tzinfo=UTC)
+    return None
+
+
+@dataclass(slots=True)
 class KeyUsage:
     requests: Bucket | None = None
     tokens: Bucket | None = None
-    spent: int = 0  # tokens charged since the process started (for token_quota)
+    spent: int = 0  # tokens charged since the process started
+    periods: dict[str, Period] = field(default_factory=dict)  # by kind: day, month, total
 
 
 def _reset(seconds: float) -> bytes:
@@ -54,10 +86,37 @@ def _reset(seconds: float) -> bytes:
     return (f"{minutes}m{secs}s" if minutes else f"{secs}s").encode()
 
 
+def period_kinds(key: Key) -> tuple[str, ...]:
+    """The calendar periods a key's quota and budget count in."""
+    kinds = []
+    if key.token_quota is not None:
+        kinds.append(key.quota_period)
+    if key.budget_usd is not None and key.budget_period not in kinds:
+        kinds.append(key.budget_period)
+    return tuple(kinds)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class Limiter:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = _utc_now,
+    ) -> None:
         self.clock = clock
+        self.wall = wall  # the UTC calendar the periods follow (tests inject one)
         self.usage: dict[str, KeyUsage] = {}  # by key name: survives a reload
+
+    def period(self, state: KeyUsage, kind: str, now: datetime) -> Period:
+        """The key's current period of this kind, started afresh when the calendar moved."""
+        name = period_name(kind, now)
+        found = state.periods.get(kind)
+        if found is None or found.name != name:
+            found = state.periods[kind] = Period(name)
+        return found
 
     def forget(self, names: set[str]) -> None:
         for name in names:
@@ -84,12 +143,17 @@ class Limiter:
     @staticmethod
     def limited(key: Key | None) -> bool:
         return key is not None and (
-            key.rpm is not None or key.tpm is not None or key.token_quota is not None
+            key.rpm is not None
+            or key.tpm is not None
+            or key.token_quota is not None
+            or key.budget_usd is not None
         )
 
     @staticmethod
     def counts_tokens(key: Key | None) -> bool:
-        return key is not None and (key.tpm is not None or key.token_quota is not None)
+        return key is not None and (
+            key.tpm is not None or key.token_quota is not None or key.budget_usd is not None
+        )
 
     def admit(self, key: Key) -> Headers:
         """Refuse (429) or take one request; returns the rate-limit headers to send.
@@ -99,11 +163,24 @@ class Limiter:
         """
         now = self.clock()
         state = self._state(key, now)
-        if key.token_quota is not None and state.spent >= key.token_quota:
-            raise QuotaExhausted(
-                f"key {key.name!r} has used its token quota of {key.token_quota}",
-                {"token_quota": key.token_quota, "used": state.spent},
-            )
+        wall = self.wall()
+        if key.token_quota is not None:
+            used = self.period(state, key.quota_period, wall).tokens
+            if used >= key.token_quota:
+                raise QuotaExhausted(
+                    f"key {key.name!r} has used its token quota of {key.token_quota}"
+                    + _this(key.quota_period),
+                    {"token_quota": key.token_quota, "used": used, "period": key.quota_period},
+                )
+        if key.budget_usd is not None:
+            spent = self.period(state, key.budget_period, wall).usd
+            if spent >= key.budget_usd:
+                raise QuotaExhausted(
+                    f"key {key.name!r} has spent its budget of ${key.budget_usd:g}"
+                    + _this(key.budget_period),
+                    {"budget_usd": key.budget_usd, "spent_usd": round(spent, 8),
+                     "period": key.budget_period},
+                )  # fmt: skip
         if state.requests is not None and state.requests.level < 1:
             wait = state.requests.seconds_until(1)
             raise RateLimited(
@@ -120,6 +197,8 @@ class Limiter:
             )
         if state.requests is not None:
             state.requests.level -= 1
+        for kind in period_kinds(key):
+            self.period(state, kind, wall).requests += 1
         return [(k.encode(), v.encode()) for k, v in self._header_map(key, state).items()]
 
     def headers(self, key: Key) -> Headers:
@@ -127,13 +206,49 @@ class Limiter:
         state = self._state(key, self.clock())
         return [(k.encode(), v.encode()) for k, v in self._header_map(key, state).items()]
 
-    def charge(self, key: Key, tokens: int) -> None:
-        if tokens <= 0:
+    def charge(self, key: Key, tokens: int, usd: float = 0.0) -> None:
+        """After the answer: its tokens and cost (the last admitted request may go over)."""
+        if tokens <= 0 and usd <= 0:
             return
         state = self._state(key, self.clock())
         state.spent += tokens
         if state.tokens is not None:
             state.tokens.level -= tokens
+        wall = self.wall()
+        for kind in period_kinds(key):
+            period = self.period(state, kind, wall)
+            period.tokens += tokens
+            period.usd += usd
+
+    def report(self, key: Key) -> dict[str, Any]:
+        """GET /v1/key: the key's limits, its use in the current periods, what remains and
+        when each period resets."""
+        state = self._state(key, self.clock())
+        wall = self.wall()
+        limits: dict[str, Any] = {"rpm": key.rpm, "tpm": key.tpm, "token_quota": None,
+                                  "budget": None}  # fmt: skip
+        remaining: dict[str, Any] = {}
+        if key.token_quota is not None:
+            limits["token_quota"] = {"tokens": key.token_quota, "period": key.quota_period}
+            used = self.period(state, key.quota_period, wall).tokens
+            remaining["tokens"] = max(0, key.token_quota - used)
+        if key.budget_usd is not None:
+            limits["budget"] = {"usd": key.budget_usd, "period": key.budget_period}
+            spent = self.period(state, key.budget_period, wall).usd
+            remaining["usd"] = round(max(0.0, key.budget_usd - spent), 8)
+        periods = {}
+        for kind in period_kinds(key):
+            period = self.period(state, kind, wall)
+            end = period_end(kind, wall)
+            periods[kind] = {
+                "period": period.name,
+                "requests": period.requests,
+                "tokens": period.tokens,
+                "cost_usd": round(period.usd, 8),
+                "resets_at": None if end is None else end.isoformat().replace("+00:00", "Z"),
+            }
+        return {"object": "key", "name": key.name, "limits": limits, "usage": periods,
+                "remaining": remaining}  # fmt: skip
 
     def _header_map(self, key: Key, state: KeyUsage) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -148,3 +263,7 @@ class Limiter:
             full = state.tokens.seconds_until(state.tokens.capacity)
             out["x-ratelimit-reset-tokens"] = _reset(full).decode()
         return out
+
+
+def _this(kind: str) -> str:
+    return {"day": " for today (UTC)", "month": " for this month (UTC)"}.get(kind, "")

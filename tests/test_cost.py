@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -137,3 +138,98 @@ async def test_unpriced_entries_cost_nothing_and_change_nothing(
     assert "x-gateway-cost-usd" not in r.headers
     assert "stream_options" not in upstream.requests[-1].json()
     assert "gateway_cost_usd_total{" not in (await client.get(f"{gw.url}/metrics")).text
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def budget_keys(**entries: dict[str, Any]) -> str:
+    return yaml.safe_dump(
+        {"keys": [{"name": n, "key": f"sk-{n}", **limits} for n, limits in entries.items()]}
+    )
+
+
+def calendar(gw: Any, start: datetime) -> list[datetime]:
+    now = [start]
+    gw.runtime.limiter.wall = lambda: now[0]
+    return now
+
+
+async def priced_chat(client: httpx.AsyncClient, gw: Any, name: str) -> httpx.Response:
+    return await client.post(f"{gw.base_url}/chat/completions",
+                             json={"model": "m", "messages": MESSAGES},
+                             headers={"authorization": f"Bearer sk-{name}"})  # fmt: skip
+
+
+async def test_budget_per_day_refuses_then_resets_at_utc_midnight(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    body = chat_completion()
+    body["usage"] = {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000}
+    upstream.default = Json(body)  # $0.010 a request at PRICE
+    gw = await gateway(routes(upstream), budget_keys(a={"budget": {"usd": 0.025, "period": "day"}}))
+    now = calendar(gw, datetime(2026, 11, 25, 23, 0, tzinfo=UTC))
+    statuses = [(await priced_chat(client, gw, "a")).status_code for _ in range(4)]
+    # 0.01, 0.02, 0.03 (the charge after may go over), then refused.
+    assert statuses == [200, 200, 200, 429]
+    r = await priced_chat(client, gw, "a")
+    assert r.json()["error"]["code"] == "subscription_limit"
+    assert "budget" in r.json()["error"]["message"]
+    info = (await client.get(f"{gw.base_url}/key", headers={"authorization": "Bearer sk-a"})).json()
+    assert info["name"] == "a" and info["limits"]["budget"] == {"usd": 0.025, "period": "day"}
+    day = info["usage"]["day"]
+    assert (day["period"], day["requests"], day["tokens"]) == ("2026-11-25", 3, 6000)
+    assert day["cost_usd"] == pytest.approx(0.03)
+    assert day["resets_at"] == "2026-11-26T00:00:00Z" and info["remaining"]["usd"] == 0
+    now[0] = datetime(2026, 11, 26, 0, 0, 1, tzinfo=UTC)
+    assert (await priced_chat(client, gw, "a")).status_code == 200
+    info = (await client.get(f"{gw.base_url}/key", headers={"authorization": "Bearer sk-a"})).json()
+    assert info["usage"]["day"]["requests"] == 1
+    assert info["remaining"]["usd"] == pytest.approx(0.015)
+
+
+async def test_token_quota_per_month_and_a_bare_number_is_total(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    keys = budget_keys(m={"token_quota": {"tokens": 2500, "period": "month"}},
+                       t={"token_quota": 2500})  # fmt: skip
+    body = chat_completion()
+    body["usage"] = {"prompt_tokens": 1000, "completion_tokens": 1000, "total_tokens": 2000}
+    upstream.default = Json(body)
+    gw = await gateway(routes(upstream), keys)
+    now = calendar(gw, datetime(2026, 11, 30, 12, tzinfo=UTC))
+    for name in ("m", "t"):
+        assert [(await priced_chat(client, gw, name)).status_code for _ in range(3)] == [
+            200, 200, 429]  # fmt: skip
+    now[0] = datetime(2026, 12, 1, tzinfo=UTC)
+    assert (await priced_chat(client, gw, "m")).status_code == 200  # a new month
+    assert (await priced_chat(client, gw, "t")).status_code == 429  # total never resets
+    info = (await client.get(f"{gw.base_url}/key", headers={"authorization": "Bearer sk-m"})).json()
+    assert info["usage"]["month"]["period"] == "2026-12"
+    assert info["usage"]["month"]["resets_at"] == "2027-01-01T00:00:00Z"
+    assert info["limits"]["token_quota"] == {"tokens": 2500, "period": "month"}
+
+
+async def test_key_endpoint_without_keys_and_with_a_wrong_one(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    gw = await gateway(routes(upstream))
+    assert (await client.get(f"{gw.base_url}/key")).json()["name"] is None
+    gw2 = await gateway(routes(upstream), budget_keys(a={}))
+    r = await client.get(f"{gw2.base_url}/key", headers={"authorization": "Bearer nope"})
+    assert r.status_code == 401
+
+
+def test_budget_and_quota_problems() -> None:
+    from tests.test_config import keys_of
+
+    text = """\
+keys:
+  - {name: a, key: ka, budget: {usd: -1}}
+  - {name: b, key: kb, budget: {usd: 5, period: week}}
+  - {name: c, key: kc, token_quota: {period: day}}
+  - {name: d, key: kd, budget: 5}
+"""
+    _, problems = keys_of(text)
+    assert_problems(problems, [(2, "budget.usd must be"), (3, "period must be one of"),
+                               (4, "token_quota needs tokens"), (5, "budget must be")])  # fmt: skip
