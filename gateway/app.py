@@ -92,6 +92,8 @@ def create_app(settings: Settings, config: Config) -> Gateway:
     async def lifespan(app: Any) -> AsyncIterator[None]:
         reloader = Reloader(runtime, settings.reload_interval)
         reloader.start()
+        if runtime.state is not None:
+            runtime.state.start()
         runtime.metrics.dump()  # with --workers N, each worker is in the sums from its start
         try:
             yield

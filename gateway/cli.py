@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-format", dest="log_format", choices=["json", "text"], help="access log format"
     )
+    serve.add_argument(
+        "--state",
+        dest="state",
+        metavar="PATH",
+        help="where keys' spend survives restarts (default ./gateway.state; none: memory only)",
+    )
 
     check = sub.add_parser("check", help="validate routes and keys files")
     files(check)
@@ -88,6 +94,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "max_connections",
         "max_response_bytes",
         "max_event_bytes",
+        "state",
     )
     return from_env(**{n: getattr(args, n, None) for n in names})
 
@@ -226,8 +233,14 @@ def cmd_serve(settings: Settings) -> int:
         Multiprocess(uv_config, sockets=[sock]).run()
         return 0
     from gateway.app import create_app, settle_heap
+    from gateway.state import StateError
 
-    uv_config = uvicorn.Config(create_app(settings, config), **common)
+    try:
+        app = create_app(settings, config)
+    except StateError as exc:
+        print(f"gateway: {exc}; fix or move it, or serve with --state none", file=sys.stderr)
+        return 1
+    uv_config = uvicorn.Config(app, **common)
     settle_heap()
     uvicorn.Server(uv_config).run(sockets=[sock])
     return 0
@@ -261,7 +274,16 @@ def _export(settings: Settings) -> None:
         GATEWAY_MAX_CONNECTIONS=str(settings.max_connections),
         GATEWAY_MAX_RESPONSE_BYTES=str(settings.max_response_bytes),
         GATEWAY_MAX_EVENT_BYTES=str(settings.max_event_bytes),
+        # Workers would overwrite each other's file: until spend is shared between them
+        # (issue #14), their spend stays in each worker's memory.
+        GATEWAY_STATE="none",
     )
+    if settings.state != "none":
+        print(
+            f"gateway: --workers {settings.workers}: spend is kept per worker in memory; "
+            f"{settings.state} is not written (one process keeps it across restarts)",
+            file=sys.stderr,
+        )
     if not settings.keys_explicit:
         os.environ.pop("GATEWAY_KEYS")
 

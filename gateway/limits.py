@@ -109,6 +109,7 @@ class Limiter:
         self.clock = clock
         self.wall = wall  # the UTC calendar the periods follow (tests inject one)
         self.usage: dict[str, KeyUsage] = {}  # by key name: survives a reload
+        self.version = 0  # bumped when a period's counts change (the state file writes)
 
     def period(self, state: KeyUsage, kind: str, now: datetime) -> Period:
         """The key's current period of this kind, started afresh when the calendar moved."""
@@ -199,6 +200,7 @@ class Limiter:
             state.requests.level -= 1
         for kind in period_kinds(key):
             self.period(state, kind, wall).requests += 1
+            self.version += 1
         return [(k.encode(), v.encode()) for k, v in self._header_map(key, state).items()]
 
     def headers(self, key: Key) -> Headers:
@@ -219,6 +221,7 @@ class Limiter:
             period = self.period(state, kind, wall)
             period.tokens += tokens
             period.usd += usd
+        self.version += 1
 
     def report(self, key: Key) -> dict[str, Any]:
         """GET /v1/key: the key's limits, its use in the current periods, what remains and

@@ -16,6 +16,7 @@ from gateway.metrics import Metrics
 from gateway.relay import Relay
 from gateway.response_ids import ResponseIds
 from gateway.settings import Settings
+from gateway.state import StateFile
 from gateway.strategies import Strategies
 from gateway.upstream.client import Upstream
 from gateway.usage import usage_parts
@@ -33,6 +34,10 @@ class Runtime:
         self.limiter = Limiter()
         self.metrics = Metrics()
         self.access = AccessLog(settings.log_format)
+        self.state: StateFile | None = None
+        if settings.state != "none":
+            self.state = StateFile(settings.state, self.limiter)
+            self.state.load()
         self.response_ids = ResponseIds()
         self.relay = Relay(self.upstream, self.health, self.metrics, self.response_ids)
 
@@ -48,6 +53,8 @@ class Runtime:
         return old
 
     async def stop(self) -> None:
+        if self.state is not None:
+            await self.state.close()
         await self.upstream.close()
         self.metrics.dump()
         flush_access_log()

@@ -35,6 +35,9 @@ class Settings:
     max_connections: int = 0  # 0: from the open-file limit (default_max_connections)
     max_response_bytes: int = DEFAULT_MAX_RESPONSE
     max_event_bytes: int = DEFAULT_MAX_EVENT
+    # Where spend survives restarts (SPEC §11): a file, or "none" (memory only). The CLI
+    # defaults to ./gateway.state; an app built in-process (tests, embedding) to none.
+    state: str = "none"
 
     @property
     def loopback(self) -> bool:
@@ -93,4 +96,5 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Setti
         max_event_bytes=int(
             str(pick("max_event_bytes", "GATEWAY_MAX_EVENT_BYTES", DEFAULT_MAX_EVENT))
         ),
+        state=str(pick("state", "GATEWAY_STATE", "gateway.state")),
     )
