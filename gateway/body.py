@@ -22,12 +22,17 @@ GATEWAY_FIELDS = frozenset({"models", "route", "provider", "session_id"})
 MAX_SESSION_ID = 128
 
 
+SORTS = ("price", "latency", "throughput")
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderPrefs:
     order: tuple[str, ...] = ()
     only: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
     allow_fallbacks: bool = True
+    sort: str | None = None  # price | latency | throughput (OpenRouter)
+    max_price: tuple[float | None, float | None] | None = None  # (prompt, completion) $/1M
 
 
 @dataclass(slots=True)
@@ -50,6 +55,7 @@ class ParsedBody:
     stream_options: Any = None
     prompt_length: int = 0  # prompt characters, counted only when asked (parse_body)
     previous_response_id: str | None = None  # responses: the id this request continues
+    route_sort: bool = False  # route: "sort": every listed slug's entries sorted together
     # A multipart upload (audio): the span of the `model` part's value in `raw`.
     model_span: tuple[int, int] | None = None
 
@@ -133,12 +139,31 @@ def _prefs(value: Any) -> ProviderPrefs | None:
     if not isinstance(allow, bool):
         raise _fail("provider.allow_fallbacks", "provider.allow_fallbacks must be true or false")
     only = value.get("only")
+    sort = value.get("sort")
+    if sort is not None and sort not in SORTS:
+        raise _fail("provider.sort", "provider.sort must be price, latency or throughput")
     return ProviderPrefs(
         order=_names(value.get("order", []), "provider.order"),
         only=None if only is None else _names(only, "provider.only"),
         ignore=_names(value.get("ignore", []), "provider.ignore"),
         allow_fallbacks=allow,
+        sort=sort,
+        max_price=_max_price(value.get("max_price")),
     )
+
+
+def _max_price(value: Any) -> tuple[float | None, float | None] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _fail("provider.max_price", "provider.max_price must be {prompt, completion}")
+    out: list[float | None] = []
+    for field_name in ("prompt", "completion"):
+        limit = value.get(field_name)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float)):
+            raise _fail(f"provider.max_price.{field_name}", "a price must be a number")
+        out.append(None if limit is None else float(limit))
+    return out[0], out[1]
 
 
 class _Fields(msgspec.Struct):
@@ -262,8 +287,8 @@ def parse_body(
     elif not slugs and previous is None:
         raise _fail("model", "model is required")
     route = data.route
-    if route is not UNSET and route is not None and route != "fallback":
-        raise _fail("route", 'route may only be "fallback"')
+    if route is not UNSET and route is not None and route not in ("fallback", "sort"):
+        raise _fail("route", 'route may only be "fallback" or "sort"')
 
     for needed in family.required:
         value = getattr(data, needed)
@@ -302,6 +327,7 @@ def parse_body(
         stream_options=data.stream_options if has_options else None,
         prompt_length=_prompt_length(data) if count_prompt else 0,
         previous_response_id=previous,
+        route_sort=route == "sort",
     )
 
 

@@ -28,6 +28,7 @@ class EntryState:
     probing: bool = False  # half-open: one live request is testing the entry
     in_flight: int = 0
     latency: float | None = None  # moving average of time to first byte, seconds
+    throughput: float | None = None  # moving average of output tokens per second
 
 
 class Health:
@@ -106,3 +107,11 @@ class Health:
             seconds = max(cooldown.seconds, retry_after or 0.0)
             entry.open_until = self.clock() + seconds
             entry.probing = False
+
+
+def observe_throughput(entry: EntryState, tokens_per_second: float) -> None:
+    """One answer's output tokens per second into the entry's moving average."""
+    old = entry.throughput
+    entry.throughput = (
+        tokens_per_second if old is None else old + EWMA_ALPHA * (tokens_per_second - old)
+    )

@@ -12,7 +12,7 @@ from gateway.errors import ApiNotSupported, ModelNotFound, NoProviderAvailable, 
 from gateway.families import CHAT, Family
 from gateway.health import EntryKey, Health
 from gateway.keys import Key
-from gateway.routes import Model, Routes, Target
+from gateway.routes import Model, Price, Routes, Target
 from gateway.strategies import Strategies
 
 
@@ -59,6 +59,43 @@ def _apply_prefs(order: list[int], model: Model, prefs: ProviderPrefs | None) ->
     return first + [i for i in keep if i not in first]
 
 
+def _over(price: Price | None, ceiling: tuple[float | None, float | None]) -> bool:
+    """Pricier than provider.max_price; an entry without a price passes."""
+    if price is None:
+        return False
+    prompt, completion = ceiling
+    return (prompt is not None and price.input > prompt) or (
+        completion is not None and price.output > completion
+    )
+
+
+def _sorted(cands: list[Candidate], sort: str, health: Health) -> list[Candidate]:
+    """Stable (ties keep the strategy's order); entries with nothing to sort by last."""
+
+    def key(cand: Candidate) -> tuple[bool, float]:
+        if sort == "price":
+            price = cand.target.price
+            return (price is None, 0.0 if price is None else price.input + price.output)
+        state = health.state(cand.key)
+        if sort == "latency":
+            return (state.latency is None, state.latency or 0.0)
+        return (state.throughput is None, -(state.throughput or 0.0))
+
+    return sorted(cands, key=key)
+
+
+def _limited(cands: list[Candidate]) -> list[Candidate]:
+    """Each model's max_attempts, counted along the combined order."""
+    counts: dict[int, int] = {}
+    out = []
+    for cand in cands:
+        taken = counts.get(id(cand.model), 0)
+        if taken < (cand.model.max_attempts or len(cand.model.targets)):
+            counts[id(cand.model)] = taken + 1
+            out.append(cand)
+    return out
+
+
 def build_plan(
     routes: Routes,
     parsed: ParsedBody,
@@ -82,10 +119,15 @@ def build_plan(
     cooling: list[float] = []
     api = family.name
     serving = 0
+    prefs = parsed.prefs
+    sort = prefs.sort if prefs is not None else None
+    if parsed.route_sort and sort is None:
+        sort = "price"  # route: "sort" without provider.sort (SPEC §11)
+    ceiling = prefs.max_price if prefs is not None else None
     for slug, model in models:
         cands = [candidate(slug, model, t) for t in model.targets]
         order = strategies.order(model, slug, [c.key for c in cands])
-        order = _apply_prefs(order, model, parsed.prefs)
+        order = _apply_prefs(order, model, prefs)
         picked = 0
         limit = model.max_attempts or len(order)
         for i in order:
@@ -94,13 +136,21 @@ def build_plan(
                 continue
             if pinned is not None and pinned != (cand.target.provider.name, cand.upstream_model):
                 continue
+            if ceiling is not None and _over(cand.target.price, ceiling):
+                continue
             serving += 1
             if not health.available(cand.key):
                 cooling.append(health.retry_at(cand.key))
                 continue
-            if picked < limit:
+            if sort is not None or picked < limit:
                 plan.append(cand)
                 picked += 1
+        if sort is not None and not parsed.route_sort:
+            # provider.sort orders each slug's own entries; the slugs keep their order.
+            start = len(plan) - picked
+            plan[start:] = _sorted(plan[start:], sort, health)[:limit]
+    if sort is not None and parsed.route_sort:
+        plan = _limited(_sorted(plan, sort, health))
     if not plan:
         if not serving and pinned is None:
             raise ApiNotSupported(

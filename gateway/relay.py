@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -26,7 +27,7 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange, Failure, Opened
 from gateway.families import RESPONSES, Envelope
-from gateway.health import Health
+from gateway.health import Health, observe_throughput
 from gateway.keepalive import KEEPALIVE, KeepAlive
 from gateway.metrics import Metrics
 from gateway.plan import Candidate
@@ -35,6 +36,7 @@ from gateway.response_ids import ResponseIds, first_id
 from gateway.sse import EventSplitter, splicer_for
 from gateway.upstream.client import Upstream
 from gateway.upstream.head import Headers
+from gateway.usage import usage_parts
 
 NO_RETRY = (b"x-should-retry", b"false")
 SSE_HEADERS = [
@@ -299,6 +301,18 @@ class Relay:
             if opened.tally is not None:
                 ex.usage = opened.tally.usage
                 ex.content_chars = opened.tally.content_chars
+                if ex.usage is not None and not broke:
+                    self._throughput(opened, ex.usage)
+
+    def _throughput(self, opened: Opened, usage: dict[str, Any]) -> None:
+        """Output tokens per second of generation (after the first content for a stream),
+        for provider.sort: throughput."""
+        completion = usage_parts(usage)[2]
+        seconds = time.monotonic() - opened.started_at
+        if opened.body is None and opened.ttfb is not None:
+            seconds -= opened.ttfb
+        if completion > 0 and seconds > 0.001:
+            observe_throughput(self.health.state(opened.cand.key), completion / seconds)
 
     def _remember_id(self, opened: Opened) -> None:
         """A created response's id -> the entry that made it (SPEC §9)."""

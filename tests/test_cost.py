@@ -233,3 +233,103 @@ keys:
     _, problems = keys_of(text)
     assert_problems(problems, [(2, "budget.usd must be"), (3, "period must be one of"),
                                (4, "token_quota needs tokens"), (5, "budget must be")])  # fmt: skip
+
+
+# --------------------------------------------------------------------------- sort, max_price
+
+SORT_ROUTES = """\
+providers:
+  cheap: {base_url: "http://127.0.0.1:9/v1"}
+  dear: {base_url: "http://127.0.0.1:9/v1"}
+  free: {base_url: "http://127.0.0.1:9/v1"}
+  mid: {base_url: "http://127.0.0.1:9/v1"}
+models:
+  a:
+    providers:
+      - {provider: dear, price: {input: 10, output: 30}}
+      - {provider: free}
+      - {provider: cheap, price: {input: 0.1, output: 0.4}}
+  b:
+    max_attempts: 1
+    providers:
+      - {provider: mid, price: {input: 1, output: 2}}
+      - {provider: cheap, price: {input: 0.05, output: 0.1}}
+"""
+
+
+def plan_of(body: dict[str, Any], health: Any = None) -> list[tuple[str, str]]:
+    from gateway.body import parse_body
+    from gateway.families import CHAT
+    from gateway.health import Health
+    from gateway.plan import build_plan
+    from gateway.strategies import Strategies
+    from tests.test_config import good_routes
+
+    routes = good_routes(SORT_ROUTES)
+    health = health or Health()
+    parsed = parse_body(json.dumps({"messages": MESSAGES, **body}).encode(), CHAT)
+    plan = build_plan(routes, parsed, None, health, Strategies(health))
+    return [(c.slug, c.target.provider.name) for c in plan]
+
+
+def test_provider_sort_price_puts_unpriced_last() -> None:
+    assert plan_of({"model": "a"}) == [("a", "dear"), ("a", "free"), ("a", "cheap")]
+    assert plan_of({"model": "a", "provider": {"sort": "price"}}) == [
+        ("a", "cheap"), ("a", "dear"), ("a", "free")]  # fmt: skip
+
+
+def test_max_price_excludes_pricier_entries_and_passes_unpriced() -> None:
+    body = {"model": "a", "provider": {"max_price": {"prompt": 1, "completion": 5}}}
+    assert plan_of(body) == [("a", "free"), ("a", "cheap")]
+
+
+def test_route_sort_orders_every_listed_slug_together() -> None:
+    # By price across a and b, each model's max_attempts still counted (b: one try).
+    body = {"models": ["a", "b"], "route": "sort"}
+    assert plan_of(body) == [("b", "cheap"), ("a", "cheap"), ("a", "dear"), ("a", "free")]
+
+
+def test_sort_by_latency_and_throughput_uses_what_was_measured() -> None:
+    from gateway.health import Health, observe_throughput
+
+    health = Health()
+    names = plan_of({"model": "a"}, health)
+    assert names  # the entries, to seed their measures
+    from gateway.plan import candidate
+    from tests.test_config import good_routes
+
+    model = good_routes(SORT_ROUTES).models["a"]
+    keys = {t.provider.name: candidate("a", model, t).key for t in model.targets}
+    health.state(keys["free"]).latency = 0.1
+    health.state(keys["dear"]).latency = 0.5
+    observe_throughput(health.state(keys["dear"]), 90.0)
+    observe_throughput(health.state(keys["cheap"]), 30.0)
+    assert plan_of({"model": "a", "provider": {"sort": "latency"}}, health) == [
+        ("a", "free"), ("a", "dear"), ("a", "cheap")]  # fmt: skip
+    assert plan_of({"model": "a", "provider": {"sort": "throughput"}}, health) == [
+        ("a", "dear"), ("a", "cheap"), ("a", "free")]  # fmt: skip
+
+
+def test_bad_sort_and_max_price_are_422() -> None:
+    from gateway.errors import ValidationFailed
+
+    for provider in ({"sort": "cost"}, {"max_price": 3}, {"max_price": {"prompt": "x"}}):
+        with pytest.raises(ValidationFailed):
+            plan_of({"model": "a", "provider": provider})
+
+
+async def test_throughput_is_measured_from_answers(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    from gateway.plan import candidate
+
+    gw = await gateway(routes(upstream))
+    upstream.script(Sse([chunk("Hi"), chunk(None, choices=[], usage={
+        "prompt_tokens": 3, "completion_tokens": 40, "total_tokens": 43}), DONE], delay=0.01))  # fmt: skip
+    r = await client.post(f"{gw.base_url}/chat/completions",
+                          json={"model": "m", "messages": MESSAGES, "stream": True})  # fmt: skip
+    assert r.status_code == 200
+    model = gw.runtime.config.routes.models["m"]
+    key = candidate("m", model, model.targets[0]).key
+    throughput = gw.runtime.health.state(key).throughput
+    assert throughput is not None and throughput > 0
