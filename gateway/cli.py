@@ -223,6 +223,18 @@ def cmd_serve(settings: Settings) -> int:
 
         from uvicorn.supervisors import Multiprocess
 
+        if settings.state != "none":
+            # Checked (and a corrupt file set aside) once here, not raced by every worker.
+            from gateway.limits import Limiter
+            from gateway.state import StateError, StateFile
+
+            try:
+                StateFile(settings.state, Limiter()).load()
+            except StateError as exc:
+                print(
+                    f"gateway: {exc}; fix or move it, or serve with --state none", file=sys.stderr
+                )
+                return 1
         _export(settings)
         # Workers share metric values through files here; removed when the supervisor ends.
         metrics_dir = tempfile.TemporaryDirectory(prefix="gateway-metrics-")
@@ -274,16 +286,9 @@ def _export(settings: Settings) -> None:
         GATEWAY_MAX_CONNECTIONS=str(settings.max_connections),
         GATEWAY_MAX_RESPONSE_BYTES=str(settings.max_response_bytes),
         GATEWAY_MAX_EVENT_BYTES=str(settings.max_event_bytes),
-        # Workers would overwrite each other's file: until spend is shared between them
-        # (issue #14), their spend stays in each worker's memory.
-        GATEWAY_STATE="none",
+        # Every worker syncs its spend into the one file (gateway/state.py).
+        GATEWAY_STATE=str(Path(settings.state).resolve()) if settings.state != "none" else "none",
     )
-    if settings.state != "none":
-        print(
-            f"gateway: --workers {settings.workers}: spend is kept per worker in memory; "
-            f"{settings.state} is not written (one process keeps it across restarts)",
-            file=sys.stderr,
-        )
     if not settings.keys_explicit:
         os.environ.pop("GATEWAY_KEYS")
 

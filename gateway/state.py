@@ -1,17 +1,23 @@
 """Spend that survives a restart (SPEC §11): the keys' periods (requests, tokens, cost)
-in a local file, written atomically at least once a second while it changes and on
-drain, loaded at start. A file that cannot be read as state is moved aside and
-reported, never silently replaced.
+in a local file, loaded at start and synchronised at least once a second while spend
+changes, and on drain. A file that cannot be read as state is moved aside and reported,
+never silently replaced.
+
+Every process serving (one, or each of `--workers N`) adds what it spent since its last
+sync to the file's totals under an exclusive lock, writes them atomically, and takes the
+totals back as its own view: all workers' spend counts, each seeing the others' at most
+a second late. A SIGKILL loses at most the last second of that process's spend.
 
 The file is JSON: {"version": 1, "keys": {NAME: {"spent": N, "periods": {KIND: [PERIOD,
-REQUESTS, TOKENS, USD]}}}}. The snapshot is built on the event loop (a dict per key);
-writing and fsync run in a thread.
+REQUESTS, TOKENS, USD]}}}}. Deltas are taken on the event loop; reading, merging, writing
+and fsync run in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 from datetime import UTC, datetime
@@ -38,12 +44,13 @@ class StateFile:
         self.limiter = limiter
         self.written = -1  # the limiter's version last written
         self.set_aside: Path | None = None  # where a corrupt file went
+        self.base: Counts = {}  # the totals as of the last sync: what is not ours to add
         self._task: asyncio.Task[None] | None = None
 
     # -- start
 
     def load(self) -> int:
-        """Restore the keys' spend from the file; how many keys it held."""
+        """Take the keys' spend from the file; how many keys it held."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -65,6 +72,7 @@ class StateFile:
             )
             return 0
         self.limiter.usage.update(usage)
+        self.base = _counts(usage)
         self.written = self.limiter.version
         return len(usage)
 
@@ -76,32 +84,53 @@ class StateFile:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(EVERY)
-            await self.save()
+            await self.save(pull=True)
 
-    async def save(self) -> None:
-        version = self.limiter.version
-        if version == self.written:
+    async def save(self, pull: bool = False) -> None:
+        """Add this process's spend since the last sync to the file's totals, then take
+        the totals (everyone's spend) as this process's view. `pull`: read the others'
+        spend even when this process spent nothing."""
+        if self.limiter.version == self.written and not pull:
             return
-        data = self.snapshot()
+        captured = _counts(self.limiter.usage)
+        delta = _minus(captured, self.base)
         try:
-            await asyncio.to_thread(self._write, data)
+            totals = await asyncio.to_thread(self._merge, delta)
         except OSError as exc:
             log.error("cannot write the state file %s: %s", self.path, exc.strerror)
             return
-        self.written = version
+        except StateError as exc:
+            log.error("%s; this process's spend stays in memory until it can be read", exc)
+            return
+        # What was charged while the thread ran stays on top of the new totals.
+        since = _minus(_counts(self.limiter.usage), captured)
+        self.base = totals
+        _apply(self.limiter.usage, _plus(totals, since))
+        self.written = self.limiter.version
+
+    def _merge(self, delta: Counts) -> Counts:
+        if not delta:  # nothing to add: the file's totals, read without the lock (the
+            try:  # file is only ever replaced whole)
+                return _counts(_decode(self.path.read_bytes()))
+            except FileNotFoundError:
+                return dict(self.base)
+            except (orjson.JSONDecodeError, ValueError, TypeError, KeyError):
+                raise StateError(f"state file {self.path} changed into something else") from None
+        with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            totals: Counts = {}
+            try:
+                totals = _counts(_decode(self.path.read_bytes()))
+            except FileNotFoundError:
+                pass
+            except (orjson.JSONDecodeError, ValueError, TypeError, KeyError):
+                raise StateError(f"state file {self.path} changed into something else") from None
+            merged = _plus(totals, delta)
+            self._write(_encode(merged))
+        return merged
 
     def snapshot(self) -> bytes:
-        keys: dict[str, Any] = {}
-        for name, usage in self.limiter.usage.items():
-            if usage.periods or usage.spent:
-                keys[name] = {
-                    "spent": usage.spent,
-                    "periods": {
-                        kind: [p.name, p.requests, p.tokens, p.usd]
-                        for kind, p in usage.periods.items()
-                    },
-                }
-        return orjson.dumps({"version": VERSION, "keys": keys})
+        return _encode(_counts(self.limiter.usage))
 
     def _write(self, data: bytes) -> None:
         """Atomic: a reader (or a crash) sees the old file or the new one, never half."""
@@ -134,3 +163,64 @@ def _decode(raw: bytes) -> dict[str, KeyUsage]:
             usage.periods[kind] = Period(str(period), int(requests), int(tokens), float(usd))
         out[str(name)] = usage
     return out
+
+
+# (key, kind) -> [period, requests, tokens, usd]; (key, "") -> [_, 0, spent, 0.0]
+Counts = dict[tuple[str, str], tuple[str, int, int, float]]
+
+
+def _counts(usage: dict[str, KeyUsage]) -> Counts:
+    out: Counts = {}
+    for name, state in usage.items():
+        if state.spent:
+            out[(name, "")] = ("", 0, state.spent, 0.0)
+        for kind, p in state.periods.items():
+            out[(name, kind)] = (p.name, p.requests, p.tokens, p.usd)
+    return out
+
+
+def _plus(a: Counts, b: Counts) -> Counts:
+    """b added to a; a period of b that is newer than a's replaces it, an older one is
+    past and dropped."""
+    out = dict(a)
+    for where, (period, requests, tokens, usd) in b.items():
+        have = out.get(where)
+        if have is None or period > have[0]:
+            out[where] = (period, requests, tokens, usd)
+        elif period == have[0]:
+            out[where] = (period, have[1] + requests, have[2] + tokens, have[3] + usd)
+    return out
+
+
+def _minus(a: Counts, b: Counts) -> Counts:
+    """What a holds beyond b (a's newer periods whole)."""
+    out: Counts = {}
+    for where, (period, requests, tokens, usd) in a.items():
+        have = b.get(where)
+        if have is None or have[0] != period:
+            out[where] = (period, requests, tokens, usd)
+        elif (requests, tokens, usd) != have[1:]:
+            out[where] = (period, requests - have[1], tokens - have[2], usd - have[3])
+    return out
+
+
+def _apply(usage: dict[str, KeyUsage], counts: Counts) -> None:
+    for (name, kind), (period, requests, tokens, usd) in counts.items():
+        state = usage.get(name)
+        if state is None:
+            state = usage[name] = KeyUsage()
+        if kind:
+            state.periods[kind] = Period(period, requests, tokens, usd)
+        else:
+            state.spent = tokens
+
+
+def _encode(counts: Counts) -> bytes:
+    keys: dict[str, Any] = {}
+    for (name, kind), (period, requests, tokens, usd) in counts.items():
+        entry = keys.setdefault(name, {"spent": 0, "periods": {}})
+        if kind:
+            entry["periods"][kind] = [period, requests, tokens, usd]
+        else:
+            entry["spent"] = tokens
+    return orjson.dumps({"version": VERSION, "keys": keys})

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from gateway.limits import KeyUsage, Limiter, Period
 from gateway.state import StateFile
@@ -153,3 +154,50 @@ async def test_snapshot_round_trips(tmp_path: Path) -> None:
     assert StateFile(str(tmp_path / "s"), again).load() == 1
     assert again.usage["a"].periods["day"] == Period("2026-11-25", 2, 7, 0.5)
     assert again.usage["a"].spent == 7
+
+
+def test_with_two_workers_the_spend_of_both_counts(tmp_path: Path) -> None:
+    """Each worker adds its own spend to the file and reads the others'; every answer to
+    /v1/key, whichever worker gives it, soon says the total."""
+    args = setup(tmp_path)
+    state = tmp_path / "spend.state"
+    port = free_port()
+    command = [*args, "--port", str(port), "--state", str(state), "--workers", "2"]
+    with serving(tmp_path, command, clean_env(), port) as (proc, url):
+        for _ in range(12):  # a fresh connection each: the kernel spreads them
+            with httpx.Client(timeout=10) as client:
+                ask(client, url)
+        until_written(state, 12, within=5.0)
+        deadline = time.monotonic() + 5.0
+        answers: list[int] = []
+        while time.monotonic() < deadline:
+            answers = []
+            for _ in range(6):
+                with httpx.Client(timeout=10) as client:
+                    r = client.get(f"{url}/v1/key", headers=AUTH)
+                    answers.append(r.json()["usage"]["day"]["requests"])
+            if answers == [12] * 6:
+                break
+            time.sleep(0.1)
+        assert answers == [12] * 6
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    assert json.loads(state.read_bytes())["keys"]["team"]["periods"]["day"][1] == 12
+
+
+def test_merging_adds_deltas_and_newer_periods_win() -> None:
+    from gateway.state import _minus, _plus
+
+    base = {("a", "day"): ("2026-11-25", 2, 20, 0.2)}
+    mine = {("a", "day"): ("2026-11-25", 5, 50, 0.5), ("a", ""): ("", 0, 50, 0.0)}
+    delta = _minus(mine, base)
+    assert delta == {("a", "day"): ("2026-11-25", 3, 30, pytest.approx(0.3)),
+                     ("a", ""): ("", 0, 50, 0.0)}  # fmt: skip
+    others = {("a", "day"): ("2026-11-25", 10, 100, 1.0)}
+    merged = _plus(others, delta)
+    assert merged[("a", "day")][:3] == ("2026-11-25", 13, 130)
+    # A new day in the delta replaces yesterday's totals; yesterday's delta is dropped.
+    assert _plus(others, {("a", "day"): ("2026-11-26", 1, 5, 0.1)})[("a", "day")] == (
+        "2026-11-26", 1, 5, 0.1)  # fmt: skip
+    newer = {("a", "day"): ("2026-11-26", 4, 4, 0.0)}
+    assert _plus(newer, {("a", "day"): ("2026-11-25", 9, 9, 9.0)}) == newer
