@@ -145,7 +145,7 @@ async def test_models_list_validation(
     url = f"{gw.base_url}/chat/completions"
     r = await client.post(url, json={"models": ["m", "nope"], "messages": MESSAGES})
     assert_envelope(r, 400, "model_not_found")
-    r = await client.post(url, json={"models": ["m"], "route": "sort", "messages": MESSAGES})
+    r = await client.post(url, json={"models": ["m"], "route": "cheapest", "messages": MESSAGES})
     err = assert_envelope(r, 422, "validation_error")
     assert names_field(err["details"], "route"), err
     assert upstream.requests == []
