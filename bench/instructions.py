@@ -59,6 +59,7 @@ KINDS = ("json", "stream")
 # cases keep running without auth, as in earlier tables.
 LIMITED = "stream-limited"
 LIMITED_SECRET = "sk-bench-limited"
+BUDGET_SECRET = "sk-bench-budget"
 # --curves (SPEC §8: costs grow with the work): the same JSON request with bodies from
 # 1 KiB to 8 MiB, streams longer or with larger events, and an exact slug looked up among
 # 5,000 wildcard patterns. They run on their own routes file (5,000 patterns), so they
@@ -83,6 +84,7 @@ class Curve:
     per: str  # the unit the table divides by: "KiB" of request body or "event"
     units: float  # that unit's count per request
     path: str = run.CHAT_PATH
+    secret: str | None = None  # sent as the key (keys-budget.yaml), with a --state file
 
 
 def typed_events(kind: str) -> list[str]:
@@ -170,6 +172,23 @@ CURVES: dict[str, Curve] = {
         "event",
         22,
         "/v1/messages",
+    ),
+    # SPEC §11 on the file backend: the same JSON request at a priced entry, for a key
+    # with rpm, a daily token quota and a monthly budget, its spend synced to a file.
+    "JSON, priced, budget key, state file": Curve(
+        b'{"model":"bench-json-priced","messages":[{"role":"user","content":"hi"}]}',
+        100,
+        500,
+        "request",
+        1,
+        secret=BUDGET_SECRET,
+    ),
+    "JSON, priced entry, no key limits": Curve(
+        b'{"model":"bench-json-priced","messages":[{"role":"user","content":"hi"}]}',
+        100,
+        500,
+        "request",
+        1,
     ),
     f"JSON among {WILDCARDS:,} wildcards": Curve(
         b'{"model":"wild4999/x","messages":[{"role":"user","content":"hi"}]}',
@@ -364,6 +383,9 @@ def routes_text(ports: dict[str, int], curves: bool) -> str:
         lines += [f"  {name}:", "    providers:", f"      - provider: {name}"]
         lines.append(f"        model: {run.UPSTREAM_MODEL}")
     if curves:
+        lines += ["  bench-json-priced:", "    providers:", "      - provider: bench-json",
+                  f"        model: {run.UPSTREAM_MODEL}",
+                  "        price: {input: 0.15, output: 0.6, cached_input: 0.075}"]  # fmt: skip
         for i in range(WILDCARDS):
             lines.append(f"  wild{i}/*: {{providers: [{{provider: bench-json, model: '{{1}}'}}]}}")
     return "\n".join(lines) + "\n"
@@ -375,6 +397,11 @@ def write_gateway_files(tmp: Path, ports: dict[str, int]) -> tuple[Path, Path]:
     (tmp / "routes-curves.yaml").write_text(routes_text(ports, curves=True))
     keys = tmp / "keys.yaml"
     keys.write_text("keys: []\n")
+    (tmp / "keys-budget.yaml").write_text(
+        f"keys:\n  - name: budget\n    key: {BUDGET_SECRET}\n    rpm: 100000000\n"
+        "    token_quota: {tokens: 1000000000000, period: day}\n"
+        "    budget: {usd: 1000000, period: month}\n"
+    )
     limited = tmp / "keys-limited.yaml"
     limited.write_text(
         f"keys:\n  - name: limited\n    key: {LIMITED_SECRET}\n    tpm: 1000000000\n"
@@ -482,6 +509,8 @@ async def load(port: int, kind: str, count: int, connections: int) -> tuple[int,
     """`count` POSTs over `connections` keep-alive connections: (failures, first reasons)."""
     body, check = BODIES[kind]
     auth = f"authorization: Bearer {LIMITED_SECRET}\r\n" if kind == LIMITED else ""
+    if kind in CURVES and CURVES[kind].secret is not None:
+        auth = f"authorization: Bearer {CURVES[kind].secret}\r\n"
     path = CURVES[kind].path if kind in CURVES else run.CHAT_PATH
     request = (
         f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n{auth}"
@@ -631,6 +660,9 @@ def run_case(ctx: Context, tree: Tree, case: str) -> dict[str, Any]:
         routes = routes.with_name("routes-curves.yaml")
     argv += [PYTHON, "-m", "gateway", "serve", "--routes", str(routes)]
     keys = ctx.keys.with_name("keys-limited.yaml") if case == LIMITED else ctx.keys
+    if case in CURVES and CURVES[case].secret is not None:
+        keys = ctx.keys.with_name("keys-budget.yaml")
+        argv += ["--state", str(folder / "gateway.state")]
     argv += ["--keys", str(keys), "--port", str(port)]
     began = time.monotonic()
     with log.open("ab") as err:
