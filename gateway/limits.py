@@ -109,11 +109,14 @@ class Limiter:
         self.clock = clock
         self.wall = wall  # the UTC calendar the periods follow (tests inject one)
         self.usage: dict[str, KeyUsage] = {}  # by key name: survives a reload
-        self.version = 0  # bumped when a period's counts change (the state file writes)
+        # Keys whose period counts changed since the state file last took them (its one
+        # reader; admit and charge add to it).
+        self.dirty: set[str] = set()
+        self._names: tuple[int, str, str] | None = None  # (date ordinal, day, month)
 
     def period(self, state: KeyUsage, kind: str, now: datetime) -> Period:
         """The key's current period of this kind, started afresh when the calendar moved."""
-        name = period_name(kind, now)
+        name = self._period_name(kind, now)
         found = state.periods.get(kind)
         if found is None or found.name != name:
             found = state.periods[kind] = Period(name)
@@ -140,6 +143,17 @@ class Limiter:
         else:
             state.tokens = None
         return state
+
+    def _period_name(self, kind: str, now: datetime) -> str:
+        """period_name, its strings made once a day (strftime cost 1 us a call, several
+        times a request for a key with a quota and a budget)."""
+        if kind == "total":
+            return "total"
+        day = now.toordinal()
+        names = self._names
+        if names is None or names[0] != day:
+            names = self._names = (day, period_name("day", now), period_name("month", now))
+        return names[1] if kind == "day" else names[2]
 
     @staticmethod
     def limited(key: Key | None) -> bool:
@@ -200,7 +214,7 @@ class Limiter:
             state.requests.level -= 1
         for kind in period_kinds(key):
             self.period(state, kind, wall).requests += 1
-            self.version += 1
+            self.dirty.add(key.name)
         return [(k.encode(), v.encode()) for k, v in self._header_map(key, state).items()]
 
     def headers(self, key: Key) -> Headers:
@@ -221,7 +235,7 @@ class Limiter:
             period = self.period(state, kind, wall)
             period.tokens += tokens
             period.usd += usd
-        self.version += 1
+        self.dirty.add(key.name)
 
     def report(self, key: Key) -> dict[str, Any]:
         """GET /v1/key: the key's limits, its use in the current periods, what remains and

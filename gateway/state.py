@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,6 @@ class StateFile:
     def __init__(self, path: str, limiter: Limiter) -> None:
         self.path = Path(path)
         self.limiter = limiter
-        self.written = -1  # the limiter's version last written
         self.set_aside: Path | None = None  # where a corrupt file went
         self.base: Counts = {}  # the totals as of the last sync: what is not ours to add
         self._task: asyncio.Task[None] | None = None
@@ -72,8 +72,7 @@ class StateFile:
             )
             return 0
         self.limiter.usage.update(usage)
-        self.base = _counts(usage)
-        self.written = self.limiter.version
+        self.base = _counts(usage, usage.keys())
         return len(usage)
 
     # -- while serving
@@ -89,48 +88,56 @@ class StateFile:
     async def save(self, pull: bool = False) -> None:
         """Add this process's spend since the last sync to the file's totals, then take
         the totals (everyone's spend) as this process's view. `pull`: read the others'
-        spend even when this process spent nothing."""
-        if self.limiter.version == self.written and not pull:
+        spend even when this process spent nothing. The work on the event loop is for the
+        keys that changed (here or in the file), never for every key."""
+        limiter = self.limiter
+        if not limiter.dirty and not pull:
             return
-        captured = _counts(self.limiter.usage)
+        dirty, limiter.dirty = limiter.dirty, set()
+        captured = _counts(limiter.usage, dirty)
         delta = _minus(captured, self.base)
+        base = self.base
         try:
-            totals = await asyncio.to_thread(self._merge, delta)
-        except OSError as exc:
-            log.error("cannot write the state file %s: %s", self.path, exc.strerror)
+            merged, changed = await asyncio.to_thread(self._merge, delta, base)
+        except (OSError, StateError) as exc:
+            limiter.dirty |= dirty  # tried again at the next sync
+            text = exc.strerror if isinstance(exc, OSError) else str(exc)
+            log.error("cannot sync the state file %s: %s", self.path, text)
             return
-        except StateError as exc:
-            log.error("%s; this process's spend stays in memory until it can be read", exc)
-            return
-        # What was charged while the thread ran stays on top of the new totals.
-        since = _minus(_counts(self.limiter.usage), captured)
-        self.base = totals
-        _apply(self.limiter.usage, _plus(totals, since))
-        self.written = self.limiter.version
+        # What was charged while the thread ran stays on top of the new totals (and
+        # those keys stay dirty: their delta goes out at the next sync).
+        during = _counts(limiter.usage, limiter.dirty)
+        before = {w: captured.get(w) or base[w] for w in during if w in captured or w in base}
+        since = _minus(during, before)
+        self.base = merged
+        _apply(limiter.usage, {w: merged[w] for w in changed if w not in since})
+        _apply(limiter.usage, _plus({w: merged[w] for w in since if w in merged}, since))
 
-    def _merge(self, delta: Counts) -> Counts:
-        if not delta:  # nothing to add: the file's totals, read without the lock (the
-            try:  # file is only ever replaced whole)
-                return _counts(_decode(self.path.read_bytes()))
-            except FileNotFoundError:
-                return dict(self.base)
-            except (orjson.JSONDecodeError, ValueError, TypeError, KeyError):
-                raise StateError(f"state file {self.path} changed into something else") from None
-        with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            totals: Counts = {}
-            try:
-                totals = _counts(_decode(self.path.read_bytes()))
-            except FileNotFoundError:
-                pass
-            except (orjson.JSONDecodeError, ValueError, TypeError, KeyError):
-                raise StateError(f"state file {self.path} changed into something else") from None
-            merged = _plus(totals, delta)
-            self._write(_encode(merged))
-        return merged
+    def _merge(self, delta: Counts, base: Counts) -> tuple[Counts, list[Where]]:
+        """(the file's totals with `delta` added, the entries that differ from `base`).
+        Without a delta the file is only read (it is only ever replaced whole)."""
+        if delta:
+            with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                merged = _plus(self._read(), delta)
+                self._write(_encode(merged))
+        else:
+            merged = self._read()
+        return merged, [w for w, v in merged.items() if base.get(w) != v]
+
+    def _read(self) -> Counts:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            usage = _decode(raw)
+        except (orjson.JSONDecodeError, ValueError, TypeError, KeyError):
+            raise StateError(f"state file {self.path} changed into something else") from None
+        return _counts(usage, usage.keys())
 
     def snapshot(self) -> bytes:
-        return _encode(_counts(self.limiter.usage))
+        return _encode(_counts(self.limiter.usage, self.limiter.usage.keys()))
 
     def _write(self, data: bytes) -> None:
         """Atomic: a reader (or a crash) sees the old file or the new one, never half."""
@@ -166,12 +173,16 @@ def _decode(raw: bytes) -> dict[str, KeyUsage]:
 
 
 # (key, kind) -> [period, requests, tokens, usd]; (key, "") -> [_, 0, spent, 0.0]
-Counts = dict[tuple[str, str], tuple[str, int, int, float]]
+Where = tuple[str, str]
+Counts = dict[Where, tuple[str, int, int, float]]
 
 
-def _counts(usage: dict[str, KeyUsage]) -> Counts:
+def _counts(usage: dict[str, KeyUsage], names: Iterable[str]) -> Counts:
     out: Counts = {}
-    for name, state in usage.items():
+    for name in names:
+        state = usage.get(name)
+        if state is None:
+            continue
         if state.spent:
             out[(name, "")] = ("", 0, state.spent, 0.0)
         for kind, p in state.periods.items():

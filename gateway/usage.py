@@ -128,7 +128,7 @@ def usage_tokens(usage: dict[str, Any]) -> int:
 
 
 def _count(value: Any) -> int:
-    return value if isinstance(value, int) and value > 0 else 0
+    return value if value.__class__ is int and value > 0 else 0
 
 
 def usage_parts(usage: dict[str, Any]) -> tuple[int, int, int]:
@@ -136,10 +136,18 @@ def usage_parts(usage: dict[str, Any]) -> tuple[int, int, int]:
     prompt/completion (cached in prompt_tokens_details), responses' input/output (cached
     in input_tokens_details, already inside input), Anthropic's input/output with cache
     reads and writes counted apart from input."""
-    if "prompt_tokens" in usage or "completion_tokens" in usage:
-        details = usage.get("prompt_tokens_details")
-        cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
-        return _count(usage.get("prompt_tokens")), cached, _count(usage.get("completion_tokens"))
+    get = usage.get
+    prompt = get("prompt_tokens")
+    if prompt is not None or "completion_tokens" in usage:
+        # The common (chat) shape inline: this runs for every answer with usage.
+        completion = get("completion_tokens")
+        details = get("prompt_tokens_details")
+        cached = _count(details.get("cached_tokens")) if details.__class__ is dict else 0
+        return (
+            prompt if prompt.__class__ is int and prompt > 0 else 0,
+            cached,
+            completion if completion.__class__ is int and completion > 0 else 0,
+        )
     read = _count(usage.get("cache_read_input_tokens"))
     written = _count(usage.get("cache_creation_input_tokens"))
     details = usage.get("input_tokens_details")

@@ -147,7 +147,7 @@ def test_state_none_writes_nothing(tmp_path: Path) -> None:
 async def test_snapshot_round_trips(tmp_path: Path) -> None:
     limiter = Limiter()
     limiter.usage["a"] = KeyUsage(spent=7, periods={"day": Period("2026-11-25", 2, 7, 0.5)})
-    limiter.version = 1
+    limiter.dirty.add("a")
     first = StateFile(str(tmp_path / "s"), limiter)
     await first.save()
     again = Limiter()
@@ -201,3 +201,40 @@ def test_merging_adds_deltas_and_newer_periods_win() -> None:
         "2026-11-26", 1, 5, 0.1)  # fmt: skip
     newer = {("a", "day"): ("2026-11-26", 4, 4, 0.0)}
     assert _plus(newer, {("a", "day"): ("2026-11-25", 9, 9, 9.0)}) == newer
+
+
+async def test_spend_during_a_sync_is_neither_lost_nor_counted_twice(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+    from datetime import UTC, datetime
+
+    from gateway.keys import Key
+
+    limiter = Limiter(wall=lambda: datetime(2026, 11, 25, 12, tzinfo=UTC))
+    key = Key(name="k", digest=b"x" * 32, token_quota=10**9, quota_period="day")
+    state = StateFile(str(tmp_path / "s"), limiter)
+    limiter.admit(key)
+    limiter.charge(key, 5)
+    gate = threading.Event()
+    merge = state._merge
+
+    def slow(delta: object, base: object) -> object:
+        assert gate.wait(5)
+        return merge(delta, base)  # type: ignore[arg-type]
+
+    state._merge = slow  # type: ignore[method-assign,assignment]
+    sync = asyncio.ensure_future(state.save())
+    await asyncio.sleep(0.05)
+    limiter.charge(key, 7)  # while the thread holds the file
+    gate.set()
+    await sync
+
+    def on_file() -> int:
+        return int(json.loads((tmp_path / "s").read_bytes())["keys"]["k"]["periods"]["day"][2])
+
+    assert limiter.usage["k"].periods["day"].tokens == 12 and on_file() == 5
+    state._merge = merge  # type: ignore[method-assign]
+    await state.save()
+    assert limiter.usage["k"].periods["day"].tokens == 12 and on_file() == 12
+    await state.save(pull=True)  # nothing new: nothing doubles
+    assert limiter.usage["k"].periods["day"].tokens == 12 and on_file() == 12
