@@ -300,19 +300,17 @@ class Relay:
             if opened.tally is not None:
                 ex.usage = opened.tally.usage
                 ex.content_chars = opened.tally.content_chars
-                if ex.usage is not None and not broke:
-                    self._throughput(opened, ex.usage)
+                if ex.usage is not None and opened.body is None and not broke:
+                    self._throughput(opened, ex.usage)  # streams: generation is timed apart
 
     def _throughput(self, opened: Opened, usage: dict[str, Any]) -> None:
-        """Output tokens per second of generation (after the first content for a stream),
-        for provider.sort: throughput."""
+        """A stream's output tokens per second after its first content, for
+        provider.sort: throughput (a whole answer's time mixes in the wait for it)."""
         # Two gets, not usage_parts: this runs for every answer with usage.
         completion = usage.get("completion_tokens") or usage.get("output_tokens")
         if completion.__class__ is not int:
             return
-        seconds = time.monotonic() - opened.started_at
-        if opened.body is None and opened.ttfb is not None:
-            seconds -= opened.ttfb
+        seconds = time.monotonic() - opened.started_at - (opened.ttfb or 0.0)
         if completion > 0 and seconds > 0.001:
             observe_throughput(self.health.state(opened.cand.key), completion / seconds)
 
