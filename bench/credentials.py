@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # bench/run.py: processes, ports, progress
-from scale import Client  # a keep-alive HTTP/1.1 client on asyncio streams
+from scale import Client, read_request  # keep-alive client; one request read whole
 
 ANSWER = json.dumps(
     {"id": "x", "object": "chat.completion", "created": 1, "model": "up", "choices": [],
@@ -46,8 +46,7 @@ class World:
     ) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                await reader.readexactly(_length(head))
+                await read_request(reader)
                 self.fetches += 1
                 self.refreshing += 1
                 await asyncio.sleep(0.05)
@@ -62,8 +61,7 @@ class World:
     async def upstream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                await reader.readexactly(_length(head))
+                head = await read_request(reader)
                 token = ""
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"authorization: bearer "):
@@ -76,13 +74,6 @@ class World:
                 writer.write(_answer(ANSWER, 200 if ok else 401))
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             writer.close()
-
-
-def _length(head: bytes) -> int:
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            return int(line.split(b":", 1)[1])
-    return 0
 
 
 def _answer(body: bytes, status: int = 200) -> bytes:

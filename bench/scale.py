@@ -189,17 +189,23 @@ async def churn_point(procs: run.Processes, tmp: Path, requests: int) -> dict[st
 ANSWER = b'{"id":"x","object":"chat.completion","created":1,"model":"up","choices":[]}'
 
 
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request read whole (its body by content-length); its head."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    return head
+
+
 async def small_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """An upstream that reads each request whole and answers a small JSON body: what the
     gateway holds for a large request is then the request's alone."""
     try:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            await reader.readexactly(length)
+            await read_request(reader)
             writer.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                 b"content-length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
@@ -254,13 +260,8 @@ async def sse_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     long = [e.encode() for e in run.sse_events(tokens=LONG_TOKENS)]
     try:
         while True:
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await read_request(reader)
             events = long if head.startswith(b"POST /long/") else short
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            await reader.readexactly(length)
             writer.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                 b"content-length: %d\r\n\r\n" % sum(map(len, events))

@@ -124,7 +124,7 @@ class AccessLog:
                 "tokens_charged": charged or None,
                 "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
                 "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
-                "cost_usd": _cost(ex),
+                "cost_usd": None if ex.cost_usd is None else round(ex.cost_usd, 8),
                 "client_disconnected": ex.client_gone,
             }
         )
@@ -159,8 +159,3 @@ class AccessLog:
             handlers[0].add(line)
         else:
             log.info(line)
-
-
-def _cost(ex: Exchange) -> float | None:
-    cost = ex.cost()
-    return None if cost is None else round(cost, 8)

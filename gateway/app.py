@@ -10,20 +10,18 @@ from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Config
-from gateway.endpoints import (
-    AzureDeployment,
+from gateway.endpoints import AzureDeployment, ProxyEndpoint, ResponseById
+from gateway.families import PREFIXES, endpoints
+from gateway.info import (
     Healthz,
     KeyInfo,
     MetricsEndpoint,
     ModelList,
     ModelRetrieve,
     NotFoundEndpoint,
-    ProxyEndpoint,
-    ResponseById,
     RouterModels,
     RouterProviders,
 )
-from gateway.families import PREFIXES, endpoints
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
 from gateway.server.admission import ServerLimits

@@ -14,6 +14,7 @@ from msgspec import UNSET, UnsetType
 from gateway.errors import BadRequest, PayloadTooLarge, ValidationFailed
 from gateway.families import Family
 from gateway.jsonscan import MODEL_KEY, rewrite_members, splice, splice_sole
+from gateway.multipart import MalformedForm, delimiter_of, fields
 
 # A slug (and what a wildcard captures of it) ends up in response headers such as
 # x-upstream-model: no control characters, so no line breaks.
@@ -349,45 +350,23 @@ def _text_length(value: Any) -> int:
     return 0
 
 
-# A multipart part's head names its field: `Content-Disposition: form-data; name="model"`.
-_PART_NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*;[ \t]*name="([^"\r\n]*)"')
-_BOUNDARY = re.compile(rb'(?i)boundary=(?:"([^"]{1,70})"|([^;, \t]{1,70}))')
-MAX_PART_HEAD = 16 * 1024  # a part's own head: bytes before its blank line
-
-
 def parse_multipart(
     raw: bytes, content_type: bytes | None, header_session: str | None = None
 ) -> ParsedBody:
     """An audio upload (multipart/form-data): the `model` part is found (its value is
     what the splice replaces, every other byte is kept) and `stream` read; the file part
     is never copied or decoded."""
-    found = _BOUNDARY.search(content_type or b"")
-    if content_type is None or b"multipart/form-data" not in content_type.lower() or not found:
-        raise BadRequest(
-            "this endpoint takes multipart/form-data with a boundary", {"cause": "not_multipart"}
-        )
-    delimiter = b"--" + (found.group(1) or found.group(2))
     model: tuple[int, int] | None = None
     stream = False
-    at = raw.find(delimiter)
-    while at >= 0:
-        head_start = at + len(delimiter)
-        if raw.startswith(b"--", head_start):
-            break  # the closing delimiter
-        head_end = raw.find(b"\r\n\r\n", head_start, head_start + MAX_PART_HEAD)
-        if head_end < 0:
-            raise BadRequest("a multipart part has no end to its headers", {"cause": "multipart"})
-        value_start = head_end + 4
-        nxt = raw.find(b"\r\n" + delimiter, value_start)
-        if nxt < 0:
-            raise BadRequest("the multipart body is not closed", {"cause": "multipart"})
-        name = _PART_NAME.search(raw, head_start, head_end)
-        if name is not None:
-            if name.group(1) == b"model":
-                model = (value_start, nxt)
-            elif name.group(1) == b"stream":
-                stream = raw[value_start:nxt].strip().lower() == b"true"
-        at = nxt + 2
+    try:
+        delimiter = delimiter_of(content_type)
+        for name, start, end in fields(raw, delimiter):
+            if name == b"model":
+                model = (start, end)
+            elif name == b"stream":
+                stream = raw[start:end].strip().lower() == b"true"
+    except MalformedForm as exc:
+        raise BadRequest(str(exc), {"cause": exc.cause}) from None
     if model is None:
         raise _fail("model", "model is required (a form field)")
     slug = raw[model[0] : model[1]].decode("utf-8", "replace")

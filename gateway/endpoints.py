@@ -1,25 +1,20 @@
-"""HTTP handlers. The relaying ones are plain ASGI callables: no Request/Response objects."""
+"""The relayed paths (gateway/families.py), as plain ASGI callables: no Request/Response
+objects. What the gateway answers itself is in info.py."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
-import os
 import re
 import time
 from typing import Any
 
-import orjson
-
-from gateway.auth import authenticate, bearer_token
+from gateway.auth import authenticate
 from gateway.body import ClientGone, ParsedBody, parse_body, parse_multipart, read_body
 from gateway.errors import (
-    BadRequest,
     GatewayError,
     MethodNotAllowed,
-    ModelNotListed,
-    NotFound,
     ResponseNotFound,
 )
 from gateway.exchange import Exchange
@@ -31,66 +26,14 @@ from gateway.families import (
     Endpoint,
     Envelope,
 )
+from gateway.incoming import Incoming
+from gateway.info import NotFoundEndpoint
 from gateway.keys import Key
-from gateway.metrics import CONTENT_TYPE
 from gateway.plan import build_plan
-from gateway.respond import Receive, Scope, Send, send_bytes, send_error, server_timing
+from gateway.respond import Receive, Scope, Send, send_error, server_timing
 from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway")
-_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
-
-
-class Incoming:
-    """The few request headers the gateway reads, found in one pass."""
-
-    __slots__ = (
-        "api_key",
-        "authorization",
-        "content_length",
-        "content_type",
-        "request_id",
-        "session_id",
-    )
-
-    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self.authorization: bytes | None = None
-        self.api_key: bytes | None = None  # x-api-key (Anthropic) or api-key (Azure)
-        self.content_length: bytes | None = None
-        self.content_type: bytes | None = None
-        self.session_id: bytes | None = None
-        request_id: bytes | None = None
-        for name, value in headers:
-            if name == b"authorization":
-                self.authorization = value
-            elif name == b"content-length":
-                self.content_length = value
-            elif name == b"content-type":
-                self.content_type = value
-            elif name == b"x-request-id":
-                request_id = value
-            elif name == b"x-session-id":
-                self.session_id = value
-            elif name == b"x-api-key" or name == b"api-key":
-                self.api_key = value.strip() or None
-        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-            request_id = os.urandom(12).hex().encode()
-        self.request_id = request_id
-
-    def token(self) -> bytes | None:
-        """The secret from `Authorization: Bearer`, `x-api-key` or `api-key` (SPEC §9)."""
-        if self.authorization is None:
-            return self.api_key
-        return bearer_token(self.authorization) or self.api_key
-
-    def declared_length(self) -> int | None:
-        if self.content_length is None:
-            return None
-        try:
-            return int(self.content_length)
-        except ValueError:
-            raise BadRequest("Content-Length is not a number") from None
-
 
 WATCH_AFTER = 0.02  # seconds before a request starts listening for its client leaving
 
@@ -242,7 +185,7 @@ class ProxyEndpoint:
             watch.stop()
             runtime.metrics.in_flight.dec()
             tokens = ex.tokens() if ex.count_tokens and key is not None else 0
-            usd = (ex.cost() or 0.0) if key is not None and key.budget_usd is not None else 0.0
+            usd = (ex.cost_usd or 0.0) if key is not None and key.budget_usd is not None else 0.0
             if key is not None and (tokens or usd):
                 limiter.charge(key, tokens, usd)
             runtime.served(ex, key, tokens, time.perf_counter() - t0)
@@ -297,149 +240,3 @@ class ResponseById:
 
 _RESPONSE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,256}")
 _BY_ID_METHODS = {"": ("GET", "DELETE"), "/cancel": ("POST",), "/input_items": ("GET",)}
-
-
-class JsonEndpoint:
-    """GET endpoints answering small JSON documents; errors in the same envelope."""
-
-    auth = True
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        t0 = time.perf_counter()
-        incoming = Incoming(scope["headers"])
-        rid = incoming.request_id
-        if scope["method"] not in ("GET", "HEAD"):
-            extra = [(b"allow", b"GET"), server_timing(t0)]
-            await send_error(send, MethodNotAllowed("use GET"), rid, extra)
-            return
-        try:
-            key = authenticate(self.runtime.config.keys, incoming.token()) if self.auth else None
-            body = orjson.dumps(self.answer(key, scope.get("path_params", {})))
-        except GatewayError as exc:
-            await send_error(send, exc, rid, [server_timing(t0)])
-            return
-        await send_bytes(send, 200, body, [(b"x-request-id", rid), server_timing(t0)])
-
-    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
-        raise NotImplementedError
-
-
-class ModelList(JsonEndpoint):
-    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
-        routes = self.runtime.config.routes
-        created = self.runtime.started_at
-        data = [
-            _model_object(slug, model.targets[0].provider.name, created)
-            for slug, model in routes.models.items()
-            if key is None or key.allows(slug)
-        ]
-        return {"object": "list", "data": data}
-
-
-class ModelRetrieve(JsonEndpoint):
-    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
-        slug = params["slug"]
-        model = self.runtime.config.routes.resolve(slug)
-        if model is None or (key is not None and not key.allows(slug)):
-            raise ModelNotListed(f"model {slug!r} does not exist", {"model": slug})
-        return _model_object(slug, model.targets[0].provider.name, self.runtime.started_at)
-
-
-def _model_object(slug: str, owner: str, created: int) -> dict[str, Any]:
-    return {"id": slug, "object": "model", "created": created, "owned_by": owner}
-
-
-def _visible(key: Key | None, slug: str) -> bool:
-    """Catalog entries a key may see: slugs it may use, patterns its globs cover."""
-    return key is None or key.allows(slug)
-
-
-class RouterModels(JsonEndpoint):
-    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
-        data = [
-            {"id": m.id, "slug": m.slug, "name": m.name}
-            for m in self.runtime.config.routes.catalog()
-            if _visible(key, m.slug)
-        ]
-        return {"object": "list", "data": data}
-
-
-class RouterProviders(JsonEndpoint):
-    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
-        model_id = params["model_id"]
-        routes = self.runtime.config.routes
-        model = routes.by_id(model_id) or routes.models.get(model_id)
-        if model is None or not _visible(key, model.slug):
-            raise ModelNotListed(f"model {model_id!r} does not exist", {"model": model_id})
-        data = [
-            {"provider": t.provider.name, "model": t.model if t.model is not None else model.slug}
-            for t in model.targets
-        ]
-        return {"object": "list", "data": data}
-
-
-class Healthz(JsonEndpoint):
-    auth = False
-
-    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
-        return {"status": "ok", "config_version": self.runtime.config.version}
-
-
-class MetricsEndpoint:
-    """GET /metrics: Prometheus text format, no key needed."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        t0 = time.perf_counter()
-        rid = Incoming(scope["headers"]).request_id
-        chunks = self.runtime.metrics.render_chunks()
-        first = next(chunks)
-        headers = [(b"x-request-id", rid), server_timing(t0), (b"content-type", CONTENT_TYPE)]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        # Piece by piece, handing the loop back between pieces: a scrape of many keys'
-        # series never holds other requests up for long (SPEC §8: under 50 ms).
-        for chunk in chunks:
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-            await asyncio.sleep(0)
-            first = chunk
-        await send({"type": "http.response.body", "body": first})
-
-
-class KeyInfo(JsonEndpoint):
-    """GET /v1/key: what the calling key may use and has used this period (SPEC §11)."""
-
-    def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
-        if key is None:  # an open gateway: no key, no limits
-            return {"object": "key", "name": None, "limits": {}, "usage": {}, "remaining": {}}
-        return self.runtime.limiter.report(key)
-
-
-class NotFoundEndpoint:
-    """Unknown paths. Under /v1/ the key is checked first, so a caller without one
-    learns nothing about which endpoints exist."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        t0 = time.perf_counter()
-        incoming = Incoming(scope["headers"])
-        rid = incoming.request_id
-        try:
-            path = scope["path"]
-            if path == "/v1" or path.startswith("/v1/"):
-                authenticate(self.runtime.config.keys, incoming.token())
-            raise NotFound(f"no such endpoint: {scope['path']}")
-        except GatewayError as exc:
-            await send_error(send, exc, rid, [server_timing(t0)])
-            # Logged and counted, so operators see what clients asked for (the path in
-            # the log line only: as a metric label it would be the client's to grow).
-            where = f"{scope['method']} {scope['path'][:512]}"
-            self.runtime.refused(exc, None, rid, where, time.perf_counter() - t0)

@@ -14,7 +14,7 @@ from gateway.routes import Price
 from gateway.sse import EventSplitter, NestedSplicer, Splicer
 from gateway.upstream.client import UpstreamResponse
 from gateway.upstream.head import Headers
-from gateway.usage import Tally, usage_parts, usage_tokens
+from gateway.usage import Tally, usage_tokens
 
 
 @dataclass(slots=True)
@@ -55,19 +55,13 @@ class Exchange:
     client_gone: bool = False
     usage: dict[str, Any] | None = None
     price: Price | None = None  # the serving entry's
+    cost_usd: float | None = None  # usage at that price, once both are known (relay)
     content_chars: int = 0  # relayed content, for an estimate when no usage came
 
     def commit(self, status: int) -> None:
         """The response's status line is on its way: no other answer can follow."""
         self.status = status
         self.started = True
-
-    def cost(self) -> float | None:
-        """USD for this request: its usage at its entry's price; None when either is
-        missing."""
-        if self.price is None or self.usage is None:
-            return None
-        return self.price.cost(*usage_parts(self.usage))
 
     def tokens(self) -> int:
         """Tokens to charge: the upstream's usage, else a quarter of the characters."""

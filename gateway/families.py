@@ -11,9 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-import orjson
-
-from gateway.sse import CONTENT, DONE, ERROR, NOTHING, classify, payload_of
+from gateway.sse import CONTENT, ERROR, NOTHING, classify, read_payload
 
 
 class Envelope(enum.Enum):
@@ -64,16 +62,10 @@ class Family:
             if named in self.error_types:
                 return ERROR
             return CONTENT if named in self.content_types else NOTHING
-        payload = payload_of(event)
-        if payload is None:
-            return NOTHING
-        if payload.strip() == b"[DONE]":
-            return DONE
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return CONTENT  # not ours to judge: relay it
-        kind = obj.get("type") if isinstance(obj, dict) else None
+        obj = read_payload(event)
+        if isinstance(obj, int):
+            return obj
+        kind = obj.get("type")
         if not isinstance(kind, str):
             return CONTENT
         if kind in self.error_types:

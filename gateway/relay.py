@@ -36,6 +36,7 @@ from gateway.response_ids import ResponseIds, first_id
 from gateway.sse import EventSplitter, splicer_for
 from gateway.upstream.client import Upstream
 from gateway.upstream.head import Headers
+from gateway.usage import usage_parts
 
 NO_RETRY = (b"x-should-retry", b"false")
 SSE_HEADERS = [
@@ -272,11 +273,9 @@ class Relay:
                 else:
                     ex.commit(resp.status)
                     headers = [*self._headers(ex, opened), *_own_headers(ex, opened.latency)]
-                    if ex.price is not None and opened.tally is not None:
-                        ex.usage = opened.tally.usage
-                        cost = ex.cost()
-                        if cost is not None:
-                            headers.append((b"x-gateway-cost-usd", usd(cost).encode()))
+                    _settle(ex, opened)
+                    if ex.cost_usd is not None:
+                        headers.append((b"x-gateway-cost-usd", usd(ex.cost_usd).encode()))
                     await send_bytes(ex.send, resp.status, opened.body, headers, None)
                 return
             if not ex.started:
@@ -297,10 +296,9 @@ class Relay:
             self.health.end(key)
             self._gauge(cand)
             resp.close()
-            if opened.tally is not None:
-                ex.usage = opened.tally.usage
-                ex.content_chars = opened.tally.content_chars
-                if ex.usage is not None and opened.body is None and not broke:
+            if opened.body is None:  # a whole answer was settled before it went out
+                _settle(ex, opened)
+                if ex.usage is not None and not broke:
                     self._throughput(opened, ex.usage)  # streams: generation is timed apart
 
     def _throughput(self, opened: Opened, usage: dict[str, Any]) -> None:
@@ -432,6 +430,17 @@ class Relay:
 def _own_headers(ex: Exchange, upstream: float | None) -> Headers:
     """What the gateway adds to every answer it relays: the request id and Server-Timing."""
     return [(b"x-request-id", ex.request_id), server_timing(ex.t0, upstream)]
+
+
+def _settle(ex: Exchange, opened: Opened) -> None:
+    """The answer's usage, relayed text and cost into the exchange, once."""
+    tally = opened.tally
+    if tally is None:
+        return
+    ex.usage = tally.usage
+    ex.content_chars = tally.content_chars
+    if ex.price is not None and ex.usage is not None:
+        ex.cost_usd = ex.price.cost(*usage_parts(ex.usage))
 
 
 def usd(amount: float) -> str:

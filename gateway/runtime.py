@@ -79,9 +79,8 @@ class Runtime:
                 m.tokens(owner, "prompt").inc(prompt)
             if completion:
                 m.tokens(owner, "completion").inc(completion)
-            cost = ex.cost()
-            if cost:
-                m.cost(owner, label, ex.provider or "").inc(cost)
+            if ex.cost_usd:
+                m.cost(owner, label, ex.provider or "").inc(ex.cost_usd)
         elif tokens:
             m.tokens(owner, "estimated").inc(tokens)
         m.changed()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 
@@ -321,8 +322,10 @@ def payload_of(event: bytes) -> bytes | None:
     return b"\n".join(event[s:e] for s, e in spans)
 
 
-def classify(event: bytes) -> int:
-    """CONTENT once the model said something (text, tool calls, reasoning, a finish)."""
+def read_payload(event: bytes) -> int | dict[str, Any]:
+    """An event's data as a JSON object, or what it means without one: NOTHING (no data),
+    DONE (`[DONE]`), CONTENT (data that is not a JSON object: not ours to judge, relay
+    it). The first step of every family's classification."""
     payload = payload_of(event)
     if payload is None:
         return NOTHING
@@ -331,9 +334,15 @@ def classify(event: bytes) -> int:
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return CONTENT  # not ours to judge: relay it
-    if not isinstance(obj, dict):
         return CONTENT
+    return obj if isinstance(obj, dict) else CONTENT
+
+
+def classify(event: bytes) -> int:
+    """CONTENT once the model said something (text, tool calls, reasoning, a finish)."""
+    obj = read_payload(event)
+    if isinstance(obj, int):
+        return obj
     if obj.get("error") is not None:
         return ERROR
     choices = obj.get("choices")

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,7 +119,7 @@ class StateFile:
         Without a delta the file is only read (it is only ever replaced whole)."""
         if delta:
             with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                _lock(lock.fileno())  # released when the file closes
                 merged = _plus(self._read(), delta)
                 self._write(_encode(merged))
         else:
@@ -235,3 +236,22 @@ def _encode(counts: Counts) -> bytes:
         else:
             entry["spent"] = tokens
     return orjson.dumps({"version": VERSION, "keys": keys})
+
+
+LOCK_WAIT = 5.0  # seconds a sync waits for another process's; then it tries next time
+
+
+def _lock(fd: int) -> None:
+    """An exclusive lock, waited for at most LOCK_WAIT (a process stuck holding it must
+    not stall this one's syncs for ever)."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise StateError(
+                    f"the state file's lock was held for over {LOCK_WAIT:g} s"
+                ) from None
+            time.sleep(0.01)

@@ -31,6 +31,7 @@ log = logging.getLogger("gateway")
 REFRESH_AT = 0.8  # share of a token's life after which a refresh starts
 RETRY_AFTER = 1.0  # seconds between refresh attempts after a failure
 DEFAULT_LIFE = 3600.0  # an OAuth2 answer without expires_in
+FETCH_DEADLINE = 30.0  # seconds a request waits for a first (or expired) token
 GCP_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 _TOKEN = re.compile(r"[\x21-\x7e]{1,16384}")
 
@@ -83,7 +84,12 @@ class TokenSource:
             return self._token
         task = self._start_refresh(wait=True)
         if task is not None:
-            await asyncio.shield(task)
+            try:  # the fetch has its own timeouts; this bounds the wait whatever it does
+                await asyncio.wait_for(asyncio.shield(task), FETCH_DEADLINE)
+            except TimeoutError:
+                raise CredentialsFailed(
+                    f"provider {self.name!r}: no token after {FETCH_DEADLINE:g} s"
+                ) from None
         if self.state() in (TokenState.FRESH, TokenState.AGING):
             assert self._token is not None
             return self._token
