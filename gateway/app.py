@@ -92,6 +92,8 @@ def create_app(settings: Settings, config: Config) -> Gateway:
         reloader.start()
         if runtime.state is not None:
             runtime.state.start()
+        if runtime.shared is not None:
+            runtime.shared.start()
         runtime.metrics.dump()  # with --workers N, each worker is in the sums from its start
         try:
             yield

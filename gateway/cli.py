@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib.util
 import logging
 import os
 import signal
@@ -57,8 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--state",
         dest="state",
-        metavar="PATH",
-        help="where keys' spend survives restarts (default ./gateway.state; none: memory only)",
+        metavar="PATH|URL",
+        help="where keys' spend survives restarts: a file (default ./gateway.state), "
+        "none (memory only), or redis://HOST:PORT/DB (shared by replicas; gateway[redis])",
+    )
+    serve.add_argument(
+        "--state-fail",
+        dest="state_fail",
+        choices=["open", "closed"],
+        help="Redis unreachable: serve without limits (open, the default) or answer 503",
     )
 
     check = sub.add_parser("check", help="validate routes and keys files")
@@ -95,6 +103,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "max_response_bytes",
         "max_event_bytes",
         "state",
+        "state_fail",
     )
     return from_env(**{n: getattr(args, n, None) for n in names})
 
@@ -168,6 +177,11 @@ def cmd_serve(settings: Settings) -> int:
     config = _load(settings)
     if config is None:
         return 1
+    if settings.redis and importlib.util.find_spec("redis") is None:
+        return _fail(
+            f"--state {settings.state.split('://')[0]}:// needs the optional extra: "
+            "pip install 'gateway[redis]'"
+        )
     if config.keys.open:
         if not settings.loopback:
             return _fail(
@@ -223,10 +237,10 @@ def cmd_serve(settings: Settings) -> int:
 
         from uvicorn.supervisors import Multiprocess
 
-        if settings.state != "none":
+        if settings.state != "none" and not settings.redis:
             # Checked (and a corrupt file set aside) once here, not raced by every worker.
             from gateway.limits import Limiter
-            from gateway.state import StateError, StateFile
+            from gateway.state.file import StateError, StateFile
 
             try:
                 StateFile(settings.state, Limiter()).load()
@@ -245,7 +259,7 @@ def cmd_serve(settings: Settings) -> int:
         Multiprocess(uv_config, sockets=[sock]).run()
         return 0
     from gateway.app import create_app, settle_heap
-    from gateway.state import StateError
+    from gateway.state.file import StateError
 
     try:
         app = create_app(settings, config)
@@ -286,8 +300,11 @@ def _export(settings: Settings) -> None:
         GATEWAY_MAX_CONNECTIONS=str(settings.max_connections),
         GATEWAY_MAX_RESPONSE_BYTES=str(settings.max_response_bytes),
         GATEWAY_MAX_EVENT_BYTES=str(settings.max_event_bytes),
-        # Every worker syncs its spend into the one file (gateway/state.py).
-        GATEWAY_STATE=str(Path(settings.state).resolve()) if settings.state != "none" else "none",
+        # Every worker syncs its spend into the one file (gateway/state/file.py).
+        GATEWAY_STATE=settings.state
+        if settings.state == "none" or settings.redis
+        else str(Path(settings.state).resolve()),
+        GATEWAY_STATE_FAIL=settings.state_fail,
     )
     if not settings.keys_explicit:
         os.environ.pop("GATEWAY_KEYS")

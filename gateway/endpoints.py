@@ -32,6 +32,7 @@ from gateway.keys import Key
 from gateway.plan import build_plan
 from gateway.respond import Receive, Scope, Send, send_error, server_timing
 from gateway.runtime import Runtime
+from gateway.state.redis import UNENFORCED
 
 log = logging.getLogger("gateway")
 
@@ -129,6 +130,8 @@ class ProxyEndpoint:
                 previous = parsed.previous_response_id
             if previous is not None:
                 creator = runtime.response_ids.find(previous)
+                if creator is None and runtime.shared is not None:
+                    creator = await runtime.shared.find(previous)  # another replica's
                 if creator is not None:
                     pinned = (creator.provider, creator.upstream_model)
                     # The creator's slug, whatever `model` says (ParsedBody's one writer
@@ -142,10 +145,19 @@ class ProxyEndpoint:
             plan = build_plan(
                 config.routes, parsed, key, runtime.health, runtime.strategies, family, pinned
             )
-            limited = key is not None and limiter.limited(key)
-            rate_headers = limiter.admit(key) if key is not None and limited else []
+            rate_headers: list[tuple[bytes, bytes]] = []
+            if key is not None and limiter.limited(key):
+                shared = runtime.shared
+                if shared is None:
+                    rate_headers = limiter.admit(key)
+                else:
+                    rate_headers = await shared.admit(key)
+                    if rate_headers is UNENFORCED:
+                        runtime.unenforced(key, rid)
         except GatewayError as exc:
-            extra = limiter.headers(key) if key is not None and limiter.limited(key) else []
+            extra = []
+            if key is not None and limiter.limited(key):
+                extra = (limiter if runtime.shared is None else runtime.shared).headers(key)
             extra.append(server_timing(t0))
             await send_error(send, exc, rid, extra, self.anthropic)
             runtime.refused(exc, key, rid, upstream_path, time.perf_counter() - t0)
@@ -187,7 +199,7 @@ class ProxyEndpoint:
             tokens = ex.tokens() if ex.count_tokens and key is not None else 0
             usd = (ex.cost_usd or 0.0) if key is not None and key.budget_usd is not None else 0.0
             if key is not None and (tokens or usd):
-                limiter.charge(key, tokens, usd)
+                (limiter if runtime.shared is None else runtime.shared).charge(key, tokens, usd)
             runtime.served(ex, key, tokens, time.perf_counter() - t0)
 
 

@@ -195,3 +195,11 @@ class ResponseNotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "response_not_found"
+
+
+class StateUnavailable(GatewayError):
+    """`--state redis://` with `--state-fail closed` and Redis unreachable."""
+
+    status = 503
+    type = "server_error"
+    code = "state_unavailable"

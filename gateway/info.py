@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -37,7 +38,10 @@ class JsonEndpoint:
             return
         try:
             key = authenticate(self.runtime.config.keys, incoming.token()) if self.auth else None
-            body = orjson.dumps(self.answer(key, scope.get("path_params", {})))
+            answer = self.answer(key, scope.get("path_params", {}))
+            if isinstance(answer, Awaitable):  # one that asks the state store (Redis)
+                answer = await answer
+            body = orjson.dumps(answer)
         except GatewayError as exc:
             await send_error(send, exc, rid, [server_timing(t0)])
             return
@@ -136,7 +140,8 @@ class KeyInfo(JsonEndpoint):
     def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
         if key is None:  # an open gateway: no key, no limits
             return {"object": "key", "name": None, "limits": {}, "usage": {}, "remaining": {}}
-        return self.runtime.limiter.report(key)
+        shared = self.runtime.shared
+        return self.runtime.limiter.report(key) if shared is None else shared.report(key)
 
 
 class NotFoundEndpoint:

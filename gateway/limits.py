@@ -182,34 +182,15 @@ class Limiter:
         if key.token_quota is not None:
             used = self.period(state, key.quota_period, wall).tokens
             if used >= key.token_quota:
-                raise QuotaExhausted(
-                    f"key {key.name!r} has used its token quota of {key.token_quota}"
-                    + _this(key.quota_period),
-                    {"token_quota": key.token_quota, "used": used, "period": key.quota_period},
-                )
+                raise quota_spent(key, used)
         if key.budget_usd is not None:
             spent = self.period(state, key.budget_period, wall).usd
             if spent >= key.budget_usd:
-                raise QuotaExhausted(
-                    f"key {key.name!r} has spent its budget of ${key.budget_usd:g}"
-                    + _this(key.budget_period),
-                    {"budget_usd": key.budget_usd, "spent_usd": round(spent, 8),
-                     "period": key.budget_period},
-                )  # fmt: skip
+                raise budget_spent(key, spent)
         if state.requests is not None and state.requests.level < 1:
-            wait = state.requests.seconds_until(1)
-            raise RateLimited(
-                f"key {key.name!r} is over its limit of {key.rpm} requests per minute",
-                {"limit": "rpm", "rpm": key.rpm, "retry_after_seconds": round(wait, 3)},
-                headers={"retry-after": str(max(1, math.ceil(wait)))},
-            )
+            raise over_rpm(key, state.requests.seconds_until(1))
         if state.tokens is not None and state.tokens.level <= 0:
-            wait = state.tokens.seconds_until(1e-9)
-            raise RateLimited(
-                f"key {key.name!r} is over its limit of {key.tpm} tokens per minute",
-                {"limit": "tpm", "tpm": key.tpm, "retry_after_seconds": round(wait, 3)},
-                headers={"retry-after": str(max(1, math.ceil(wait)))},
-            )
+            raise over_tpm(key, state.tokens.seconds_until(1e-9))
         if state.requests is not None:
             state.requests.level -= 1
         for kind in period_kinds(key):
@@ -242,44 +223,88 @@ class Limiter:
         when each period resets."""
         state = self._state(key, self.clock())
         wall = self.wall()
-        limits: dict[str, Any] = {"rpm": key.rpm, "tpm": key.tpm, "token_quota": None,
-                                  "budget": None}  # fmt: skip
-        remaining: dict[str, Any] = {}
-        if key.token_quota is not None:
-            limits["token_quota"] = {"tokens": key.token_quota, "period": key.quota_period}
-            used = self.period(state, key.quota_period, wall).tokens
-            remaining["tokens"] = max(0, key.token_quota - used)
-        if key.budget_usd is not None:
-            limits["budget"] = {"usd": key.budget_usd, "period": key.budget_period}
-            spent = self.period(state, key.budget_period, wall).usd
-            remaining["usd"] = round(max(0.0, key.budget_usd - spent), 8)
-        periods = {}
         for kind in period_kinds(key):
-            period = self.period(state, kind, wall)
-            end = period_end(kind, wall)
-            periods[kind] = {
-                "period": period.name,
-                "requests": period.requests,
-                "tokens": period.tokens,
-                "cost_usd": round(period.usd, 8),
-                "resets_at": None if end is None else end.isoformat().replace("+00:00", "Z"),
-            }
-        return {"object": "key", "name": key.name, "limits": limits, "usage": periods,
-                "remaining": remaining}  # fmt: skip
+            self.period(state, kind, wall)  # a period the calendar left starts afresh
+        return report(key, state, wall)
 
     def _header_map(self, key: Key, state: KeyUsage) -> dict[str, str]:
-        out: dict[str, str] = {}
-        if state.requests is not None:
-            out["x-ratelimit-limit-requests"] = str(key.rpm)
-            out["x-ratelimit-remaining-requests"] = str(max(0, math.floor(state.requests.level)))
-            full = state.requests.seconds_until(state.requests.capacity)
-            out["x-ratelimit-reset-requests"] = _reset(full).decode()
-        if state.tokens is not None:
-            out["x-ratelimit-limit-tokens"] = str(key.tpm)
-            out["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(state.tokens.level)))
-            full = state.tokens.seconds_until(state.tokens.capacity)
-            out["x-ratelimit-reset-tokens"] = _reset(full).decode()
-        return out
+        return header_map(key, state)
+
+
+def report(key: Key, state: KeyUsage, wall: datetime) -> dict[str, Any]:
+    """The /v1/key document from a key's use (its periods the current ones), whichever
+    backend counted it."""
+    limits: dict[str, Any] = {"rpm": key.rpm, "tpm": key.tpm, "token_quota": None,
+                              "budget": None}  # fmt: skip
+    remaining: dict[str, Any] = {}
+    kinds = period_kinds(key)
+    periods = {kind: state.periods.get(kind) or Period("") for kind in kinds}
+    if key.token_quota is not None:
+        limits["token_quota"] = {"tokens": key.token_quota, "period": key.quota_period}
+        remaining["tokens"] = max(0, key.token_quota - periods[key.quota_period].tokens)
+    if key.budget_usd is not None:
+        limits["budget"] = {"usd": key.budget_usd, "period": key.budget_period}
+        spent = periods[key.budget_period].usd
+        remaining["usd"] = round(max(0.0, key.budget_usd - spent), 8)
+    usage = {}
+    for kind in kinds:
+        period = periods[kind]
+        end = period_end(kind, wall)
+        usage[kind] = {
+            "period": period.name or period_name(kind, wall),
+            "requests": period.requests,
+            "tokens": period.tokens,
+            "cost_usd": round(period.usd, 8),
+            "resets_at": None if end is None else end.isoformat().replace("+00:00", "Z"),
+        }
+    return {"object": "key", "name": key.name, "limits": limits, "usage": usage,
+            "remaining": remaining}  # fmt: skip
+
+
+def header_map(key: Key, state: KeyUsage) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers from a key's buckets as they stand."""
+    out: dict[str, str] = {}
+    if state.requests is not None:
+        out["x-ratelimit-limit-requests"] = str(key.rpm)
+        out["x-ratelimit-remaining-requests"] = str(max(0, math.floor(state.requests.level)))
+        full = state.requests.seconds_until(state.requests.capacity)
+        out["x-ratelimit-reset-requests"] = _reset(full).decode()
+    if state.tokens is not None:
+        out["x-ratelimit-limit-tokens"] = str(key.tpm)
+        out["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(state.tokens.level)))
+        full = state.tokens.seconds_until(state.tokens.capacity)
+        out["x-ratelimit-reset-tokens"] = _reset(full).decode()
+    return out
+
+
+def quota_spent(key: Key, used: int) -> QuotaExhausted:
+    return QuotaExhausted(
+        f"key {key.name!r} has used its token quota of {key.token_quota}" + _this(key.quota_period),
+        {"token_quota": key.token_quota, "used": used, "period": key.quota_period},
+    )
+
+
+def budget_spent(key: Key, spent: float) -> QuotaExhausted:
+    return QuotaExhausted(
+        f"key {key.name!r} has spent its budget of ${key.budget_usd:g}" + _this(key.budget_period),
+        {"budget_usd": key.budget_usd, "spent_usd": round(spent, 8), "period": key.budget_period},
+    )
+
+
+def over_rpm(key: Key, wait: float) -> RateLimited:
+    return RateLimited(
+        f"key {key.name!r} is over its limit of {key.rpm} requests per minute",
+        {"limit": "rpm", "rpm": key.rpm, "retry_after_seconds": round(wait, 3)},
+        headers={"retry-after": str(max(1, math.ceil(wait)))},
+    )
+
+
+def over_tpm(key: Key, wait: float) -> RateLimited:
+    return RateLimited(
+        f"key {key.name!r} is over its limit of {key.tpm} tokens per minute",
+        {"limit": "tpm", "tpm": key.tpm, "retry_after_seconds": round(wait, 3)},
+        headers={"retry-after": str(max(1, math.ceil(wait)))},
+    )
 
 
 def _this(kind: str) -> str:

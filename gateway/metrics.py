@@ -199,6 +199,20 @@ class Metrics:
             Counter,
             ("key", "slug", "provider"),
         )
+        unenforced = Family(
+            "gateway_state_unavailable",
+            "Requests of limited keys served without their limits: Redis was unreachable",
+            "counter",
+            Counter,
+        )
+        self.unenforced = unenforced()
+        round_trips = Family(
+            "gateway_state_round_trips",
+            "Calls answered by the state store (Redis): checks, batches, reads",
+            "counter",
+            Counter,
+        )
+        self.round_trips = round_trips()
         self.families: list[Family[Any]] = [
             self.requests,
             self.duration,
@@ -212,6 +226,8 @@ class Metrics:
             self.provider_up,
             self.rejections,
             self.cost,
+            unenforced,
+            round_trips,
         ]
 
     def forget_keys(self, names: set[str]) -> None:

@@ -39,10 +39,14 @@ class ResponseIds:
         self.ttl = ttl
         self.clock = clock
         self._ids: OrderedDict[str, Creator] = OrderedDict()
+        # With Redis: every new id also goes there, for the other workers and replicas.
+        self.mirror: Callable[[str, Creator], None] | None = None
 
     def remember(self, response_id: str, slug: str, provider: str, upstream_model: str) -> None:
         ids = self._ids
-        ids[response_id] = Creator(slug, provider, upstream_model, self.clock())
+        creator = ids[response_id] = Creator(slug, provider, upstream_model, self.clock())
+        if self.mirror is not None:
+            self.mirror(response_id, creator)
         ids.move_to_end(response_id)
         while len(ids) > self.capacity:
             ids.popitem(last=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import TYPE_CHECKING
 
 from gateway.accesslog import AccessLog
 from gateway.accesslog import flush as flush_access_log
@@ -16,10 +18,15 @@ from gateway.metrics import Metrics
 from gateway.relay import Relay
 from gateway.response_ids import ResponseIds
 from gateway.settings import Settings
-from gateway.state import StateFile
+from gateway.state.file import StateFile
+
+if TYPE_CHECKING:
+    from gateway.state.redis import RedisState
 from gateway.strategies import Strategies
 from gateway.upstream.client import Upstream
 from gateway.usage import usage_parts
+
+log = logging.getLogger("gateway")
 
 
 class Runtime:
@@ -35,10 +42,22 @@ class Runtime:
         self.metrics = Metrics()
         self.access = AccessLog(settings.log_format)
         self.state: StateFile | None = None
-        if settings.state != "none":
+        # With --state redis://: the limits and Responses ids every replica shares.
+        self.shared: RedisState | None = None
+        self.response_ids = ResponseIds()
+        if settings.redis:
+            from gateway.state.redis import RedisState
+
+            self.shared = RedisState(
+                settings.state,
+                settings.state_fail == "closed",
+                self.metrics.unenforced.inc,
+                self.metrics.round_trips.inc,
+            )
+            self.response_ids.mirror = self.shared.remember
+        elif settings.state != "none":
             self.state = StateFile(settings.state, self.limiter)
             self.state.load()
-        self.response_ids = ResponseIds()
         self.relay = Relay(self.upstream, self.health, self.metrics, self.response_ids)
 
     def swap(self, config: Config) -> Config:
@@ -49,12 +68,16 @@ class Runtime:
         gone = {key.name for key in old.keys.entries} - kept
         if gone:
             self.limiter.forget(gone)
+            if self.shared is not None:
+                self.shared.forget(gone)
             self.metrics.forget_keys(gone)
         return old
 
     async def stop(self) -> None:
         if self.state is not None:
             await self.state.close()
+        if self.shared is not None:
+            await self.shared.close()
         await self.upstream.close()
         self.metrics.dump()
         flush_access_log()
@@ -85,6 +108,15 @@ class Runtime:
             m.tokens(owner, "estimated").inc(tokens)
         m.changed()
         self.access.served(ex, key.name if key else None, duration, tokens)
+
+    def unenforced(self, key: Key, request_id: bytes) -> None:
+        """A limited key's request served without its limits (Redis away, failing open):
+        counted by RedisState, logged here with the request's id."""
+        log.warning(
+            "request %s of key %r served without its limits: redis is unreachable",
+            request_id.decode("latin-1"),
+            key.name,
+        )
 
     def refused(
         self, exc: GatewayError, key: Key | None, request_id: bytes, path: str, duration: float

@@ -38,6 +38,13 @@ class Settings:
     # Where spend survives restarts (SPEC §11): a file, or "none" (memory only). The CLI
     # defaults to ./gateway.state; an app built in-process (tests, embedding) to none.
     state: str = "none"
+    # With Redis (`state: redis://...`) unreachable: "open" serves without limits (each
+    # such request counted and logged), "closed" answers 503.
+    state_fail: str = "open"
+
+    @property
+    def redis(self) -> bool:
+        return self.state.startswith(("redis://", "rediss://", "unix://"))
 
     @property
     def loopback(self) -> bool:
@@ -97,4 +104,11 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Setti
             str(pick("max_event_bytes", "GATEWAY_MAX_EVENT_BYTES", DEFAULT_MAX_EVENT))
         ),
         state=str(pick("state", "GATEWAY_STATE", "gateway.state")),
+        state_fail=_choice(pick("state_fail", "GATEWAY_STATE_FAIL", "open"), ("open", "closed")),
     )
+
+
+def _choice(value: object, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+    return str(value)

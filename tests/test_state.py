@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from gateway.limits import KeyUsage, Limiter, Period
-from gateway.state import StateFile
+from gateway.state.file import StateFile
 from tests.helpers import free_port
 from tests.test_cli import clean_env, serving
 
@@ -186,7 +186,7 @@ def test_with_two_workers_the_spend_of_both_counts(tmp_path: Path) -> None:
 
 
 def test_merging_adds_deltas_and_newer_periods_win() -> None:
-    from gateway.state import _minus, _plus
+    from gateway.state.file import _minus, _plus
 
     base = {("a", "day"): ("2026-11-25", 2, 20, 0.2)}
     mine = {("a", "day"): ("2026-11-25", 5, 50, 0.5), ("a", ""): ("", 0, 50, 0.0)}

@@ -1,0 +1,516 @@
+"""Limits shared by every worker and replica (SPEC §11, `--state redis://HOST:PORT/DB`).
+
+A limited key's request is checked and taken in Redis by one Lua script, one round trip:
+its period quota and budget, its requests per minute and its tokens per minute. Both
+rates are GCRA: one number per key and rate, the theoretical arrival time (TAT) in
+milliseconds on Redis's own clock, so every replica judges by the same time. This is the
+in-memory token bucket's rule (capacity = the per-minute limit, refilled continuously)
+kept as a single value:
+
+    level = limit - (TAT - now) * limit / 60000      (TAT never below now)
+
+A request takes one from the request level; an answer's tokens are taken from the token
+level after it (charge-after, as SPEC §5: the last admitted request may overshoot). An
+unlimited key costs no round trip at all.
+
+Charges (tokens and cost, known after the answer) wait here and go with the key's next
+check, inside the same script call, or, within CHARGE_EVERY, with every other pending
+charge and new Responses id in one pipelined round trip. So this process's own spend is
+always in Redis before its next check of that key, and other replicas see it within
+CHARGE_EVERY plus a round trip.
+
+Redis unreachable (refused, reset, or slower than DEADLINE): the link is DOWN and Redis
+is left alone for RETRY_EVERY; meanwhile requests are served without limits, each
+counted (`gateway_state_unavailable_total`) and logged, or with `--state-fail closed`
+refused with 503 `state_unavailable`. Pending charges are kept and sent once it answers.
+
+Layout (one Redis database, keys prefixed `gateway:`; a key's entries share the hash tag
+`{NAME}`): `gateway:{NAME}:rpm` and `:tpm` (TAT, expiring once at rest),
+`gateway:{NAME}:day:2026-11-25`, `:month:2026-11` and `:total` (hashes of requests,
+tokens and usd; day and month expire after their period has gone), and
+`gateway:response:ID` (`slug NL provider NL upstream model`, 24 h).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from gateway.errors import StateUnavailable
+from gateway.keys import Key
+from gateway.limits import (
+    Bucket,
+    KeyUsage,
+    Period,
+    budget_spent,
+    header_map,
+    over_rpm,
+    over_tpm,
+    period_kinds,
+    period_name,
+    quota_spent,
+    report,
+)
+from gateway.response_ids import TTL as RESPONSE_TTL
+from gateway.response_ids import Creator
+
+log = logging.getLogger("gateway")
+
+Headers = list[tuple[bytes, bytes]]
+T = TypeVar("T")
+
+PREFIX = "gateway:"
+TIMEOUT = 1.0  # connect and each reply, seconds
+DEADLINE = 2.0  # one whole call, waiting for a pooled connection included
+RETRY_EVERY = 1.0  # seconds Redis is left alone after it failed
+CHARGE_EVERY = 0.05  # longest a charge waits for a key's next check before it is sent
+MAX_CONNECTIONS = 64  # per process; a request waits (within DEADLINE) for a free one
+MAX_PENDING_IDS = 10_000  # new Responses ids waiting while Redis is away; oldest dropped
+# Seconds a period's hash outlives its period (day, month; total never expires).
+PERIOD_TTL = {"day": 3 * 86400, "month": 70 * 86400, "total": 0}
+
+# The served-without-limits answer of admit(): empty headers, told apart by identity.
+UNENFORCED: Headers = []
+
+# Applies a charge to KEYS[2] (the tpm TAT) and KEYS[3..] (the period hashes); ARGV[1]
+# is tpm (0: none), ARGV[2] tokens, ARGV[3] usd, ARGV[4..] each period's TTL.
+_CHARGE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+local function charge(now, tpm, tokens, usd, ttl_at)
+  if tpm > 0 and tokens > 0 then
+    local tat = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if tat < now then tat = now end
+    tat = tat + tokens * 60000 / tpm
+    redis.call('SET', KEYS[2], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+  end
+  for i = 3, #KEYS do
+    if tokens > 0 then redis.call('HINCRBY', KEYS[i], 'tokens', tokens) end
+    if usd > 0 then redis.call('HINCRBYFLOAT', KEYS[i], 'usd', usd) end
+    local ttl = tonumber(ARGV[ttl_at + i - 3])
+    if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+  end
+end
+"""
+
+CHARGE_SCRIPT = (
+    _CHARGE
+    + """
+charge(now_ms(), tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), 4)
+return 1
+"""
+)
+
+# KEYS: rpm TAT, tpm TAT, the period hashes. ARGV: rpm, tpm (0: none), quota tokens,
+# its period's KEYS index, budget usd (-1: none), its index, the pending charge's tokens
+# and usd, then each period's TTL. Replies {verdict, a, b}: "ok" with the ms until the
+# request and token levels are full again; "quota" or "budget" with the amount used;
+# "rpm" or "tpm" with the ms until one more would pass.
+ADMIT_SCRIPT = (
+    _CHARGE
+    + """
+local now = now_ms()
+local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local quota, budget = tonumber(ARGV[3]), tonumber(ARGV[5])
+charge(now, tpm, tonumber(ARGV[7]), tonumber(ARGV[8]), 9)
+if quota >= 0 then
+  local used = tonumber(redis.call('HGET', KEYS[tonumber(ARGV[4])], 'tokens') or '0')
+  if used >= quota then return {'quota', tostring(used), '0'} end
+end
+if budget >= 0 then
+  local spent = tonumber(redis.call('HGET', KEYS[tonumber(ARGV[6])], 'usd') or '0')
+  if spent >= budget then return {'budget', string.format('%.10f', spent), '0'} end
+end
+local rnew = now
+if rpm > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if tat < now then tat = now end
+  rnew = tat + 60000 / rpm
+  -- 1 us of slack: rpm requests at one instant must all pass despite rounding.
+  if rnew - now > 60000.001 then
+    return {'rpm', string.format('%.3f', rnew - 60000 - now), '0'}
+  end
+end
+local ttat = now
+if tpm > 0 then
+  ttat = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if ttat < now then ttat = now end
+  if ttat - now >= 60000 then
+    return {'tpm', string.format('%.3f', ttat - now - 60000), '0'}
+  end
+end
+if rpm > 0 then
+  redis.call('SET', KEYS[1], string.format('%.3f', rnew), 'PX', math.ceil(rnew - now) + 1000)
+end
+for i = 3, #KEYS do
+  redis.call('HINCRBY', KEYS[i], 'requests', 1)
+  local ttl = tonumber(ARGV[9 + i - 3])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+end
+return {'ok', string.format('%.3f', rnew - now), string.format('%.3f', ttat - now)}
+"""
+)
+
+
+class Link(enum.Enum):
+    """Whether Redis answers. UP -> DOWN on a failed call (logged once); DOWN -> UP on
+    the first call that succeeds after RETRY_EVERY (logged once)."""
+
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(slots=True)
+class Charge:
+    key: Key
+    tokens: int = 0
+    usd: float = 0.0
+
+
+class _Unreachable:
+    """The reply of a call Redis did not answer."""
+
+
+UNREACHABLE = _Unreachable()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class RedisState:
+    def __init__(
+        self,
+        url: str,
+        fail_closed: bool = False,
+        on_unavailable: Callable[[], None] | None = None,
+        on_round_trip: Callable[[], None] | None = None,
+        wall: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # The optional extra, imported only when configured (SPEC §11).
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import NoScriptError
+
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=DEADLINE,
+            socket_timeout=TIMEOUT,
+            socket_connect_timeout=TIMEOUT,
+            # One more try at once: a pooled connection Redis closed since (a restart).
+            retry=Retry(NoBackoff(), 1),
+        )
+        self.client = aioredis.Redis.from_pool(pool)
+        self.url = _without_password(url)
+        self.fail_closed = fail_closed
+        self.on_unavailable = on_unavailable or (lambda: None)
+        self.on_round_trip = on_round_trip or (lambda: None)
+        self.wall = wall  # the UTC calendar the periods follow (tests inject one)
+        self.clock = clock
+        self._admit = self.client.register_script(ADMIT_SCRIPT)
+        self._charge = self.client.register_script(CHARGE_SCRIPT)
+        # Written by _round_trip alone.
+        self.link = Link.UP
+        self.retry_at = 0.0
+        # Written by charge()/remember() (add) and admit()/flush() (take).
+        self.pending: dict[str, Charge] = {}
+        self.pending_ids: dict[str, bytes] = {}
+        self.last_headers: dict[str, Headers] = {}  # by key name: for error answers
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._no_script = NoScriptError
+        self._errors: tuple[type[BaseException], ...] = (
+            aioredis.RedisError,
+            OSError,
+            TimeoutError,
+        )
+
+    # -- every call goes through here: the one place Redis's failures are translated
+
+    async def _round_trip(self, call: Callable[[], Awaitable[T]]) -> T | _Unreachable:
+        if self.link is Link.DOWN and self.clock() < self.retry_at:
+            return UNREACHABLE
+        try:
+            async with asyncio.timeout(DEADLINE):
+                result = await call()
+        except self._errors as exc:
+            if self.link is Link.UP:
+                log.error(
+                    "redis at %s is unreachable (%s: %s); %s until it answers",
+                    self.url,
+                    type(exc).__name__,
+                    exc,
+                    "answering 503" if self.fail_closed else "serving without limits",
+                )
+            self.link = Link.DOWN
+            self.retry_at = self.clock() + RETRY_EVERY
+            return UNREACHABLE
+        self.on_round_trip()
+        if self.link is Link.DOWN:
+            log.warning("redis at %s answers again; limits are enforced", self.url)
+            self.link = Link.UP
+        return result
+
+    def _unreachable(self) -> Headers:
+        if self.fail_closed:
+            raise StateUnavailable(
+                "the gateway's state store (Redis) is unreachable, so this key's limits "
+                "cannot be checked; try again shortly"
+            )
+        self.on_unavailable()
+        return UNENFORCED
+
+    # -- limits
+
+    async def admit(self, key: Key) -> Headers:
+        """Check and take one request for a limited key in one round trip (carrying the
+        key's pending charge); the rate-limit headers, UNENFORCED when Redis is away and
+        the state fails open."""
+        wall = self.wall()
+        kinds = period_kinds(key)
+        keys = self._keys(key, kinds, wall)
+        pending = self.pending.pop(key.name, None)
+        quota_at = 3 + kinds.index(key.quota_period) if key.token_quota is not None else 0
+        budget_at = 3 + kinds.index(key.budget_period) if key.budget_usd is not None else 0
+        args = [
+            key.rpm or 0,
+            key.tpm or 0,
+            -1 if key.token_quota is None else key.token_quota,
+            quota_at,
+            -1 if key.budget_usd is None else repr(key.budget_usd),
+            budget_at,
+            0 if pending is None else pending.tokens,
+            "0" if pending is None else repr(pending.usd),
+            *(PERIOD_TTL[kind] for kind in kinds),
+        ]
+        reply = await self._round_trip(lambda: self._admit(keys=keys, args=args))
+        if isinstance(reply, _Unreachable):
+            if pending is not None:
+                self._add(key, pending.tokens, pending.usd)
+            return self._unreachable()
+        verdict, first, second = (part.decode() for part in reply)
+        if verdict == "quota":
+            raise quota_spent(key, int(float(first)))
+        if verdict == "budget":
+            raise budget_spent(key, float(first))
+        if verdict == "rpm":
+            raise over_rpm(key, float(first) / 1000)
+        if verdict == "tpm":
+            raise over_tpm(key, float(first) / 1000)
+        headers = self._headers(key, float(first), float(second))
+        self.last_headers[key.name] = headers
+        return headers
+
+    def headers(self, key: Key) -> Headers:
+        """The rate-limit headers of the key's last check here (no round trip: for the
+        answers to requests refused before their check)."""
+        return list(self.last_headers.get(key.name, ()))
+
+    def charge(self, key: Key, tokens: int, usd: float = 0.0) -> None:
+        """After the answer: its tokens and cost, sent with the key's next check or the
+        next batch."""
+        if tokens <= 0 and usd <= 0:
+            return
+        self._add(key, tokens, usd)
+        self._wake.set()
+
+    def _add(self, key: Key, tokens: int, usd: float) -> None:
+        pending = self.pending.get(key.name)
+        if pending is None:
+            self.pending[key.name] = Charge(key, tokens, usd)
+        else:
+            pending.key = key
+            pending.tokens += tokens
+            pending.usd += usd
+
+    def forget(self, names: set[str]) -> None:
+        """Keys gone on reload: their last headers go (their pending spend is still sent)."""
+        for name in names:
+            self.last_headers.pop(name, None)
+
+    async def report(self, key: Key) -> dict[str, Any]:
+        """GET /v1/key from Redis: one pipelined round trip."""
+        wall = self.wall()
+        kinds = period_kinds(key)
+        keys = self._keys(key, kinds, wall)
+
+        async def read() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.time()
+                for name in keys[:2]:
+                    pipe.get(name)
+                for name in keys[2:]:
+                    pipe.hgetall(name)
+                return await pipe.execute()
+
+        await self.flush_key(key)
+        reply = await self._round_trip(read)
+        if isinstance(reply, _Unreachable):
+            raise StateUnavailable(
+                "the gateway's state store (Redis) is unreachable; try again shortly"
+            )
+        seconds, micros = reply[0]
+        now = seconds * 1000 + micros / 1000
+        usage = KeyUsage(
+            requests=_bucket(key.rpm, reply[1], now, self.clock()),
+            tokens=_bucket(key.tpm, reply[2], now, self.clock()),
+        )
+        for kind, name, found in zip(kinds, keys[2:], reply[3:], strict=True):
+            usage.periods[kind] = Period(
+                name.rsplit(":", 1)[-1] if kind != "total" else "total",
+                int(found.get(b"requests", 0)),
+                int(found.get(b"tokens", 0)),
+                float(found.get(b"usd", 0.0)),
+            )
+        return report(key, usage, wall)
+
+    async def flush_key(self, key: Key) -> None:
+        """Send this key's pending charge now (before reading its use)."""
+        pending = self.pending.pop(key.name, None)
+        if pending is None:
+            return
+        done = await self._round_trip(lambda: self._send_charge(pending))
+        if isinstance(done, _Unreachable):
+            self._add(pending.key, pending.tokens, pending.usd)
+
+    def _charge_call(self, pending: Charge) -> tuple[list[str], list[Any]]:
+        key = pending.key
+        kinds = period_kinds(key)
+        args: list[Any] = [key.tpm or 0, pending.tokens, repr(pending.usd)]
+        args += [PERIOD_TTL[kind] for kind in kinds]
+        return self._keys(key, kinds, self.wall()), args
+
+    def _send_charge(self, pending: Charge) -> Awaitable[Any]:
+        keys, args = self._charge_call(pending)
+        return self._charge(keys=keys, args=args)
+
+    def _keys(self, key: Key, kinds: tuple[str, ...], wall: datetime) -> list[str]:
+        base = f"{PREFIX}{{{key.name}}}:"
+        names = [base + "rpm", base + "tpm"]
+        for kind in kinds:
+            names.append(base + "total" if kind == "total" else
+                         f"{base}{kind}:{period_name(kind, wall)}")  # fmt: skip
+        return names
+
+    def _headers(self, key: Key, requests_full_ms: float, tokens_full_ms: float) -> Headers:
+        usage = KeyUsage()
+        if key.rpm is not None:
+            level = key.rpm - requests_full_ms * key.rpm / 60000
+            usage.requests = Bucket(key.rpm, level, 0.0)
+        if key.tpm is not None:
+            level = key.tpm - tokens_full_ms * key.tpm / 60000
+            usage.tokens = Bucket(key.tpm, level, 0.0)
+        return [(k.encode(), v.encode()) for k, v in header_map(key, usage).items()]
+
+    # -- the Responses id map (SPEC §9)
+
+    def remember(self, response_id: str, creator: Creator) -> None:
+        """A new id, sent at once in the next batch (another replica may be asked for it
+        by the client's very next request)."""
+        ids = self.pending_ids
+        ids[response_id] = "\n".join((creator.slug, creator.provider,
+                                      creator.upstream_model)).encode()  # fmt: skip
+        while len(ids) > MAX_PENDING_IDS:
+            del ids[next(iter(ids))]
+        self._wake.set()
+
+    async def find(self, response_id: str) -> Creator | None:
+        reply = await self._round_trip(lambda: self.client.get(PREFIX + "response:" + response_id))
+        if isinstance(reply, _Unreachable):
+            self._unreachable()
+            return None
+        if reply is None:
+            return None
+        parts = (reply if isinstance(reply, str) else reply.decode()).split("\n")
+        if len(parts) != 3:
+            return None
+        return Creator(parts[0], parts[1], parts[2], self.clock())
+
+    # -- the batch: pending charges and ids, one pipelined round trip
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            if not self.pending_ids:
+                # A charge waits a little: the key's next check may carry it for free.
+                await asyncio.sleep(CHARGE_EVERY)
+            self._wake.clear()
+            if not await self.flush():
+                self._wake.set()
+                await asyncio.sleep(RETRY_EVERY)
+
+    async def flush(self) -> bool:
+        """Send every pending charge and id; False (all kept for later) if Redis is away."""
+        charges, self.pending = self.pending, {}
+        ids, self.pending_ids = self.pending_ids, {}
+        if not charges and not ids:
+            return True
+
+        async def send() -> list[Any]:
+            # EVALSHA by hand: a pipeline running a registered script first asks Redis
+            # whether it has it (SCRIPT EXISTS), a round trip more per batch.
+            for again in (False, True):
+                try:
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for pending in charges.values():
+                            keys, args = self._charge_call(pending)
+                            pipe.evalsha(self._charge.sha, len(keys), *keys, *args)
+                        for response_id, value in ids.items():
+                            name = PREFIX + "response:" + response_id
+                            pipe.set(name, value, ex=int(RESPONSE_TTL))
+                        return await pipe.execute()
+                except self._no_script:
+                    if again:
+                        raise
+                    # Redis restarted without its scripts: load and send the batch again
+                    # (no charge ran: every EVALSHA of it failed alike; SETs repeat).
+                    await self.client.script_load(CHARGE_SCRIPT)
+            raise AssertionError("unreachable")
+
+        done = await self._round_trip(send)
+        if not isinstance(done, _Unreachable):
+            return True
+        for pending in charges.values():
+            self._add(pending.key, pending.tokens, pending.usd)
+        ids.update(self.pending_ids)
+        self.pending_ids = ids
+        return False
+
+    async def close(self) -> None:
+        """On drain: stop the batch, send what is pending, close the connections."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+        await self.client.aclose()
+
+
+def _bucket(limit: int | None, tat: bytes | None, now: float, stamp: float) -> Bucket | None:
+    if limit is None:
+        return None
+    ahead = max(0.0, float(tat) - now) if tat is not None else 0.0
+    return Bucket(limit, limit - ahead * limit / 60000, stamp)
+
+
+def _without_password(url: str) -> str:
+    """The URL for log lines: a password in it is a secret (SPEC: never logged)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
