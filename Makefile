@@ -20,7 +20,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && command -v openssl >/dev/null \
-		|| $(MAKE) --no-print-directory test-tools
+		&& command -v redis-server >/dev/null || $(MAKE) --no-print-directory test-tools
 	$(BIN)/python -m pytest -q
 
 # llama.cpp's server through the gateway (tests/test_llama.py). pip builds it from source:
@@ -49,12 +49,14 @@ $(LLAMA_STAMP): $(STAMP) pyproject.toml
 test-llama: $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -q -m llama tests/test_llama.py
 
-# The upstream client's tests run against a real nginx, and TLS ones need openssl.
-# RUNLEVEL=1 keeps Debian's package scripts from starting a system-wide nginx.
+# The upstream client's tests run against a real nginx, TLS ones need openssl, and the
+# shared limits (--state redis://) a real redis-server. RUNLEVEL=1 keeps Debian's package
+# scripts from starting system-wide services.
+TEST_TOOLS := nginx openssl redis-server
 test-tools:
-	@echo "== installing nginx and openssl from Debian (needs root and apt-get)"
+	@echo "== installing $(TEST_TOOLS) from Debian (needs root and apt-get)"
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends nginx openssl
+	DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends $(TEST_TOOLS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -121,3 +124,32 @@ def stop(proc: subprocess.Popen[Any], grace: float = 10) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(grace)
+
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def start_redis(port: int, folder: Path, *extra: str) -> subprocess.Popen[Any]:
+    """Debian's redis-server on 127.0.0.1:`port`, persisting nothing, its log in
+    `folder`; returns once it answers PING (bounded: 10 s). Stop it with stop()."""
+    if not Path(REDIS_SERVER).exists():
+        raise RuntimeError("redis-server is not installed: `make test-tools` installs it")
+    log = (folder / f"redis-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(folder), *extra],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    log.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.02)
+    stop(proc)
+    raise RuntimeError(f"redis-server did not answer on port {port}; see {folder}")

@@ -112,9 +112,10 @@ return 1
 
 # KEYS: rpm TAT, tpm TAT, the period hashes. ARGV: rpm, tpm (0: none), quota tokens,
 # its period's KEYS index, budget usd (-1: none), its index, the pending charge's tokens
-# and usd, then each period's TTL. Replies {verdict, a, b}: "ok" with the ms until the
-# request and token levels are full again; "quota" or "budget" with the amount used;
-# "rpm" or "tpm" with the ms until one more would pass.
+# and usd, then each period's TTL. Replies {verdict, amount, requests, tokens}: the
+# verdict "ok", "quota", "budget", "rpm" or "tpm"; the amount used (quota, budget) or
+# the ms until one more request would pass (rpm, tpm); then the ms until the request and
+# token levels are full again, for the rate-limit headers of every answer.
 ADMIT_SCRIPT = (
     _CHARGE
     + """
@@ -122,41 +123,38 @@ local now = now_ms()
 local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
 local quota, budget = tonumber(ARGV[3]), tonumber(ARGV[5])
 charge(now, tpm, tonumber(ARGV[7]), tonumber(ARGV[8]), 9)
+local rtat, ttat = now, now
+if rpm > 0 then rtat = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0')) end
+if tpm > 0 then ttat = math.max(now, tonumber(redis.call('GET', KEYS[2]) or '0')) end
+local function reply(verdict, amount, rfull)
+  return {verdict, amount, string.format('%.3f', rfull - now), string.format('%.3f', ttat - now)}
+end
 if quota >= 0 then
   local used = tonumber(redis.call('HGET', KEYS[tonumber(ARGV[4])], 'tokens') or '0')
-  if used >= quota then return {'quota', tostring(used), '0'} end
+  if used >= quota then return reply('quota', tostring(used), rtat) end
 end
 if budget >= 0 then
   local spent = tonumber(redis.call('HGET', KEYS[tonumber(ARGV[6])], 'usd') or '0')
-  if spent >= budget then return {'budget', string.format('%.10f', spent), '0'} end
+  if spent >= budget then return reply('budget', string.format('%.10f', spent), rtat) end
 end
-local rnew = now
+local rnew = rtat
 if rpm > 0 then
-  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-  if tat < now then tat = now end
-  rnew = tat + 60000 / rpm
+  rnew = rtat + 60000 / rpm
   -- 1 us of slack: rpm requests at one instant must all pass despite rounding.
   if rnew - now > 60000.001 then
-    return {'rpm', string.format('%.3f', rnew - 60000 - now), '0'}
+    return reply('rpm', string.format('%.3f', rnew - 60000 - now), rtat)
   end
-end
-local ttat = now
-if tpm > 0 then
-  ttat = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if ttat < now then ttat = now end
-  if ttat - now >= 60000 then
-    return {'tpm', string.format('%.3f', ttat - now - 60000), '0'}
-  end
-end
-if rpm > 0 then
   redis.call('SET', KEYS[1], string.format('%.3f', rnew), 'PX', math.ceil(rnew - now) + 1000)
+end
+if tpm > 0 and ttat - now >= 60000 then
+  return reply('tpm', string.format('%.3f', ttat - now - 60000), rnew)
 end
 for i = 3, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'requests', 1)
   local ttl = tonumber(ARGV[9 + i - 3])
   if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
 end
-return {'ok', string.format('%.3f', rnew - now), string.format('%.3f', ttat - now)}
+return reply('ok', '0', rnew)
 """
 )
 
@@ -300,18 +298,18 @@ class RedisState:
             if pending is not None:
                 self._add(key, pending.tokens, pending.usd)
             return self._unreachable()
-        verdict, first, second = (part.decode() for part in reply)
-        if verdict == "quota":
-            raise quota_spent(key, int(float(first)))
-        if verdict == "budget":
-            raise budget_spent(key, float(first))
-        if verdict == "rpm":
-            raise over_rpm(key, float(first) / 1000)
-        if verdict == "tpm":
-            raise over_tpm(key, float(first) / 1000)
-        headers = self._headers(key, float(first), float(second))
+        verdict, amount, requests_full, tokens_full = (part.decode() for part in reply)
+        headers = self._headers(key, float(requests_full), float(tokens_full))
         self.last_headers[key.name] = headers
-        return headers
+        if verdict == "ok":
+            return headers
+        if verdict == "quota":
+            raise quota_spent(key, int(float(amount)))
+        if verdict == "budget":
+            raise budget_spent(key, float(amount))
+        if verdict == "rpm":
+            raise over_rpm(key, float(amount) / 1000)
+        raise over_tpm(key, float(amount) / 1000)
 
     def headers(self, key: Key) -> Headers:
         """The rate-limit headers of the key's last check here (no round trip: for the
