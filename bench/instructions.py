@@ -85,6 +85,7 @@ class Curve:
     units: float  # that unit's count per request
     path: str = run.CHAT_PATH
     secret: str | None = None  # sent as the key (keys-budget.yaml), with a --state file
+    state: str = "file"  # or "redis": a redis-server of its own on the load core
 
 
 def typed_events(kind: str) -> list[str]:
@@ -182,6 +183,16 @@ CURVES: dict[str, Curve] = {
         "request",
         1,
         secret=BUDGET_SECRET,
+    ),
+    # The same on the Redis backend: one check-and-take script call per request.
+    "JSON, priced, budget key, Redis": Curve(
+        b'{"model":"bench-json-priced","messages":[{"role":"user","content":"hi"}]}',
+        100,
+        500,
+        "request",
+        1,
+        secret=BUDGET_SECRET,
+        state="redis",
     ),
     "JSON, priced entry, no key limits": Curve(
         b'{"model":"bench-json-priced","messages":[{"role":"user","content":"hi"}]}',
@@ -643,6 +654,22 @@ def callgrind_total(folder: Path, log: Path) -> int:
     return total
 
 
+def start_redis(procs: run.Processes, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server for one case, on the load core; its URL for --state."""
+    binary = run.find_binary("redis-server")
+    if binary is None:
+        raise BenchError("redis-server not found: apt-get install redis-server, and run again")
+    port = run.free_ports(1)[0]
+    log = folder / "redis.log"
+    proc = procs.start(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+         "no", "--dir", str(folder)],
+        "load", log=log,
+    )  # fmt: skip
+    run.wait_listening(port, proc, log)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
 def run_case(ctx: Context, tree: Tree, case: str) -> dict[str, Any]:
     """One gateway under callgrind: start, /healthz, N requests of one kind, SIGINT."""
     count = ctx.counts.get(case, 0)
@@ -660,9 +687,14 @@ def run_case(ctx: Context, tree: Tree, case: str) -> dict[str, Any]:
         routes = routes.with_name("routes-curves.yaml")
     argv += [PYTHON, "-m", "gateway", "serve", "--routes", str(routes)]
     keys = ctx.keys.with_name("keys-limited.yaml") if case == LIMITED else ctx.keys
+    redis: subprocess.Popen[bytes] | None = None
     if case in CURVES and CURVES[case].secret is not None:
         keys = ctx.keys.with_name("keys-budget.yaml")
-        argv += ["--state", str(folder / "gateway.state")]
+        if CURVES[case].state == "redis":
+            redis, url = start_redis(ctx.procs, folder)
+            argv += ["--state", url]
+        else:
+            argv += ["--state", str(folder / "gateway.state")]
     argv += ["--keys", str(keys), "--port", str(port)]
     began = time.monotonic()
     with log.open("ab") as err:
@@ -682,6 +714,8 @@ def run_case(ctx: Context, tree: Tree, case: str) -> dict[str, Any]:
     failures, reasons = asyncio.run(load(port, case, count, ctx.connections)) if count else (0, [])
     loaded = time.monotonic()
     stop_gateway(ctx.procs, proc, log)
+    if redis is not None:
+        ctx.procs.stop(redis)
     total = callgrind_total(folder, log)
     if ctx.profiles is not None:
         for path in folder.glob("cg.*"):
@@ -710,6 +744,8 @@ def measure(ctx: Context, tree: Tree) -> None:
     cases = ["baseline", *KINDS, LIMITED]
     if ctx.curves:
         cases += [CURVE_BASELINE, *CURVES]
+        if not (tree.path / "gateway" / "state" / "redis.py").exists():  # older than Redis
+            cases = [c for c in cases if c not in CURVES or CURVES[c].state != "redis"]
     for case in cases:
         got = run_case(ctx, tree, case)
         tree.cases[case] = got

@@ -472,6 +472,9 @@ class Bench:
         for name in ("bench-json", "bench-sse", "bench-paced"):
             lines += [f"  {name}:", "    providers:", f"      - provider: {name}"]
             lines.append(f"        model: {UPSTREAM_MODEL}")
+        # Scenario 8's: the JSON upstream at a price, so every answer is costed.
+        lines += ["  bench-priced:", "    providers:", "      - provider: bench-json"]
+        lines += [f"        model: {UPSTREAM_MODEL}", "        price: {input: 0.15, output: 0.6}"]
         routes.write_text("\n".join(lines) + "\n")
         keys = self.tmp / "keys.yaml"
         keys.write_text("keys: []\n")
@@ -521,11 +524,15 @@ def verify(bench: Bench) -> None:
 # ---------------------------------------------------------------- wrk scenarios
 
 
-def wrk(bench: Bench, port: int, body: bytes, connections: int, seconds: int) -> dict[str, Any]:
+def wrk(
+    bench: Bench, port: int, body: bytes, connections: int, seconds: int, auth: str = ""
+) -> dict[str, Any]:
     argv = [bench.tools["wrk"], "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
     argv += ["--timeout", "10s", "-s", str(BENCH / "wrk_post.lua")]
     argv.append(f"http://127.0.0.1:{port}{CHAT_PATH}")
     env = {**os.environ, "BENCH_BODY": body.decode()}
+    if auth:
+        env["BENCH_AUTH"] = auth
     out = bench.procs.run(argv, "load", timeout=seconds + 60, env=env)
     line = next((ln for ln in out.splitlines() if ln.startswith("BENCH ")), None)
     if line is None:
@@ -603,6 +610,107 @@ def workers_scenario(bench: Bench, seconds: int) -> None:
         )
     finally:
         bench.procs.stop(proc)
+
+
+LIMITED_KEYS = """\
+keys:
+  - name: open
+    key: sk-bench-open
+  - name: limited
+    key: sk-bench-limited
+    rpm: 1000000000
+    tpm: 1000000000000
+    token_quota: {tokens: 1000000000000, period: day}
+    budget: {usd: 1000000000, period: month}
+"""
+PRICED_BODY = b'{"model":"bench-priced","messages":[{"role":"user","content":"hi"}]}'
+
+
+def limits_scenario(bench: Bench, seconds: int) -> None:
+    """8: SPEC §11's cost of limits. A priced entry, c64, for a key without limits and
+    for one with rpm, tpm, a daily token quota and a monthly budget (never reached), on
+    each state backend: memory only, the state file, and Redis (redis-server on the load
+    core). Also the Redis round trips per request, from the gateway's own counter."""
+    redis_server = find_binary("redis-server")
+    if redis_server is None:
+        progress("8 limits: skipped, no redis-server (apt-get install redis-server)")
+        return
+    keys = bench.tmp / "keys-limits.yaml"
+    keys.write_text(LIMITED_KEYS)
+    routes = bench.tmp / "routes.yaml"
+    redis_port, port = free_ports(2)
+    redis_log = bench.tmp / "redis.log"
+    redis = bench.procs.start(
+        [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(bench.tmp)],
+        "load", log=redis_log,
+    )  # fmt: skip
+    wait_listening(redis_port, redis, redis_log)
+    results: dict[str, Any] = {}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    backends = {
+        "none": "none",
+        "file": str(bench.tmp / "limits.state"),
+        "redis": f"redis://127.0.0.1:{redis_port}/0",
+    }
+    try:
+        for backend, state in backends.items():
+            argv = [*gateway_command(), "serve", "--routes", str(routes), "--keys", str(keys)]
+            argv += ["--port", str(port), "--drain-seconds", "1", "--state", state]
+            log = bench.tmp / f"limits-{backend}.log"
+            proc = bench.procs.start(argv, "proxy", log=log, env=env)
+            try:
+                wait_answered(port, proc, log, time.monotonic() + 30)
+                for who in ("open", "limited"):
+                    auth = f"Bearer sk-bench-{who}"
+                    wrk(bench, port, PRICED_BODY, 64, 1, auth)  # warm-up
+                    trips = _metric(port, "gateway_state_round_trips_total")
+                    pids = [proc.pid]
+                    cpu_start = cpu_seconds(pids)
+                    got = wrk(bench, port, PRICED_BODY, 64, seconds, auth)
+                    share = (cpu_seconds(pids) - cpu_start) / got["seconds"]
+                    got["cpu_percent"] = round(100 * share, 1)
+                    got["rps_per_core"] = round(got["rps"] / share, 1) if share > 0 else None
+                    if backend == "redis" and got["requests"]:
+                        more = _metric(port, "gateway_state_round_trips_total") - trips
+                        got["redis_round_trips_per_request"] = round(more / got["requests"], 3)
+                    results[f"{backend}/{who}"] = got
+                    rt = got.get("redis_round_trips_per_request")
+                    progress(
+                        f"8 limits · state {backend:5} · {who:7} key: {got['rps']:>8,.0f} req/s"
+                        f"  {got['rps_per_core'] or 0:>8,.0f} per core  p99 {got['p99_ms']:.2f} ms"
+                        + (f"  {rt} Redis round trips/request" if rt is not None else "")
+                        + (
+                            f"  {got['errors']} ERRORS {got['error_kinds']}"
+                            if got["errors"]
+                            else ""
+                        )
+                    )
+            finally:
+                bench.procs.stop(proc)
+    finally:
+        bench.procs.stop(redis)
+    for backend in backends:
+        open_, limited = results[f"{backend}/open"], results[f"{backend}/limited"]
+        if open_.get("rps_per_core") and limited.get("rps_per_core"):
+            limited["per_core_vs_open_key"] = round(
+                limited["rps_per_core"] / open_["rps_per_core"], 3
+            )
+    bench.results["8_limits"] = results
+
+
+def _metric(port: int, name: str) -> float:
+    """One counter's value from the gateway's /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def cross_core_floor(bench: Bench, seconds: int) -> None:
@@ -977,7 +1085,8 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     bench.write_gateway_files()
     bench.start_upstream()
     progress("upstreams up: nginx (fixed JSON and SSE) and the paced SSE server")
-    cold_starts(bench)
+    if not args.only:
+        cold_starts(bench)
     ports = [bench.ports.nginx_json, bench.ports.nginx_sse, bench.ports.nginx_paced]
     ports.append(bench.ports.nginx_floor)
     proc, log = bench.start_nginx_proxy("proxy", ports)
@@ -989,12 +1098,20 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     verify(bench)
     long, short = (2, 2) if quick else (10, 5)
     wrk_scenario(bench, "1_nonstream_c64", "1 non-stream c64", "json", 64, long)
+    if args.only == "limits":
+        limits_scenario(bench, long)
+        return _document(bench, info, quick, procs)
     wrk_scenario(bench, "2_nonstream_c1", "2 non-stream c1 ", "json", 1, short)
     cross_core_floor(bench, short)
     wrk_scenario(bench, "3_stream_c64", f"3 stream ({SSE_EVENT_COUNT} events) c64", "sse", 64, long)
     paced_scenario(bench)
     slow_streams(bench)
     workers_scenario(bench, long)
+    limits_scenario(bench, long)
+    return _document(bench, info, quick, procs)
+
+
+def _document(bench: Bench, info: dict[str, Any], quick: bool, procs: Processes) -> dict[str, Any]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": quick,
@@ -1019,6 +1136,11 @@ def main() -> int:
         "--quick", action="store_true", help="a smoke run: seconds per scenario, 100 slow streams"
     )
     parser.add_argument("--slow-streams", type=int, help="scenario 5 streams (default 1000)")
+    parser.add_argument(
+        "--only",
+        choices=["limits"],
+        help="limits: scenario 1 and scenario 8 alone (the cost of key limits by backend)",
+    )
     parser.add_argument(
         "--slow-seconds", type=int, help="scenario 5 duration in seconds (default 30; 15 is fine)"
     )

@@ -1,8 +1,10 @@
--- wrk script for `make bench`: POST the JSON body given in $BENCH_BODY, and print one
+-- wrk script for `make bench`: POST the JSON body given in $BENCH_BODY (with $BENCH_AUTH as
+-- the Authorization header when set), and print one
 -- machine-readable line (prefixed "BENCH ") with the counts and latency percentiles (µs).
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY")
 wrk.headers["Content-Type"] = "application/json"
+if os.getenv("BENCH_AUTH") then wrk.headers["Authorization"] = os.getenv("BENCH_AUTH") end
 
 function done(summary, latency, requests)
   local e = summary.errors
