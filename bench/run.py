@@ -660,7 +660,7 @@ def limits_scenario(bench: Bench, seconds: int) -> None:
             log = bench.tmp / f"limits-{backend}.log"
             proc = bench.procs.start(argv, "proxy", log=log, env=env)
             try:
-                wait_answered(port, proc, log, time.monotonic() + 30)
+                wait_listening(port, proc, log)
                 for who in ("open", "limited"):
                     auth = f"Bearer sk-bench-{who}"
                     wrk(bench, port, PRICED_BODY, 64, 1, auth)  # warm-up
@@ -675,6 +675,9 @@ def limits_scenario(bench: Bench, seconds: int) -> None:
                         more = _metric(port, "gateway_state_round_trips_total") - trips
                         got["redis_round_trips_per_request"] = round(more / got["requests"], 3)
                     results[f"{backend}/{who}"] = got
+                    if got["errors"] >= got["requests"] / 100:
+                        raise BenchError(f"8 limits: {backend}/{who}: {got['error_kinds']}"
+                                         f" errors in {got['requests']}:\n{tail(log)}")  # fmt: skip
                     rt = got.get("redis_round_trips_per_request")
                     progress(
                         f"8 limits · state {backend:5} · {who:7} key: {got['rps']:>8,.0f} req/s"

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -60,6 +61,7 @@ from gateway.limits import (
 )
 from gateway.response_ids import TTL as RESPONSE_TTL
 from gateway.response_ids import Creator
+from gateway.state.pipeline import AutoPipeline, pack
 
 log = logging.getLogger("gateway")
 
@@ -199,7 +201,7 @@ class RedisState:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.exceptions import NoScriptError
+        from redis.exceptions import NoScriptError, ResponseError
 
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
@@ -210,15 +212,16 @@ class RedisState:
             # One more try at once: a pooled connection Redis closed since (a restart).
             retry=Retry(NoBackoff(), 1),
         )
-        self.client = aioredis.Redis.from_pool(pool)
+        self.client = aioredis.Redis.from_pool(pool)  # for SCRIPT LOAD and closing
+        self.pipeline = AutoPipeline(pool, DEADLINE, ResponseError)
         self.url = _without_password(url)
         self.fail_closed = fail_closed
         self.on_unavailable = on_unavailable or (lambda: None)
         self.on_round_trip = on_round_trip or (lambda: None)
         self.wall = wall  # the UTC calendar the periods follow (tests inject one)
         self.clock = clock
-        self._admit = self.client.register_script(ADMIT_SCRIPT)
-        self._charge = self.client.register_script(CHARGE_SCRIPT)
+        self._no_script = NoScriptError
+        self._sha = {script: _sha1(script) for script in (ADMIT_SCRIPT, CHARGE_SCRIPT)}
         # Written by _round_trip alone.
         self.link = Link.UP
         self.retry_at = 0.0
@@ -228,7 +231,6 @@ class RedisState:
         self.last_headers: dict[str, Headers] = {}  # by key name: for error answers
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._no_script = NoScriptError
         self._errors: tuple[type[BaseException], ...] = (
             aioredis.RedisError,
             OSError,
@@ -255,11 +257,31 @@ class RedisState:
             self.link = Link.DOWN
             self.retry_at = self.clock() + RETRY_EVERY
             return UNREACHABLE
-        self.on_round_trip()
         if self.link is Link.DOWN:
             log.warning("redis at %s answers again; limits are enforced", self.url)
             self.link = Link.UP
         return result
+
+    async def _calls(self, commands: list[bytes]) -> list[Any]:
+        """Commands sent together (one batch unless a batch is on the wire already);
+        their replies in order. Each batch is one round trip, counted here."""
+        before = self.pipeline.batches
+        try:
+            return list(await asyncio.gather(*(self.pipeline.call(c) for c in commands)))
+        finally:
+            for _ in range(self.pipeline.batches - before):
+                self.on_round_trip()
+
+    async def _script(self, script: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """EVALSHA each (keys, args); a Redis without the script (restarted, flushed)
+        is given it, and the calls are sent again: a NOSCRIPT reply ran nothing."""
+        sha = self._sha[script]
+        commands = [pack(b"EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+        try:
+            return await self._calls(commands)
+        except self._no_script:
+            await self.client.script_load(script)
+            return await self._calls(commands)
 
     def _unreachable(self) -> Headers:
         if self.fail_closed:
@@ -293,12 +315,12 @@ class RedisState:
             "0" if pending is None else repr(pending.usd),
             *(PERIOD_TTL[kind] for kind in kinds),
         ]
-        reply = await self._round_trip(lambda: self._admit(keys=keys, args=args))
+        reply = await self._round_trip(lambda: self._script(ADMIT_SCRIPT, [(keys, args)]))
         if isinstance(reply, _Unreachable):
             if pending is not None:
                 self._add(key, pending.tokens, pending.usd)
             return self._unreachable()
-        verdict, amount, requests_full, tokens_full = (part.decode() for part in reply)
+        verdict, amount, requests_full, tokens_full = (part.decode() for part in reply[0])
         headers = self._headers(key, float(requests_full), float(tokens_full))
         self.last_headers[key.name] = headers
         if verdict == "ok":
@@ -344,28 +366,25 @@ class RedisState:
         kinds = period_kinds(key)
         keys = self._keys(key, kinds, wall)
 
-        async def read() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.time()
-                for name in keys[:2]:
-                    pipe.get(name)
-                for name in keys[2:]:
-                    pipe.hgetall(name)
-                return await pipe.execute()
-
+        commands = [pack(b"TIME"), *(pack(b"GET", name) for name in keys[:2])]
+        commands += [pack(b"HGETALL", name) for name in keys[2:]]
         await self.flush_key(key)
-        reply = await self._round_trip(read)
+        reply = await self._round_trip(lambda: self._calls(commands))
         if isinstance(reply, _Unreachable):
             raise StateUnavailable(
                 "the gateway's state store (Redis) is unreachable; try again shortly"
             )
         seconds, micros = reply[0]
-        now = seconds * 1000 + micros / 1000
+        now = int(seconds) * 1000 + int(micros) / 1000
         usage = KeyUsage(
             requests=_bucket(key.rpm, reply[1], now, self.clock()),
             tokens=_bucket(key.tpm, reply[2], now, self.clock()),
         )
-        for kind, name, found in zip(kinds, keys[2:], reply[3:], strict=True):
+        for kind, name, flat in zip(kinds, keys[2:], reply[3:], strict=True):
+            # A map under RESP3, a flat list of pairs under RESP2.
+            found = (
+                flat if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2], strict=True))
+            )
             usage.periods[kind] = Period(
                 name.rsplit(":", 1)[-1] if kind != "total" else "total",
                 int(found.get(b"requests", 0)),
@@ -379,7 +398,9 @@ class RedisState:
         pending = self.pending.pop(key.name, None)
         if pending is None:
             return
-        done = await self._round_trip(lambda: self._send_charge(pending))
+        done = await self._round_trip(
+            lambda: self._script(CHARGE_SCRIPT, [self._charge_call(pending)])
+        )
         if isinstance(done, _Unreachable):
             self._add(pending.key, pending.tokens, pending.usd)
 
@@ -389,10 +410,6 @@ class RedisState:
         args: list[Any] = [key.tpm or 0, pending.tokens, repr(pending.usd)]
         args += [PERIOD_TTL[kind] for kind in kinds]
         return self._keys(key, kinds, self.wall()), args
-
-    def _send_charge(self, pending: Charge) -> Awaitable[Any]:
-        keys, args = self._charge_call(pending)
-        return self._charge(keys=keys, args=args)
 
     def _keys(self, key: Key, kinds: tuple[str, ...], wall: datetime) -> list[str]:
         base = f"{PREFIX}{{{key.name}}}:"
@@ -425,10 +442,12 @@ class RedisState:
         self._wake.set()
 
     async def find(self, response_id: str) -> Creator | None:
-        reply = await self._round_trip(lambda: self.client.get(PREFIX + "response:" + response_id))
-        if isinstance(reply, _Unreachable):
+        command = pack(b"GET", PREFIX + "response:" + response_id)
+        replies = await self._round_trip(lambda: self._calls([command]))
+        if isinstance(replies, _Unreachable):
             self._unreachable()
             return None
+        reply = replies[0]
         if reply is None:
             return None
         parts = (reply if isinstance(reply, str) else reply.decode()).split("\n")
@@ -460,25 +479,12 @@ class RedisState:
             return True
 
         async def send() -> list[Any]:
-            # EVALSHA by hand: a pipeline running a registered script first asks Redis
-            # whether it has it (SCRIPT EXISTS), a round trip more per batch.
-            for again in (False, True):
-                try:
-                    async with self.client.pipeline(transaction=False) as pipe:
-                        for pending in charges.values():
-                            keys, args = self._charge_call(pending)
-                            pipe.evalsha(self._charge.sha, len(keys), *keys, *args)
-                        for response_id, value in ids.items():
-                            name = PREFIX + "response:" + response_id
-                            pipe.set(name, value, ex=int(RESPONSE_TTL))
-                        return await pipe.execute()
-                except self._no_script:
-                    if again:
-                        raise
-                    # Redis restarted without its scripts: load and send the batch again
-                    # (no charge ran: every EVALSHA of it failed alike; SETs repeat).
-                    await self.client.script_load(CHARGE_SCRIPT)
-            raise AssertionError("unreachable")
+            sets = [pack(b"SET", PREFIX + "response:" + response_id, value, b"EX",
+                         int(RESPONSE_TTL)) for response_id, value in ids.items()]  # fmt: skip
+            calls = [self._charge_call(pending) for pending in charges.values()]
+            # Both go in one batch: the SETs are queued before the scripts' first await.
+            done = asyncio.gather(self._calls(sets), self._script(CHARGE_SCRIPT, calls))
+            return list(await done)
 
         done = await self._round_trip(send)
         if not isinstance(done, _Unreachable):
@@ -497,6 +503,10 @@ class RedisState:
                 await self._task
         await self.flush()
         await self.client.aclose()
+
+
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
 
 
 def _bucket(limit: int | None, tat: bytes | None, now: float, stamp: float) -> Bucket | None:
