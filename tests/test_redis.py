@@ -5,6 +5,7 @@ stopped by its pid."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.state.redis import PREFIX
 from tests.conftest import GatewayFactory
@@ -325,3 +328,45 @@ def test_serve_names_the_missing_extra(
     code = cli.main(["serve", "--port", str(free_port()), "--state", "redis://127.0.0.1:1/0"])
     assert code == 1
     assert "pip install 'gateway[redis]'" in capsys.readouterr().err
+
+
+@given(st.lists(st.one_of(st.binary(max_size=40), st.text(max_size=20), st.integers()),
+                min_size=1, max_size=12))  # fmt: skip
+def test_pack_is_a_resp_array_of_bulk_strings(args: list[bytes | str | int]) -> None:
+    import hiredis
+
+    from gateway.state.pipeline import pack
+
+    reader = hiredis.Reader()
+    reader.feed(pack(*args))
+    assert reader.gets() == [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    assert reader.gets() is False  # nothing left over
+
+
+async def test_concurrent_calls_share_a_batch_and_an_error_reply_stays_its_own(
+    redis: Redis,
+) -> None:
+    import redis.asyncio as aioredis
+    from redis.exceptions import NoScriptError, ResponseError
+
+    from gateway.state.pipeline import AutoPipeline, pack
+
+    pool = aioredis.ConnectionPool.from_url(redis.url)
+    batches: list[int] = []
+    pipe = AutoPipeline(pool, 2.0, ResponseError, lambda: batches.append(1))
+    try:
+        calls = [pipe.call(pack("INCR", "n")) for _ in range(20)]
+        calls.insert(7, pipe.call(pack("EVALSHA", "0" * 40, 0)))  # NOSCRIPT
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(replies[7], NoScriptError)
+        assert sorted(r for r in replies if isinstance(r, int)) == list(range(1, 21))
+        assert len(batches) == 1  # 21 commands, one write, one round trip
+        assert pipe.sender.value == "idle"
+        # A connection lost mid-batch fails that batch, each caller told, none waiting.
+        redis.stop()
+        replies = await asyncio.gather(*(pipe.call(pack("INCR", "n")) for _ in range(5)),
+                                       return_exceptions=True)  # fmt: skip
+        assert all(isinstance(r, Exception) for r in replies)
+        assert pipe.sender.value == "idle" and not pipe.queue
+    finally:
+        await pool.aclose()

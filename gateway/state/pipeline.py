@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 from typing import Any
 
 
@@ -34,7 +35,13 @@ class Sender(enum.Enum):
 
 
 class AutoPipeline:
-    def __init__(self, pool: Any, deadline: float, reply_error: type[Exception]) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        deadline: float,
+        reply_error: type[Exception],
+        on_batch: Callable[[], None] = lambda: None,
+    ) -> None:
         self.pool = pool  # redis.asyncio's ConnectionPool
         self.deadline = deadline
         # An error reply (redis-py's ResponseError, e.g. NOSCRIPT) fails its own command;
@@ -42,7 +49,7 @@ class AutoPipeline:
         self.reply_error = reply_error
         self.sender = Sender.IDLE
         self.queue: list[tuple[bytes, asyncio.Future[Any]]] = []
-        self.batches = 0  # round trips, for the tests and the bench
+        self.on_batch = on_batch  # each batch written: one round trip
         self._task: asyncio.Task[None] | None = None
 
     async def call(self, command: bytes) -> Any:
@@ -70,7 +77,7 @@ class AutoPipeline:
                 await connection.send_packed_command(
                     b"".join(command for command, _ in batch), check_health=False
                 )
-                self.batches += 1
+                self.on_batch()
                 for _, future in batch:
                     try:
                         reply = await connection.read_response()

@@ -213,11 +213,10 @@ class RedisState:
             retry=Retry(NoBackoff(), 1),
         )
         self.client = aioredis.Redis.from_pool(pool)  # for SCRIPT LOAD and closing
-        self.pipeline = AutoPipeline(pool, DEADLINE, ResponseError)
+        self.pipeline = AutoPipeline(pool, DEADLINE, ResponseError, on_round_trip or _nothing)
         self.url = _without_password(url)
         self.fail_closed = fail_closed
-        self.on_unavailable = on_unavailable or (lambda: None)
-        self.on_round_trip = on_round_trip or (lambda: None)
+        self.on_unavailable = on_unavailable or _nothing
         self.wall = wall  # the UTC calendar the periods follow (tests inject one)
         self.clock = clock
         self._no_script = NoScriptError
@@ -264,13 +263,8 @@ class RedisState:
 
     async def _calls(self, commands: list[bytes]) -> list[Any]:
         """Commands sent together (one batch unless a batch is on the wire already);
-        their replies in order. Each batch is one round trip, counted here."""
-        before = self.pipeline.batches
-        try:
-            return list(await asyncio.gather(*(self.pipeline.call(c) for c in commands)))
-        finally:
-            for _ in range(self.pipeline.batches - before):
-                self.on_round_trip()
+        their replies in order."""
+        return list(await asyncio.gather(*(self.pipeline.call(c) for c in commands)))
 
     async def _script(self, script: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """EVALSHA each (keys, args); a Redis without the script (restarted, flushed)
@@ -503,6 +497,10 @@ class RedisState:
                 await self._task
         await self.flush()
         await self.client.aclose()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _sha1(script: str) -> str:
