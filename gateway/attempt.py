@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -67,8 +68,10 @@ async def open_attempt(
     cand: Candidate,
     is_last: Callable[[], bool],
     deadline: float = math.inf,
+    headers: Headers | None = None,
 ) -> Opened | Failure:
-    """Send the request and read until the answer can be relayed.
+    """Send the request and read until the answer can be relayed (with `headers`, the
+    client's as traced_attempt changed them).
 
     On an Opened result the caller owns the response and the health `begin`: it must
     close the one and `end` the other. On a Failure (or cancellation) both are done here.
@@ -86,7 +89,12 @@ async def open_attempt(
         body = ex.parsed.for_upstream(cand.upstream_model, injected) if ex.parsed.raw else b""
         try:
             resp = await upstream.send(
-                cand.target.provider, ex.path, body, ex.client_headers, deadline, ex.method
+                cand.target.provider,
+                ex.path,
+                body,
+                ex.client_headers if headers is None else headers,
+                deadline,
+                ex.method,
             )
         except GatewayError as exc:
             health.failed(key, cooldown)
@@ -175,3 +183,38 @@ async def open_attempt(
             health.end(key)
             if resp is not None:
                 resp.close()
+
+
+async def traced_attempt(
+    upstream: Upstream,
+    health: Health,
+    ex: Exchange,
+    cand: Candidate,
+    is_last: Callable[[], bool],
+    deadline: float = math.inf,
+) -> Opened | Failure:
+    """open_attempt inside its own span, the upstream told of it by `traceparent`
+    (SPEC §12); the relay picks this one only when the request is traced."""
+    assert ex.trace is not None
+    provider = cand.target.provider
+    origin = urlsplit(provider.base_url)
+    span, headers = ex.trace.attempt(
+        provider.name, cand.upstream_model, origin.hostname or "", origin.port or 0,
+        ex.client_headers,
+    )  # fmt: skip
+    try:
+        result = await open_attempt(upstream, health, ex, cand, is_last, deadline, headers)
+    except BaseException:
+        span.end(0, AttemptCancelled("the attempt was cancelled"))
+        raise
+    if isinstance(result, Failure):
+        span.end(result.status, result.error)
+    else:
+        result.span = span
+    return result
+
+
+class AttemptCancelled(GatewayError):
+    """error.type of an attempt abandoned (a hedge's loser, a client that left)."""
+
+    code = "cancelled"

@@ -13,6 +13,7 @@ from typing import Any
 from gateway.auth import authenticate
 from gateway.body import ClientGone, ParsedBody, parse_body, parse_multipart, read_body
 from gateway.errors import (
+    ClientLeft,
     GatewayError,
     MethodNotAllowed,
     ResponseNotFound,
@@ -111,6 +112,8 @@ class ProxyEndpoint:
             return
         key: Key | None = None
         limiter = runtime.limiter
+        tracing = runtime.tracing
+        trace = None if tracing is None else tracing.request(family, scope["headers"])
         try:
             key = authenticate(config.keys, incoming.token())
             raw = await read_body(
@@ -161,8 +164,12 @@ class ProxyEndpoint:
             extra.append(server_timing(t0))
             await send_error(send, exc, rid, extra, self.anthropic)
             runtime.refused(exc, key, rid, upstream_path, time.perf_counter() - t0)
+            if trace is not None:
+                trace.end(None, exc.status, error=exc)
             return
         except ClientGone:
+            if trace is not None:
+                trace.end(None, 0, error=ClientLeft("the client left before its request"))
             return
         may_inject = family.injects_usage and parsed.stream and not parsed.asked_usage
         ex = Exchange(
@@ -178,6 +185,7 @@ class ProxyEndpoint:
             counting,
             counting and may_inject,
             may_inject,
+            trace,
         )
         task = asyncio.current_task()
         assert task is not None
@@ -201,6 +209,10 @@ class ProxyEndpoint:
             if key is not None and (tokens or usd):
                 (limiter if runtime.shared is None else runtime.shared).charge(key, tokens, usd)
             runtime.served(ex, key, tokens, time.perf_counter() - t0)
+            if trace is not None:
+                slug = ex.slug or (parsed.slugs[0] if parsed.slugs else None)
+                gone = ClientLeft("the client left") if ex.client_gone else None
+                trace.end(slug, ex.status, ex.provider, ex.upstream_model, ex.usage, gone)
 
 
 class AzureDeployment:

@@ -203,3 +203,10 @@ class StateUnavailable(GatewayError):
     status = 503
     type = "server_error"
     code = "state_unavailable"
+
+
+class ClientLeft(GatewayError):
+    """Not sent to anyone: a trace's error.type for a request its client abandoned."""
+
+    status = 499
+    code = "client_gone"

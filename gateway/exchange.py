@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.body import ParsedBody
 from gateway.errors import GatewayError
@@ -15,6 +15,9 @@ from gateway.sse import EventSplitter, NestedSplicer, Splicer
 from gateway.upstream.client import UpstreamResponse
 from gateway.upstream.head import Headers
 from gateway.usage import Tally, usage_tokens
+
+if TYPE_CHECKING:
+    from gateway.tracing import AttemptSpan, RequestTrace
 
 
 @dataclass(slots=True)
@@ -42,6 +45,7 @@ class Exchange:
     # The family allows asking a stream for usage and the client did not: a priced entry
     # asks (SPEC §11), as inject_usage does for a token-limited key.
     may_inject: bool = False
+    trace: RequestTrace | None = None  # with OpenTelemetry on (gateway/tracing.py)
     # -- what happened to it (the relay's)
     started: bool = False  # response start sent to the client
     status: int = 0
@@ -99,3 +103,4 @@ class Opened:
     latency: float = 0.0  # seconds to the response head
     ttfb: float | None = None  # seconds to the first content
     tally: Tally | None = None  # usage and content size, when the key counts tokens
+    span: AttemptSpan | None = None  # with tracing: ended once the answer is done with

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from gateway.attempt import open_attempt
+from gateway.attempt import AttemptCancelled, open_attempt, traced_attempt
 from gateway.errors import (
     GatewayError,
     UpstreamDisconnected,
@@ -126,9 +126,8 @@ class Relay:
                         tried.timed_out = True
                         break
                     self._count_attempt(ex, cand)
-                    result = await open_attempt(
-                        self.upstream, self.health, ex, cand, is_last, deadline
-                    )
+                    attempt = open_attempt if ex.trace is None else traced_attempt
+                    result = await attempt(self.upstream, self.health, ex, cand, is_last, deadline)
                     if isinstance(result, Opened):
                         winner = result
                         break
@@ -164,7 +163,8 @@ class Relay:
             nonlocal hedge_at
             cand = pending.pop(0)
             self._count_attempt(ex, cand)
-            attempt = open_attempt(self.upstream, self.health, ex, cand, is_last)
+            opener = open_attempt if ex.trace is None else traced_attempt
+            attempt = opener(self.upstream, self.health, ex, cand, is_last)
             running[asyncio.ensure_future(attempt)] = cand
             hedge_at = loop.time() + hedge_after if pending else math.inf
 
@@ -229,6 +229,8 @@ class Relay:
     def _discard(self, opened: Opened) -> None:
         opened.resp.close()
         self.health.end(opened.cand.key)
+        if opened.span is not None:
+            opened.span.end(opened.resp.status, AttemptCancelled("a hedge's loser"))
 
     async def _keepalive_commit(self, ex: Exchange) -> None:
         """The 200 before any upstream answered: the gateway's own stream headers."""
@@ -296,6 +298,8 @@ class Relay:
             self.health.end(key)
             self._gauge(cand)
             resp.close()
+            if opened.span is not None:
+                opened.span.end(resp.status, UpstreamDisconnected("broke") if broke else None)
             if opened.body is None:  # a whole answer was settled before it went out
                 _settle(ex, opened)
                 if ex.usage is not None and not broke:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from gateway.state.file import StateFile
 if TYPE_CHECKING:
     from gateway.state.redis import RedisState
 from gateway.strategies import Strategies
+from gateway.tracing import Tracing
 from gateway.upstream.client import Upstream
 from gateway.usage import usage_parts
 
@@ -45,6 +47,8 @@ class Runtime:
         # With --state redis://: the limits and Responses ids every replica shares.
         self.shared: RedisState | None = None
         self.response_ids = ResponseIds()
+        # With OTEL_EXPORTER_OTLP_ENDPOINT set (and gateway[otel]): spans; else None.
+        self.tracing = Tracing.from_env()
         if settings.redis:
             from gateway.state.redis import RedisState
 
@@ -79,6 +83,8 @@ class Runtime:
         if self.shared is not None:
             await self.shared.close()
         await self.upstream.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)  # the last batch, exported
         self.metrics.dump()
         flush_access_log()
 
