@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-tools test-llama lint bench bench-scale bench-credentials bench-instructions bench-instructions-tools pyz clean
+.PHONY: install run test test-tools screenshot test-llama lint bench bench-scale bench-credentials bench-instructions bench-instructions-tools pyz clean
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) and installing the gateway with its dev tools (about a minute the first time)"
@@ -20,8 +20,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && command -v openssl >/dev/null \
-		&& command -v redis-server >/dev/null || $(MAKE) --no-print-directory test-tools
-	$(BIN)/python -m pytest -q
+		&& command -v redis-server >/dev/null && command -v chromedriver >/dev/null \
+		|| $(MAKE) --no-print-directory test-tools
+	SE_OFFLINE=true $(BIN)/python -m pytest -q
 
 # llama.cpp's server through the gateway (tests/test_llama.py). pip builds it from source:
 # portable flags (the native build may use instructions a VM advertises but lacks), no
@@ -49,14 +50,20 @@ $(LLAMA_STAMP): $(STAMP) pyproject.toml
 test-llama: $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -q -m llama tests/test_llama.py
 
-# The upstream client's tests run against a real nginx, TLS ones need openssl, and the
-# shared limits (--state redis://) a real redis-server. RUNLEVEL=1 keeps Debian's package
-# scripts from starting system-wide services.
-TEST_TOOLS := nginx openssl redis-server
+# The upstream client's tests run against a real nginx, TLS ones need openssl, the
+# shared limits (--state redis://) a real redis-server, and the console a real browser
+# (chromium, driven through chromium-driver). RUNLEVEL=1 keeps Debian's package scripts
+# from starting system-wide services.
+TEST_TOOLS := nginx openssl redis-server chromium chromium-driver
 test-tools:
 	@echo "== installing $(TEST_TOOLS) from Debian (needs root and apt-get)"
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends $(TEST_TOOLS)
+
+# The README's picture of the console, taken by its browser test.
+screenshot: $(STAMP)
+	GATEWAY_SCREENSHOT=$(CURDIR)/docs/console.png SE_OFFLINE=true \
+		$(BIN)/python -m pytest -q tests/test_console.py -k browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests

@@ -10,6 +10,7 @@ from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Config
+from gateway.console import ConsoleEndpoint
 from gateway.endpoints import AzureDeployment, ProxyEndpoint, ResponseById
 from gateway.families import PREFIXES, endpoints
 from gateway.info import (
@@ -84,6 +85,8 @@ def create_app(settings: Settings, config: Config) -> Gateway:
         Route("/api/v1/key", KeyInfo(runtime)),
         Route("/healthz", Healthz(runtime)),
         Route("/metrics", MetricsEndpoint(runtime)),
+        Route("/console", ConsoleEndpoint(runtime)),
+        Route("/console/data", ConsoleEndpoint(runtime, data=True)),
     ]
 
     @asynccontextmanager
@@ -94,6 +97,7 @@ def create_app(settings: Settings, config: Config) -> Gateway:
             runtime.state.start()
         if runtime.shared is not None:
             runtime.shared.start()
+        runtime.traffic.start()
         runtime.metrics.dump()  # with --workers N, each worker is in the sums from its start
         try:
             yield

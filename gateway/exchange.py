@@ -86,6 +86,13 @@ class Failure:
     headers: Headers = field(default_factory=list)
     body: bytes = b""
 
+    def describe(self) -> str:
+        """For the console's last error: the gateway's code and message, or the status
+        (an upstream's error body stays out: it may echo the request)."""
+        if self.error is not None:
+            return f"{self.error.code}: {self.error.message}"
+        return f"HTTP {self.status} from the upstream"
+
 
 @dataclass(slots=True)
 class Opened:

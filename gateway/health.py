@@ -29,6 +29,9 @@ class EntryState:
     in_flight: int = 0
     latency: float | None = None  # moving average of time to first byte, seconds
     throughput: float | None = None  # moving average of output tokens per second
+    error_rate: float = 0.0  # moving average of failed attempts (0..1), for the console
+    last_error: str = ""  # the last failure, said briefly (the console)
+    last_error_at: float = 0.0  # wall-clock seconds
 
 
 class Health:
@@ -92,6 +95,7 @@ class Health:
         entry.failures = 0
         entry.open_until = 0.0
         entry.probing = False
+        entry.error_rate -= EWMA_ALPHA * entry.error_rate
         if latency is not None:
             entry.latency = (
                 latency
@@ -102,11 +106,18 @@ class Health:
     def failed(self, key: EntryKey, cooldown: Cooldown, retry_after: float | None = None) -> None:
         entry = self.state(key)
         entry.failures += 1
+        entry.error_rate += EWMA_ALPHA * (1.0 - entry.error_rate)
         # A failed half-open probe reopens at once; otherwise wait for the threshold.
         if entry.probing or entry.failures >= cooldown.failures:
             seconds = max(cooldown.seconds, retry_after or 0.0)
             entry.open_until = self.clock() + seconds
             entry.probing = False
+
+    def note(self, key: EntryKey, what: str) -> None:
+        """The last failure's description (the relay's, once an attempt has failed)."""
+        entry = self.state(key)
+        entry.last_error = what[:300]
+        entry.last_error_at = time.time()
 
 
 def observe_throughput(entry: EntryState, tokens_per_second: float) -> None:

@@ -18,7 +18,7 @@ from gateway.yamlsrc import LineList, LineMap, Source, check_keys, line_of, pars
 SECRET_PREFIX = "sk-gw-"
 _KEY_FIELDS = frozenset(
     {"name", "sha256", "key", "models", "rpm", "tpm", "token_quota", "expires", "disabled",
-     "budget"}
+     "budget", "admin"}
 )  # fmt: skip
 PERIODS = ("day", "month", "total")  # UTC calendar (SPEC §11)
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -37,6 +37,7 @@ class Key:
     quota_period: str = "total"  # the token_quota's period
     budget_usd: float | None = None
     budget_period: str = "total"
+    admin: bool = False  # may open the console (SPEC §12)
 
     def allows(self, slug: str) -> bool:
         if self.models is None:
@@ -132,6 +133,10 @@ def _parse_key(src: Source, raw: Any, line: int) -> Key | None:
     if not isinstance(disabled, bool):
         src.problem(line_of(raw, "disabled"), "disabled must be true or false")
         disabled = False
+    admin = raw.get("admin", False)
+    if not isinstance(admin, bool):
+        src.problem(line_of(raw, "admin"), "admin must be true or false")
+        admin = False
     limits = {k: _positive_int(src, raw, k) for k in ("rpm", "tpm")}
     quota, quota_period = _quota(src, raw)
     budget, budget_period = _budget(src, raw)
@@ -140,7 +145,7 @@ def _parse_key(src: Source, raw: Any, line: int) -> Key | None:
     return Key(
         name=name, digest=digest, models=models, expires=expires, disabled=disabled,
         token_quota=quota, quota_period=quota_period, budget_usd=budget,
-        budget_period=budget_period, **limits,
+        budget_period=budget_period, admin=admin, **limits,
     )  # fmt: skip
 
 

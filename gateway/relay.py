@@ -133,6 +133,7 @@ class Relay:
                         break
                     self._gauge(cand)
                     tried.add(result)
+                    self.health.note(cand.key, result.describe())
         finally:
             if keepalive is not None:
                 await keepalive.stop()
@@ -200,6 +201,7 @@ class Relay:
                         continue
                     self._gauge(cand)
                     tried.add(result)
+                    self.health.note(cand.key, result.describe())
                 if winner is not None:
                     break
                 if not running and pending:

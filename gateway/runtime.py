@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from gateway.accesslog import AccessLog
 from gateway.accesslog import flush as flush_access_log
 from gateway.config import Config
+from gateway.console.traffic import Traffic
 from gateway.errors import GatewayError, QuotaExhausted, RateLimited
 from gateway.exchange import Exchange
 from gateway.health import Health
@@ -42,6 +43,7 @@ class Runtime:
         self.strategies = Strategies(self.health)
         self.limiter = Limiter()
         self.metrics = Metrics()
+        self.traffic = Traffic(self.metrics)  # the console's last 15 minutes
         self.access = AccessLog(settings.log_format)
         self.state: StateFile | None = None
         # With --state redis://: the limits and Responses ids every replica shares.
@@ -78,6 +80,7 @@ class Runtime:
         return old
 
     async def stop(self) -> None:
+        await self.traffic.stop()
         if self.state is not None:
             await self.state.close()
         if self.shared is not None:

@@ -1,0 +1,212 @@
+"""The built-in console (SPEC §12): GET /console, one page from this package (HTML,
+CSS and a little JavaScript, nothing from a CDN), and GET /console/data, the JSON it
+draws, for scripts too.
+
+Both need a key with `admin: true` (or, with no keys configured, a loopback client).
+The key comes as `Authorization: Bearer KEY`, or as the password of HTTP Basic: a 401
+asks browsers for it (`WWW-Authenticate: Basic`), and they send it again with the
+page's own requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from importlib.resources import files
+from typing import Any
+
+import orjson
+
+from gateway.auth import authenticate, bearer_token
+from gateway.errors import GatewayError, MethodNotAllowed, Unauthorized
+from gateway.families import ALL
+from gateway.health import EntryState
+from gateway.incoming import Incoming
+from gateway.keys import Key
+from gateway.respond import Receive, Scope, Send, send_bytes, send_error, server_timing
+from gateway.routes import Model, Target
+from gateway.runtime import Runtime
+from gateway.settings import is_loopback
+
+CHALLENGE = (b"www-authenticate", b'Basic realm="gateway console", charset="UTF-8"')
+# Each page answer also says: no caching, no framing, nothing loaded from elsewhere.
+PAGE_HEADERS = [
+    (b"content-type", b"text/html; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy",
+     b"default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+     b"img-src 'self' data:; frame-ancestors 'none'"),
+]  # fmt: skip
+
+
+class AdminRequired(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "admin_required"
+
+
+def console_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The key from Bearer (or x-api-key), or from Basic's password."""
+    incoming = Incoming(headers)
+    auth = incoming.authorization
+    if auth is not None and auth[:6].lower() == b"basic ":
+        try:
+            decoded = base64.b64decode(auth[6:].strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        return decoded.partition(b":")[2] or None
+    if auth is not None:
+        return bearer_token(auth)
+    return incoming.token()
+
+
+class ConsoleEndpoint:
+    """GET /console and GET /console/data."""
+
+    def __init__(self, runtime: Runtime, data: bool = False) -> None:
+        self.runtime = runtime
+        self.data = data
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = time.perf_counter()
+        rid = Incoming(scope["headers"]).request_id
+        extra = [(b"x-request-id", rid)]
+        try:
+            if scope["method"] not in ("GET", "HEAD"):
+                extra.append((b"allow", b"GET"))
+                raise MethodNotAllowed("use GET")
+            self._admit(scope)
+            if self.data:
+                body = orjson.dumps(await console_data(self.runtime))
+                headers = [*extra, (b"cache-control", b"no-store"), server_timing(t0)]
+                await send_bytes(send, 200, body, headers)
+            else:
+                headers = [*extra, *PAGE_HEADERS, server_timing(t0)]
+                await send_bytes(send, 200, page(), headers, content_type=None)
+        except GatewayError as exc:
+            if isinstance(exc, Unauthorized):
+                extra.append(CHALLENGE)
+            await send_error(send, exc, rid, [*extra[1:], server_timing(t0)])
+
+    def _admit(self, scope: Scope) -> None:
+        keys = self.runtime.config.keys
+        if keys.open:
+            client = scope.get("client") or ("", 0)
+            if not is_loopback(client[0]):
+                raise AdminRequired("with no keys configured the console answers loopback only")
+            return
+        key = authenticate(keys, console_token(scope["headers"]))
+        if key is None or not key.admin:
+            raise AdminRequired(
+                "the console needs a key with admin: true in keys.yaml",
+                {"key": key.name if key else None},
+            )
+
+
+_PAGE: bytes | None = None
+
+
+def page() -> bytes:
+    global _PAGE
+    if _PAGE is None:  # read once, from the installed package (or the pyz)
+        _PAGE = files("gateway.console").joinpath("page.html").read_bytes()
+    return _PAGE
+
+
+# -- the data
+
+
+def _apis(target: Target) -> list[str]:
+    return sorted(target.provider.apis)
+
+
+def _entry(runtime: Runtime, model: Model, target: Target) -> dict[str, Any]:
+    upstream = target.model if target.model is not None else model.slug
+    entry: dict[str, Any] = {
+        "provider": target.provider.name,
+        "model": upstream,
+        "apis": _apis(target),
+        "price": None
+        if target.price is None
+        else {
+            "input": target.price.input,
+            "output": target.price.output,
+            "cached_input": target.price.cached_input,
+        },
+    }
+    if "*" in upstream:  # a wildcard's entries are per captured model: not one state
+        entry.update(state="per model", latency_ms=None, error_rate=None, in_flight=None,
+                     last_error="", last_error_at=None)  # fmt: skip
+        return entry
+    health = runtime.health
+    state: EntryState | None = health.entries.get((target.provider.name, upstream, ""))
+    if state is None:
+        state = EntryState()
+    now = health.clock()
+    if state.open_until and now < state.open_until:
+        breaker = "open"
+    elif state.open_until:
+        breaker = "half-open"
+    else:
+        breaker = "closed"
+    entry.update(
+        state=breaker,
+        retry_in_s=round(state.open_until - now, 1) if breaker == "open" else None,
+        latency_ms=None if state.latency is None else round(state.latency * 1000, 2),
+        error_rate=round(state.error_rate, 4),
+        in_flight=state.in_flight,
+        last_error=state.last_error,
+        last_error_at=state.last_error_at or None,
+    )
+    return entry
+
+
+async def _key_reports(runtime: Runtime, keys: tuple[Key, ...]) -> list[dict[str, Any]]:
+    shared = runtime.shared
+    if shared is None:
+        return [runtime.limiter.report(key) for key in keys]
+    try:
+        return list(await asyncio.gather(*(shared.report(key) for key in keys)))
+    except GatewayError as exc:  # Redis away: say so rather than show zeros
+        return [{"object": "key", "name": key.name, "error": exc.message} for key in keys]
+
+
+async def console_data(runtime: Runtime) -> dict[str, Any]:
+    config = runtime.config
+    families = set(ALL)
+    models = []
+    entries: dict[tuple[str, str], dict[str, Any]] = {}
+    for model in config.routes.catalog():
+        rows = [_entry(runtime, model, target) for target in model.targets]
+        for row in rows:
+            entries.setdefault((row["provider"], row["model"]), row)
+        served = sorted({api for row in rows for api in row["apis"]} & families)
+        models.append({"slug": model.slug, "id": model.id, "name": model.name,
+                       "strategy": model.strategy, "apis": served,
+                       "providers": rows})  # fmt: skip
+    keys = config.keys.entries
+    return {
+        "object": "console",
+        "gateway": {
+            "config_version": config.version,
+            "started_at": runtime.started_at,
+            "state": "redis"
+            if runtime.shared is not None
+            else ("file" if runtime.state is not None else "memory"),
+            "tracing": runtime.tracing is not None,
+            "keys": len(keys),
+        },
+        "models": models,
+        "providers": list(entries.values()),
+        "traffic": {"step_seconds": runtime.traffic.step, "points": runtime.traffic.view()},
+        "keys": await _key_reports(runtime, keys),
+    }
+
+
+def _backend(runtime: Runtime) -> str:
+    if runtime.shared is not None:
+        return "redis"
+    return "file" if runtime.state is not None else "memory"
