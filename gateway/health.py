@@ -95,7 +95,9 @@ class Health:
         entry.failures = 0
         entry.open_until = 0.0
         entry.probing = False
-        entry.error_rate -= EWMA_ALPHA * entry.error_rate
+        if entry.error_rate:  # most entries never fail: no float work for them
+            rate = entry.error_rate * (1.0 - EWMA_ALPHA)
+            entry.error_rate = rate if rate > 1e-4 else 0.0
         if latency is not None:
             entry.latency = (
                 latency

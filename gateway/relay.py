@@ -73,7 +73,10 @@ class Relay:
         metrics: Metrics,
         response_ids: ResponseIds | None = None,
         hedge_share: float = HEDGE_SHARE,
+        traced: bool = False,
     ) -> None:
+        # Chosen once: with tracing off no request pays for the choice.
+        self.open = traced_attempt if traced else open_attempt
         self.upstream = upstream
         self.health = health
         self.metrics = metrics
@@ -126,8 +129,9 @@ class Relay:
                         tried.timed_out = True
                         break
                     self._count_attempt(ex, cand)
-                    attempt = open_attempt if ex.trace is None else traced_attempt
-                    result = await attempt(self.upstream, self.health, ex, cand, is_last, deadline)
+                    result = await self.open(
+                        self.upstream, self.health, ex, cand, is_last, deadline
+                    )
                     if isinstance(result, Opened):
                         winner = result
                         break
@@ -164,8 +168,7 @@ class Relay:
             nonlocal hedge_at
             cand = pending.pop(0)
             self._count_attempt(ex, cand)
-            opener = open_attempt if ex.trace is None else traced_attempt
-            attempt = opener(self.upstream, self.health, ex, cand, is_last)
+            attempt = self.open(self.upstream, self.health, ex, cand, is_last)
             running[asyncio.ensure_future(attempt)] = cand
             hedge_at = loop.time() + hedge_after if pending else math.inf
 

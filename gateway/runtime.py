@@ -64,7 +64,13 @@ class Runtime:
         elif settings.state != "none":
             self.state = StateFile(settings.state, self.limiter)
             self.state.load()
-        self.relay = Relay(self.upstream, self.health, self.metrics, self.response_ids)
+        self.relay = Relay(
+            self.upstream,
+            self.health,
+            self.metrics,
+            self.response_ids,
+            traced=self.tracing is not None,
+        )
 
     def swap(self, config: Config) -> Config:
         """The new snapshot in, the old one back; state of keys that left is freed (a

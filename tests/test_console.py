@@ -92,7 +92,9 @@ def drive(browser: Any, url: str, tmp_path: Path) -> None:
     browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": ADMIN})
     browser.get(f"{url}/console")
     assert wait_for(lambda: browser.find_elements("css selector", "#models-list li")), (
-        browser.page_source[:600], browser.get_log("browser"))
+        browser.page_source[:600],
+        browser.get_log("browser"),
+    )
     slugs = [li.text for li in browser.find_elements("css selector", "#models-list li")]
     assert slugs == ["echo", "plain"]
 
