@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import orjson
 
@@ -197,11 +196,10 @@ async def traced_attempt(
     (SPEC §12); the relay picks this one only when the request is traced."""
     assert ex.trace is not None
     provider = cand.target.provider
-    origin = urlsplit(provider.base_url)
+    origin = upstream.target(provider).origin  # prepared once, not parsed per attempt
     span, headers = ex.trace.attempt(
-        provider.name, cand.upstream_model, origin.hostname or "", origin.port or 0,
-        ex.client_headers,
-    )  # fmt: skip
+        provider.name, cand.upstream_model, origin.host, origin.port, ex.client_headers
+    )
     try:
         result = await open_attempt(upstream, health, ex, cand, is_last, deadline, headers)
     except BaseException:

@@ -132,9 +132,7 @@ class ProxyEndpoint:
                 parsed = parse_body(raw, family, session, counting, path_slug)
                 previous = parsed.previous_response_id
             if previous is not None:
-                creator = runtime.response_ids.find(previous)
-                if creator is None and runtime.shared is not None:
-                    creator = await runtime.shared.find(previous)  # another replica's
+                creator = await runtime.find_response(previous)
                 if creator is not None:
                     pinned = (creator.provider, creator.upstream_model)
                     # The creator's slug, whatever `model` says (ParsedBody's one writer
@@ -157,10 +155,11 @@ class ProxyEndpoint:
                     rate_headers = await shared.admit(key)
                     if rate_headers is UNENFORCED:
                         runtime.unenforced(key, rid)
+                        rate_headers = []  # the sentinel itself is never handed on
         except GatewayError as exc:
             extra = []
             if key is not None and limiter.limited(key):
-                extra = (limiter if runtime.shared is None else runtime.shared).headers(key)
+                extra = runtime.limits.headers(key)
             extra.append(server_timing(t0))
             await send_error(send, exc, rid, extra, self.anthropic)
             runtime.refused(exc, key, rid, upstream_path, time.perf_counter() - t0)
@@ -207,7 +206,7 @@ class ProxyEndpoint:
             tokens = ex.tokens() if ex.count_tokens and key is not None else 0
             usd = (ex.cost_usd or 0.0) if key is not None and key.budget_usd is not None else 0.0
             if key is not None and (tokens or usd):
-                (limiter if runtime.shared is None else runtime.shared).charge(key, tokens, usd)
+                runtime.limits.charge(key, tokens, usd)
             runtime.served(ex, key, tokens, time.perf_counter() - t0)
             if trace is not None:
                 slug = ex.slug or (parsed.slugs[0] if parsed.slugs else None)

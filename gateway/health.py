@@ -8,6 +8,7 @@ LRU: at most MAX_CAPTURED per pattern, whatever clients send.
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,6 +33,22 @@ class EntryState:
     error_rate: float = 0.0  # moving average of failed attempts (0..1), for the console
     last_error: str = ""  # the last failure, said briefly (the console)
     last_error_at: float = 0.0  # wall-clock seconds
+
+
+class Breaker(enum.Enum):
+    """An entry's circuit as an operator reads it. CLOSED -> OPEN when failures reach
+    the cooldown's threshold (or a probe fails); OPEN -> HALF_OPEN when the cooldown has
+    passed (one live request may probe); HALF_OPEN -> CLOSED on a success."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+def breaker(entry: EntryState, now: float) -> Breaker:
+    if not entry.open_until:
+        return Breaker.CLOSED
+    return Breaker.OPEN if now < entry.open_until else Breaker.HALF_OPEN
 
 
 class Health:

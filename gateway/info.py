@@ -140,8 +140,7 @@ class KeyInfo(JsonEndpoint):
     def answer(self, key: Key | None, params: dict[str, Any]) -> Any:
         if key is None:  # an open gateway: no key, no limits
             return {"object": "key", "name": None, "limits": {}, "usage": {}, "remaining": {}}
-        shared = self.runtime.shared
-        return self.runtime.limiter.report(key) if shared is None else shared.report(key)
+        return self.runtime.limits.report(key)
 
 
 class NotFoundEndpoint:

@@ -59,6 +59,23 @@ def period_name(kind: str, now: datetime) -> str:
     return "total"
 
 
+class PeriodNames:
+    """period_name, its strings made once a day (strftime cost 1 us a call, several
+    times a request for a key with a quota and a budget). One per backend."""
+
+    def __init__(self) -> None:
+        self._names: tuple[int, str, str] | None = None  # (date ordinal, day, month)
+
+    def __call__(self, kind: str, now: datetime) -> str:
+        if kind == "total":
+            return "total"
+        day = now.toordinal()
+        names = self._names
+        if names is None or names[0] != day:
+            names = self._names = (day, period_name("day", now), period_name("month", now))
+        return names[1] if kind == "day" else names[2]
+
+
 def period_end(kind: str, now: datetime) -> datetime | None:
     """When the current period of this kind ends (None: never)."""
     if kind == "day":
@@ -112,7 +129,7 @@ class Limiter:
         # Keys whose period counts changed since the state file last took them (its one
         # reader; admit and charge add to it).
         self.dirty: set[str] = set()
-        self._names: tuple[int, str, str] | None = None  # (date ordinal, day, month)
+        self._period_name = PeriodNames()
 
     def period(self, state: KeyUsage, kind: str, now: datetime) -> Period:
         """The key's current period of this kind, started afresh when the calendar moved."""
@@ -143,17 +160,6 @@ class Limiter:
         else:
             state.tokens = None
         return state
-
-    def _period_name(self, kind: str, now: datetime) -> str:
-        """period_name, its strings made once a day (strftime cost 1 us a call, several
-        times a request for a key with a quota and a budget)."""
-        if kind == "total":
-            return "total"
-        day = now.toordinal()
-        names = self._names
-        if names is None or names[0] != day:
-            names = self._names = (day, period_name("day", now), period_name("month", now))
-        return names[1] if kind == "day" else names[2]
 
     @staticmethod
     def limited(key: Key | None) -> bool:

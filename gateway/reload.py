@@ -11,7 +11,6 @@ and the state of keys that left is freed by the swap.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -20,6 +19,7 @@ import threading
 
 from gateway.config import Config, ConfigError, load_config
 from gateway.runtime import Runtime
+from gateway.tasks import cancel
 
 log = logging.getLogger("gateway")
 Fingerprint = tuple[tuple[int, int] | None, ...]
@@ -111,10 +111,7 @@ class Reloader:
         if self._signal:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         for task in (self._task, self._running):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel(task)
 
 
 def _drop(holder: list[Config]) -> None:

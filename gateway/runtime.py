@@ -18,7 +18,7 @@ from gateway.keys import Key
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.relay import Relay
-from gateway.response_ids import ResponseIds
+from gateway.response_ids import Creator, ResponseIds
 from gateway.settings import Settings
 from gateway.state.file import StateFile
 
@@ -55,15 +55,15 @@ class Runtime:
             from gateway.state.redis import RedisState
 
             self.shared = RedisState(
-                settings.state,
-                settings.state_fail == "closed",
-                self.metrics.unenforced.inc,
-                self.metrics.round_trips.inc,
+                settings.state, settings.state_fail == "closed", self.metrics.round_trips.inc
             )
             self.response_ids.mirror = self.shared.remember
         elif settings.state != "none":
             self.state = StateFile(settings.state, self.limiter)
             self.state.load()
+        # Where keys' limits are counted, chosen once: every caller but the check itself
+        # (sync in memory, a round trip in Redis) goes through this one.
+        self.limits: Limiter | RedisState = self.limiter if self.shared is None else self.shared
         self.relay = Relay(
             self.upstream,
             self.health,
@@ -79,9 +79,7 @@ class Runtime:
         kept = {key.name for key in config.keys.entries}
         gone = {key.name for key in old.keys.entries} - kept
         if gone:
-            self.limiter.forget(gone)
-            if self.shared is not None:
-                self.shared.forget(gone)
+            self.limits.forget(gone)
             self.metrics.forget_keys(gone)
         return old
 
@@ -126,12 +124,21 @@ class Runtime:
 
     def unenforced(self, key: Key, request_id: bytes) -> None:
         """A limited key's request served without its limits (Redis away, failing open):
-        counted by RedisState, logged here with the request's id."""
+        counted and logged with the request's id."""
+        self.metrics.unenforced.inc()
         log.warning(
             "request %s of key %r served without its limits: redis is unreachable",
             request_id.decode("latin-1"),
             key.name,
         )
+
+    async def find_response(self, response_id: str) -> Creator | None:
+        """The entry that created a Responses id: this process's map, else (with Redis)
+        the one every replica writes to."""
+        creator = self.response_ids.find(response_id)
+        if creator is None and self.shared is not None:
+            creator = await self.shared.find(response_id)
+        return creator
 
     def refused(
         self, exc: GatewayError, key: Key | None, request_id: bytes, path: str, duration: float

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,10 +41,11 @@ def _operation(family: Family) -> str:
 
 
 class Tracing:
-    def __init__(self, provider: Any, api: Any) -> None:
+    def __init__(self, provider: Any, api: Any, propagator: Any) -> None:
         self.provider = provider
         self.tracer = provider.get_tracer("gateway")
         self.api = api  # opentelemetry.trace, imported by from_env
+        self.propagator = propagator  # W3C trace context, made once
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Tracing | None:
@@ -61,6 +61,9 @@ class Tracing:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            from opentelemetry.trace.propagation.tracecontext import (
+                TraceContextTextMapPropagator,
+            )
         except ImportError:
             log.warning(
                 "OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed: "
@@ -70,11 +73,9 @@ class Tracing:
         attributes = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": "gateway"}
         provider = TracerProvider(resource=Resource.create(attributes))
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        return cls(provider, trace)
+        return cls(provider, trace, TraceContextTextMapPropagator())
 
-    def request(
-        self, family: Family, client_headers: Headers, started_ns: int | None = None
-    ) -> RequestTrace:
+    def request(self, family: Family, client_headers: Headers) -> RequestTrace:
         """The request's span, a child of the client's traceparent when it sent one."""
         parent = None
         for name, value in client_headers:
@@ -86,19 +87,12 @@ class Tracing:
             operation,
             context=parent,
             kind=self.api.SpanKind.SERVER,
-            start_time=started_ns,
             attributes={"gen_ai.operation.name": operation},
         )
         return RequestTrace(self, span, operation)
 
     def _parent(self, value: bytes) -> Any:
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        try:
-            carrier = {"traceparent": value.decode("latin-1")}
-        except UnicodeDecodeError:
-            return None
-        context = TraceContextTextMapPropagator().extract(carrier)
+        context = self.propagator.extract({"traceparent": value.decode("latin-1")})
         span = self.api.get_current_span(context)
         return context if span.get_span_context().is_valid else None
 
@@ -189,7 +183,3 @@ class AttemptSpan:
             self.span.set_attribute("http.response.status_code", status)
         failed(self.span, self.api, status, error)
         self.span.end()
-
-
-def now_ns() -> int:
-    return time.time_ns()

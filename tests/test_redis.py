@@ -25,16 +25,8 @@ from tests.conftest import GatewayFactory
 from tests.helpers import assert_envelope, free_port, start_redis, stop, until
 from tests.test_cli import clean_env, serving
 from tests.test_cost import metric
+from tests.test_state import ROUTES  # the echo at a price: the same as the file backend's
 
-ROUTES = """\
-providers:
-  echo: {base_url: "builtin:echo"}
-models:
-  echo:
-    providers:
-      - provider: echo
-        price: {input: 1000, output: 1000}
-"""
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hello there"}]}
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import time
+from collections.abc import Awaitable
 from importlib.resources import files
 from typing import Any
 
@@ -22,7 +24,7 @@ import orjson
 from gateway.auth import authenticate, bearer_token
 from gateway.errors import GatewayError, MethodNotAllowed, Unauthorized
 from gateway.families import ALL
-from gateway.health import EntryState
+from gateway.health import Breaker, EntryState, breaker
 from gateway.incoming import Incoming
 from gateway.keys import Key
 from gateway.respond import Receive, Scope, Send, send_bytes, send_error, server_timing
@@ -106,21 +108,13 @@ class ConsoleEndpoint:
             )
 
 
-_PAGE: bytes | None = None
-
-
+@functools.cache
 def page() -> bytes:
-    global _PAGE
-    if _PAGE is None:  # read once, from the installed package (or the pyz)
-        _PAGE = files("gateway.console").joinpath("page.html").read_bytes()
-    return _PAGE
+    """Read once, from the installed package (or the pyz)."""
+    return files("gateway.console").joinpath("page.html").read_bytes()
 
 
 # -- the data
-
-
-def _apis(target: Target) -> list[str]:
-    return sorted(target.provider.apis)
 
 
 def _entry(runtime: Runtime, model: Model, target: Target) -> dict[str, Any]:
@@ -128,7 +122,7 @@ def _entry(runtime: Runtime, model: Model, target: Target) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "provider": target.provider.name,
         "model": upstream,
-        "apis": _apis(target),
+        "apis": sorted(target.provider.apis),
         "price": None
         if target.price is None
         else {
@@ -146,15 +140,10 @@ def _entry(runtime: Runtime, model: Model, target: Target) -> dict[str, Any]:
     if state is None:
         state = EntryState()
     now = health.clock()
-    if state.open_until and now < state.open_until:
-        breaker = "open"
-    elif state.open_until:
-        breaker = "half-open"
-    else:
-        breaker = "closed"
+    circuit = breaker(state, now)
     entry.update(
-        state=breaker,
-        retry_in_s=round(state.open_until - now, 1) if breaker == "open" else None,
+        state=circuit.value,
+        retry_in_s=round(state.open_until - now, 1) if circuit is Breaker.OPEN else None,
         latency_ms=None if state.latency is None else round(state.latency * 1000, 2),
         error_rate=round(state.error_rate, 4),
         in_flight=state.in_flight,
@@ -165,11 +154,11 @@ def _entry(runtime: Runtime, model: Model, target: Target) -> dict[str, Any]:
 
 
 async def _key_reports(runtime: Runtime, keys: tuple[Key, ...]) -> list[dict[str, Any]]:
-    shared = runtime.shared
-    if shared is None:
-        return [runtime.limiter.report(key) for key in keys]
-    try:
-        return list(await asyncio.gather(*(shared.report(key) for key in keys)))
+    async def answer(report: dict[str, Any] | Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        return await report if isinstance(report, Awaitable) else report
+
+    try:  # concurrently: with Redis, the reads share round trips
+        return list(await asyncio.gather(*(answer(runtime.limits.report(key)) for key in keys)))
     except GatewayError as exc:  # Redis away: say so rather than show zeros
         return [{"object": "key", "name": key.name, "error": exc.message} for key in keys]
 

@@ -12,7 +12,6 @@ the TOP_KEYS keys that used most in it, the rest summed as "(other)". With
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.metrics import LATENCY_BUCKETS, Metrics
+from gateway.tasks import cancel
 
 STEP = 10.0  # seconds per point
 POINTS = 90  # 15 minutes
@@ -124,7 +124,4 @@ class Traffic:
             self.sample()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)

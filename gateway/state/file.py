@@ -16,7 +16,6 @@ and fsync run in a thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -29,6 +28,7 @@ from typing import Any
 import orjson
 
 from gateway.limits import KeyUsage, Limiter, Period
+from gateway.tasks import cancel
 
 log = logging.getLogger("gateway")
 
@@ -151,10 +151,7 @@ class StateFile:
 
     async def close(self) -> None:
         """On drain: stop the timer, write what changed."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         await self.save()
 
 

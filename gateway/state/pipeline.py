@@ -48,6 +48,8 @@ class AutoPipeline:
         # anything else fails the batch, and its connection is dropped.
         self.reply_error = reply_error
         self.sender = Sender.IDLE
+        # At most one command per request in flight (the server's connection cap bounds
+        # those); written by call() (append) and _send() (take).
         self.queue: list[tuple[bytes, asyncio.Future[Any]]] = []
         self.on_batch = on_batch  # each batch written: one round trip
         self._task: asyncio.Task[None] | None = None

@@ -34,7 +34,6 @@ tokens and usd; day and month expire after their period has gone), and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import hashlib
 import logging
@@ -50,18 +49,20 @@ from gateway.limits import (
     Bucket,
     KeyUsage,
     Period,
+    PeriodNames,
     budget_spent,
     header_map,
     over_rpm,
     over_tpm,
     period_kinds,
-    period_name,
     quota_spent,
     report,
 )
 from gateway.response_ids import TTL as RESPONSE_TTL
 from gateway.response_ids import Creator
 from gateway.state.pipeline import AutoPipeline, pack
+from gateway.state.scripts import ADMIT_SCRIPT, CHARGE_SCRIPT
+from gateway.tasks import cancel
 
 log = logging.getLogger("gateway")
 
@@ -80,85 +81,6 @@ PERIOD_TTL = {"day": 3 * 86400, "month": 70 * 86400, "total": 0}
 
 # The served-without-limits answer of admit(): empty headers, told apart by identity.
 UNENFORCED: Headers = []
-
-# Applies a charge to KEYS[2] (the tpm TAT) and KEYS[3..] (the period hashes); ARGV[1]
-# is tpm (0: none), ARGV[2] tokens, ARGV[3] usd, ARGV[4..] each period's TTL.
-_CHARGE = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
-local function charge(now, tpm, tokens, usd, ttl_at)
-  if tpm > 0 and tokens > 0 then
-    local tat = tonumber(redis.call('GET', KEYS[2]) or '0')
-    if tat < now then tat = now end
-    tat = tat + tokens * 60000 / tpm
-    redis.call('SET', KEYS[2], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
-  end
-  for i = 3, #KEYS do
-    if tokens > 0 then redis.call('HINCRBY', KEYS[i], 'tokens', tokens) end
-    if usd > 0 then redis.call('HINCRBYFLOAT', KEYS[i], 'usd', usd) end
-    local ttl = tonumber(ARGV[ttl_at + i - 3])
-    if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
-  end
-end
-"""
-
-CHARGE_SCRIPT = (
-    _CHARGE
-    + """
-charge(now_ms(), tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), 4)
-return 1
-"""
-)
-
-# KEYS: rpm TAT, tpm TAT, the period hashes. ARGV: rpm, tpm (0: none), quota tokens,
-# its period's KEYS index, budget usd (-1: none), its index, the pending charge's tokens
-# and usd, then each period's TTL. Replies {verdict, amount, requests, tokens}: the
-# verdict "ok", "quota", "budget", "rpm" or "tpm"; the amount used (quota, budget) or
-# the ms until one more request would pass (rpm, tpm); then the ms until the request and
-# token levels are full again, for the rate-limit headers of every answer.
-ADMIT_SCRIPT = (
-    _CHARGE
-    + """
-local now = now_ms()
-local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
-local quota, budget = tonumber(ARGV[3]), tonumber(ARGV[5])
-charge(now, tpm, tonumber(ARGV[7]), tonumber(ARGV[8]), 9)
-local rtat, ttat = now, now
-if rpm > 0 then rtat = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0')) end
-if tpm > 0 then ttat = math.max(now, tonumber(redis.call('GET', KEYS[2]) or '0')) end
-local function reply(verdict, amount, rfull)
-  return {verdict, amount, string.format('%.3f', rfull - now), string.format('%.3f', ttat - now)}
-end
-if quota >= 0 then
-  local used = tonumber(redis.call('HGET', KEYS[tonumber(ARGV[4])], 'tokens') or '0')
-  if used >= quota then return reply('quota', tostring(used), rtat) end
-end
-if budget >= 0 then
-  local spent = tonumber(redis.call('HGET', KEYS[tonumber(ARGV[6])], 'usd') or '0')
-  if spent >= budget then return reply('budget', string.format('%.10f', spent), rtat) end
-end
-local rnew = rtat
-if rpm > 0 then
-  rnew = rtat + 60000 / rpm
-  -- 1 us of slack: rpm requests at one instant must all pass despite rounding.
-  if rnew - now > 60000.001 then
-    return reply('rpm', string.format('%.3f', rnew - 60000 - now), rtat)
-  end
-  redis.call('SET', KEYS[1], string.format('%.3f', rnew), 'PX', math.ceil(rnew - now) + 1000)
-end
-if tpm > 0 and ttat - now >= 60000 then
-  return reply('tpm', string.format('%.3f', ttat - now - 60000), rnew)
-end
-for i = 3, #KEYS do
-  redis.call('HINCRBY', KEYS[i], 'requests', 1)
-  local ttl = tonumber(ARGV[9 + i - 3])
-  if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
-end
-return reply('ok', '0', rnew)
-"""
-)
 
 
 class Link(enum.Enum):
@@ -192,7 +114,6 @@ class RedisState:
         self,
         url: str,
         fail_closed: bool = False,
-        on_unavailable: Callable[[], None] | None = None,
         on_round_trip: Callable[[], None] | None = None,
         wall: Callable[[], datetime] = _utc_now,
         clock: Callable[[], float] = time.monotonic,
@@ -216,8 +137,8 @@ class RedisState:
         self.pipeline = AutoPipeline(pool, DEADLINE, ResponseError, on_round_trip or _nothing)
         self.url = _without_password(url)
         self.fail_closed = fail_closed
-        self.on_unavailable = on_unavailable or _nothing
         self.wall = wall  # the UTC calendar the periods follow (tests inject one)
+        self._period_name = PeriodNames()
         self.clock = clock
         self._no_script = NoScriptError
         self._sha = {script: _sha1(script) for script in (ADMIT_SCRIPT, CHARGE_SCRIPT)}
@@ -283,7 +204,6 @@ class RedisState:
                 "the gateway's state store (Redis) is unreachable, so this key's limits "
                 "cannot be checked; try again shortly"
             )
-        self.on_unavailable()
         return UNENFORCED
 
     # -- limits
@@ -410,7 +330,7 @@ class RedisState:
         names = [base + "rpm", base + "tpm"]
         for kind in kinds:
             names.append(base + "total" if kind == "total" else
-                         f"{base}{kind}:{period_name(kind, wall)}")  # fmt: skip
+                         f"{base}{kind}:{self._period_name(kind, wall)}")  # fmt: skip
         return names
 
     def _headers(self, key: Key, requests_full_ms: float, tokens_full_ms: float) -> Headers:
@@ -491,10 +411,7 @@ class RedisState:
 
     async def close(self) -> None:
         """On drain: stop the batch, send what is pending, close the connections."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
         await self.flush()
         await self.client.aclose()
 

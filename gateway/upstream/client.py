@@ -236,7 +236,8 @@ class Upstream:
         # Closed transports finish closing on the loop's next turn.
         await asyncio.sleep(0)
 
-    def _target(self, provider: Provider) -> Target:
+    def target(self, provider: Provider) -> Target:
+        """The provider's request head, prepared once per provider object."""
         entry = self._targets.get(id(provider))
         if entry is None or entry[0] is not provider:
             if len(self._targets) > 4096:  # old config snapshots' providers
@@ -258,7 +259,7 @@ class Upstream:
         timeouts."""
         if provider.builtin is not None:
             return EchoResponse.answer(path, body, method, client_headers)
-        target = self._target(provider)
+        target = self.target(provider)
         t = provider.timeout
         loop = asyncio.get_running_loop()
         total = math.inf if t.total is None else loop.time() + t.total

@@ -11,7 +11,6 @@ allowed). Tokens and secrets are never logged: errors name the provider and the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import re
@@ -25,6 +24,7 @@ import orjson
 
 from gateway.errors import GatewayError, UpstreamUnavailable
 from gateway.providers import Aws, Gcp, OAuth2, Provider, Timeouts
+from gateway.tasks import cancel
 
 log = logging.getLogger("gateway")
 
@@ -131,10 +131,7 @@ class TokenSource:
         self.last_error = None
 
     async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel(self._task)
 
 
 # --------------------------------------------------------------------------- fetchers
