@@ -185,6 +185,8 @@ class RedisState:
     async def _calls(self, commands: list[bytes]) -> list[Any]:
         """Commands sent together (one batch unless a batch is on the wire already);
         their replies in order."""
+        if len(commands) == 1:  # a check: gather's task per command cost 12 of 113 us
+            return [await self.pipeline.call(commands[0])]
         return list(await asyncio.gather(*(self.pipeline.call(c) for c in commands)))
 
     async def _script(self, script: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
@@ -413,6 +415,7 @@ class RedisState:
         """On drain: stop the batch, send what is pending, close the connections."""
         await cancel(self._task)
         await self.flush()
+        await self.pipeline.drop()
         await self.client.aclose()
 
 
