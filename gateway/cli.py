@@ -69,6 +69,34 @@ def _parser() -> argparse.ArgumentParser:
         help="Redis unreachable: serve without limits (open, the default) or answer 503",
     )
 
+    serve.add_argument(
+        "--allow-host",
+        dest="allow_hosts",
+        action="append",
+        metavar="HOST",
+        help="without keys: a Host name answered besides loopback's own (repeatable)",
+    )
+    serve.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="without keys: a browser origin served with CORS, e.g. http://localhost:3000",
+    )
+    serve.add_argument(
+        "--metrics-admin",
+        dest="metrics_admin",
+        action="store_const",
+        const=True,
+        help="/metrics needs an admin key too (when keys are configured)",
+    )
+    serve.add_argument(
+        "--response-ids-per-key",
+        dest="response_ids_per_key",
+        type=int,
+        help="Responses ids remembered per key (default 10000, least recently used dropped)",
+    )
+
     check = sub.add_parser("check", help="validate routes and keys files")
     files(check)
 
@@ -104,6 +132,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         "max_event_bytes",
         "state",
         "state_fail",
+        "allow_hosts",
+        "cors_origins",
+        "metrics_admin",
+        "response_ids_per_key",
     )
     return from_env(**{n: getattr(args, n, None) for n in names})
 
@@ -305,6 +337,10 @@ def _export(settings: Settings) -> None:
         if settings.state == "none" or settings.redis
         else str(Path(settings.state).resolve()),
         GATEWAY_STATE_FAIL=settings.state_fail,
+        GATEWAY_ALLOW_HOSTS=",".join(settings.allow_hosts),
+        GATEWAY_CORS_ORIGINS=",".join(settings.cors_origins),
+        GATEWAY_METRICS_ADMIN="true" if settings.metrics_admin else "false",
+        GATEWAY_RESPONSE_IDS_PER_KEY=str(settings.response_ids_per_key),
     )
     if not settings.keys_explicit:
         os.environ.pop("GATEWAY_KEYS")

@@ -18,7 +18,7 @@ from gateway.yamlsrc import LineList, LineMap, Source, check_keys, line_of, pars
 SECRET_PREFIX = "sk-gw-"
 _KEY_FIELDS = frozenset(
     {"name", "sha256", "key", "models", "rpm", "tpm", "token_quota", "expires", "disabled",
-     "budget", "admin"}
+     "budget", "admin", "count_tokens_rpm"}
 )  # fmt: skip
 PERIODS = ("day", "month", "total")  # UTC calendar (SPEC §11)
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
@@ -38,6 +38,8 @@ class Key:
     budget_usd: float | None = None
     budget_period: str = "total"
     admin: bool = False  # may open the console (SPEC §12)
+    # Anthropic's count_tokens calls: their own limit, apart from rpm (SPEC §13).
+    count_tokens_rpm: int = 600
 
     def allows(self, slug: str) -> bool:
         if self.models is None:
@@ -138,6 +140,7 @@ def _parse_key(src: Source, raw: Any, line: int) -> Key | None:
         src.problem(line_of(raw, "admin"), "admin must be true or false")
         admin = False
     limits = {k: _positive_int(src, raw, k) for k in ("rpm", "tpm")}
+    count_rpm = _positive_int(src, raw, "count_tokens_rpm") or 600
     quota, quota_period = _quota(src, raw)
     budget, budget_period = _budget(src, raw)
     if name is None or digest is None:
@@ -145,7 +148,7 @@ def _parse_key(src: Source, raw: Any, line: int) -> Key | None:
     return Key(
         name=name, digest=digest, models=models, expires=expires, disabled=disabled,
         token_quota=quota, quota_period=quota_period, budget_usd=budget,
-        budget_period=budget_period, admin=admin, **limits,
+        budget_period=budget_period, admin=admin, count_tokens_rpm=count_rpm, **limits,
     )  # fmt: skip
 
 

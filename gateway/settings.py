@@ -41,6 +41,12 @@ class Settings:
     # With Redis (`state: redis://...`) unreachable: "open" serves without limits (each
     # such request counted and logged), "closed" answers 503.
     state_fail: str = "open"
+    # The loopback sidecar without keys (SPEC §13): Host names it answers besides its
+    # own address, and browser origins it serves with CORS.
+    allow_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    metrics_admin: bool = False  # /metrics needs an admin key too (when keys exist)
+    response_ids_per_key: int = 10_000  # each key's share of the Responses id map
 
     @property
     def redis(self) -> bool:
@@ -105,7 +111,32 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Setti
         ),
         state=str(pick("state", "GATEWAY_STATE", "gateway.state")),
         state_fail=_choice(pick("state_fail", "GATEWAY_STATE_FAIL", "open"), ("open", "closed")),
+        allow_hosts=_list(pick("allow_hosts", "GATEWAY_ALLOW_HOSTS", ())),
+        cors_origins=_list(pick("cors_origins", "GATEWAY_CORS_ORIGINS", ())),
+        metrics_admin=_flag(pick("metrics_admin", "GATEWAY_METRICS_ADMIN", False)),
+        response_ids_per_key=int(
+            str(pick("response_ids_per_key", "GATEWAY_RESPONSE_IDS_PER_KEY", 10_000))
+        ),
     )
+
+
+def _list(value: object) -> tuple[str, ...]:
+    """A repeated flag (a list) or a comma-separated variable."""
+    if isinstance(value, str):
+        value = value.split(",")
+    assert isinstance(value, list | tuple)
+    return tuple(str(v).strip() for v in value if str(v).strip())
+
+
+def _flag(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
 
 
 def _choice(value: object, allowed: tuple[str, ...]) -> str:
