@@ -210,3 +210,40 @@ class ClientLeft(GatewayError):
 
     status = 499
     code = "client_gone"
+
+
+class MisdirectedRequest(GatewayError):
+    """The keyless loopback sidecar asked under a Host it is not (DNS rebinding)."""
+
+    status = 421
+    type = "invalid_request_error"
+    code = "misdirected_request"
+
+
+class ForbiddenOrigin(GatewayError):
+    """The keyless loopback sidecar asked by a web page of another origin."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden_origin"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class VersionNotSupported(GatewayError):
+    status = 505
+    type = "invalid_request_error"
+    code = "http_version_not_supported"
+
+
+class NotImplementedByGateway(GatewayError):
+    """A request framing the gateway does not implement (a Transfer-Encoding other than
+    chunked), answered 501 as nginx does."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "not_implemented"
