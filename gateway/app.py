@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.config import Config
 from gateway.console import ConsoleEndpoint
 from gateway.endpoints import AzureDeployment, ProxyEndpoint, ResponseById
-from gateway.families import PREFIXES, endpoints
+from gateway.families import PREFIXES, Endpoint, endpoints
 from gateway.info import (
     Healthz,
     KeyInfo,
@@ -27,6 +27,7 @@ from gateway.reload import Reloader
 from gateway.runtime import Runtime
 from gateway.server.admission import ServerLimits
 from gateway.settings import Settings, default_max_connections
+from gateway.sidecar import Sidecar
 
 
 class Gateway:
@@ -37,10 +38,19 @@ class Gateway:
     paid again on every resume of a relaying request (see README, Performance).
     """
 
-    def __init__(self, router: Router, hot: dict[str, ASGIApp], runtime: Runtime) -> None:
+    def __init__(
+        self,
+        router: Router,
+        hot: dict[str, ASGIApp],
+        runtime: Runtime,
+        relayed: Mapping[str, Endpoint],
+    ) -> None:
         self.router = router
         self.hot = hot
         self.state = runtime
+        # Without keys, the loopback sidecar's Host/Origin/Content-Type gate (SPEC §13)
+        # runs before routing; built once, it calls back into route().
+        self.sidecar = Sidecar(self.route, runtime, relayed, runtime.settings)
         s = runtime.settings
         # Read by the HTTP/1.1 protocol (gateway/server/protocol.py) for each connection.
         self.server_limits = ServerLimits(
@@ -53,6 +63,13 @@ class Gateway:
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # A plain function handing back the endpoint's coroutine: no coroutine level of
         # its own for every resume of the request to pass through.
+        if scope["type"] == "http" and not self.state.config.keys.entries:
+            # No keys (read per request: a reload may add or remove them): the sidecar
+            # gate; with keys, this line is the whole cost and the key is the gate.
+            return self.sidecar(scope, receive, send)
+        return self.route(scope, receive, send)
+
+    def route(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         endpoint = self.hot.get(scope["path"]) if scope["type"] == "http" else None
         if endpoint is not None:
             return endpoint(scope, receive, send)
@@ -65,7 +82,8 @@ def create_app(settings: Settings, config: Config) -> Gateway:
     # endpoint object per family path, shared by its prefixes.
     shared: dict[str, ProxyEndpoint] = {}
     hot: dict[str, ASGIApp] = {}
-    for path, endpoint in endpoints().items():
+    relayed = endpoints()
+    for path, endpoint in relayed.items():
         hot[path] = shared.setdefault(endpoint.upstream_path, ProxyEndpoint(runtime, endpoint))
     by_id = ResponseById(runtime)
     # The router sees only what the dict did not take: a Route per relayed path (52)
@@ -106,7 +124,7 @@ def create_app(settings: Settings, config: Config) -> Gateway:
             await runtime.stop()
 
     router = Router(routes, default=NotFoundEndpoint(runtime), lifespan=lifespan)
-    return Gateway(router, hot, runtime)
+    return Gateway(router, hot, runtime, relayed)
 
 
 def app_from_env() -> Gateway:

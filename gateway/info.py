@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 
 from gateway.auth import authenticate
-from gateway.errors import GatewayError, MethodNotAllowed, ModelNotListed, NotFound
+from gateway.console import CHALLENGE, require_admin
+from gateway.errors import GatewayError, MethodNotAllowed, ModelNotListed, NotFound, Unauthorized
 from gateway.incoming import Incoming
 from gateway.keys import Key
 from gateway.metrics import CONTENT_TYPE
@@ -113,14 +114,24 @@ class Healthz(JsonEndpoint):
 
 
 class MetricsEndpoint:
-    """GET /metrics: Prometheus text format, no key needed."""
+    """GET /metrics: Prometheus text format. Open to scrapers, unless --metrics-admin
+    asks for an admin key (when keys are configured), answered as the console is."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.admin = runtime.settings.metrics_admin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
         rid = Incoming(scope["headers"]).request_id
+        keys = self.runtime.config.keys
+        if self.admin and not keys.open:
+            try:
+                require_admin(keys, scope["headers"])
+            except GatewayError as exc:
+                extra = [CHALLENGE] if isinstance(exc, Unauthorized) else []
+                await send_error(send, exc, rid, [*extra, server_timing(t0)])
+                return
         chunks = self.runtime.metrics.render_chunks()
         first = next(chunks)
         headers = [(b"x-request-id", rid), server_timing(t0), (b"content-type", CONTENT_TYPE)]

@@ -2,7 +2,9 @@
 CSS and a little JavaScript, nothing from a CDN), and GET /console/data, the JSON it
 draws, for scripts too.
 
-Both need a key with `admin: true` (or, with no keys configured, a loopback client).
+Both need a key with `admin: true` (or, with no keys configured, a loopback client
+whose request came straight to the gateway: one carrying `Forwarded` or `X-Forwarded-*`
+came through a proxy, and the socket's peer is the proxy, not the person).
 The key comes as `Authorization: Bearer KEY`, or as the password of HTTP Basic: a 401
 asks browsers for it (`WWW-Authenticate: Basic`), and they send it again with the
 page's own requests.
@@ -26,7 +28,7 @@ from gateway.errors import GatewayError, MethodNotAllowed, Unauthorized
 from gateway.families import ALL
 from gateway.health import Breaker, EntryState, breaker
 from gateway.incoming import Incoming
-from gateway.keys import Key
+from gateway.keys import Key, Keys
 from gateway.respond import Receive, Scope, Send, send_bytes, send_error, server_timing
 from gateway.routes import Model, Target
 from gateway.runtime import Runtime
@@ -99,13 +101,30 @@ class ConsoleEndpoint:
             client = scope.get("client") or ("", 0)
             if not is_loopback(client[0]):
                 raise AdminRequired("with no keys configured the console answers loopback only")
+            if forwarded(scope["headers"]):
+                raise AdminRequired(
+                    "with no keys configured the console answers loopback only, not "
+                    "requests a proxy forwarded; create an admin key (gateway keys new)"
+                )
             return
-        key = authenticate(keys, console_token(scope["headers"]))
-        if key is None or not key.admin:
-            raise AdminRequired(
-                "the console needs a key with admin: true in keys.yaml",
-                {"key": key.name if key else None},
-            )
+        require_admin(keys, scope["headers"])
+
+
+def forwarded(headers: list[tuple[bytes, bytes]]) -> bool:
+    """The request came through a proxy that said so (RFC 7239, or the X-Forwarded-*
+    family)."""
+    return any(name == b"forwarded" or name.startswith(b"x-forwarded-") for name, _ in headers)
+
+
+def require_admin(keys: Keys, headers: list[tuple[bytes, bytes]]) -> Key:
+    """An admin key or a refusal: 401 without a valid key (the caller adds the Basic
+    challenge), 403 for a key without `admin: true`. For keys configured only."""
+    key = authenticate(keys, console_token(headers))
+    if key is None or not key.admin:
+        raise AdminRequired(
+            "this needs a key with admin: true in keys.yaml", {"key": key.name if key else None}
+        )
+    return key
 
 
 @functools.cache

@@ -1,0 +1,210 @@
+"""The loopback sidecar's gate (SPEC §13): with no keys configured, anything that can
+reach 127.0.0.1 may use the gateway, and a web page in the operator's own browser can
+reach it too. Three checks before routing keep pages out:
+
+- `Host` must name this gateway (its loopback address, with or without the bound port,
+  or an `--allow-host` name): a DNS-rebinding page reaches it under its own name (421).
+- A request from another origin (`Origin` not this gateway's, or `Sec-Fetch-Site:
+  cross-site`) is refused (403) unless `--cors-origin` lists the origin; a listed one
+  gets CORS headers and its preflights answered.
+- A relayed POST must say `application/json` (`multipart/form-data` for audio uploads):
+  a `fetch(..., {mode: "no-cors"})` can only send text/plain, form-urlencoded or
+  multipart without a preflight (415).
+
+With keys configured none of this runs: the key is the gate (gateway/app.py decides).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+from gateway.errors import ForbiddenOrigin, GatewayError, MisdirectedRequest, UnsupportedMediaType
+from gateway.families import AZURE_DEPLOYMENT, Body, Endpoint, Envelope
+from gateway.incoming import Incoming
+from gateway.respond import Receive, Scope, Send, send_error, server_timing
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# What a loopback listener is called in a Host header, whichever loopback address it is.
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+JSON_MEDIA = b"application/json"
+MULTIPART_MEDIA = b"multipart/form-data"
+AZURE_PREFIX = "/openai/deployments/"
+# What a listed origin's script may read besides the CORS-safelisted response headers.
+EXPOSED = (b"x-request-id, retry-after, server-timing, x-ratelimit-limit-requests, "
+           b"x-ratelimit-remaining-requests, x-ratelimit-reset-requests, "
+           b"x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens")  # fmt: skip
+ALLOW_METHODS = b"GET, POST, DELETE"
+# Header names a preflight asks for are echoed (an SDK in a browser sends its own
+# x-stainless-* set); anything that is not a plain list of tokens gets this list instead.
+DEFAULT_ALLOW_HEADERS = (b"authorization, content-type, x-api-key, api-key, x-request-id, "
+                         b"x-session-id, anthropic-version, anthropic-beta, openai-beta")  # fmt: skip
+_HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~ ,-]{1,2048}")
+MAX_AGE = b"600"  # seconds a browser may keep a preflight's answer
+
+
+def host_name(host: str) -> str:
+    """An address as a Host header names it: IPv6 literals in brackets."""
+    host = host.strip().lower()
+    return f"[{host}]" if host.count(":") > 1 and not host.startswith("[") else host
+
+
+def media_type(value: bytes) -> bytes:
+    """`application/json` of `Application/JSON; charset=utf-8`."""
+    return value.partition(b";")[0].strip().lower()
+
+
+class Sidecar:
+    """Gate for the keyless gateway; calls `app` when a request passes. A plain callable
+    handing back a coroutine, like Gateway.__call__: no coroutine level of its own."""
+
+    def __init__(
+        self, app: App, runtime: Runtime, endpoints: Mapping[str, Endpoint], settings: Settings
+    ) -> None:
+        self.app = app
+        self.runtime = runtime
+        names = {*LOOPBACK_NAMES, host_name(settings.host)}
+        # Names without a port are matched as given; with the bound port added per
+        # listener (scope["server"]: with --port 0 the port is known only once bound).
+        self.names = tuple(sorted(names | {host_name(h) for h in settings.allow_hosts}))
+        self.hosts: frozenset[bytes] = frozenset()
+        self.port: int | None = None
+        self.cors = frozenset(o.strip().lower().rstrip("/").encode() for o in settings.cors_origins)
+        # Relayed paths that carry a body -> the media type it must declare.
+        self.media: dict[str, bytes] = {
+            path: MULTIPART_MEDIA if ep.family.body is Body.MULTIPART else JSON_MEDIA
+            for path, ep in endpoints.items()
+            if ep.family.body is not Body.NONE
+        }
+        self.anthropic = frozenset(
+            path for path, ep in endpoints.items() if ep.family.envelope is Envelope.ANTHROPIC
+        )
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        server = scope.get("server")
+        port = server[1] if server else None
+        if port != self.port:
+            self._bind(port)
+        host: bytes | None = None
+        origin: bytes | None = None
+        site: bytes | None = None
+        content_type: bytes | None = None
+        preflight: bytes | None = None
+        asked: bytes | None = None
+        misdirected = False
+        # One pass over the headers: the only per-request cost without keys.
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value.lower()
+                misdirected = misdirected or host not in self.hosts
+            elif name == b"origin":
+                origin = value.lower()
+            elif name == b"sec-fetch-site":
+                site = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"access-control-request-method":
+                preflight = value
+            elif name == b"access-control-request-headers":
+                asked = value
+        # No Host at all (HTTP/1.0; HTTP/1.1 without one is a 400 in the server) is
+        # served: rebinding needs a browser, and browsers always send Host. A client
+        # that writes its own head could write any Host it likes anyway.
+        if misdirected:
+            return self._refuse(scope, send, MisdirectedRequest(
+                "this gateway answers only requests addressed to it (its loopback "
+                "address, or a name given with --allow-host)", {"host": _text(host)}))  # fmt: skip
+        allowed = None  # a listed origin: CORS headers on the answer
+        if origin is not None or site == b"cross-site":
+            if origin is not None and origin in self.cors:
+                allowed = origin
+            elif site == b"cross-site" or not _same_origin(origin, host):
+                return self._refuse(scope, send, ForbiddenOrigin(
+                    "requests from web pages of other origins are refused without keys; "
+                    "list the origin with --cors-origin to allow it",
+                    {"origin": _text(origin)}))  # fmt: skip
+        method = scope["method"]
+        if allowed is not None and method == "OPTIONS" and preflight is not None:
+            return _preflight(send, allowed, asked)
+        if method == "POST":
+            wanted = self._media(scope["path"])
+            if wanted is not None and (content_type is None or media_type(content_type) != wanted):
+                return self._refuse(scope, send, UnsupportedMediaType(
+                    f"send this request with Content-Type: {wanted.decode()}",
+                    {"content_type": _text(content_type)}))  # fmt: skip
+        if allowed is not None:
+            return self.app(scope, receive, _with_cors(send, allowed))
+        return self.app(scope, receive, send)
+
+    def _bind(self, port: int | None) -> None:
+        hosts = set()
+        for name in self.names:
+            hosts.add(name.encode())
+            # A name given with a port of its own (gw.example:8443) is taken as given.
+            if port is not None and ":" not in name.rpartition("]")[2]:
+                hosts.add(f"{name}:{port}".encode())
+        self.hosts = frozenset(hosts)
+        self.port = port
+
+    def _media(self, path: str) -> bytes | None:
+        wanted = self.media.get(path)
+        if wanted is None and path.startswith(AZURE_PREFIX):
+            rest = path[len(AZURE_PREFIX) :].partition("/")[2]
+            return JSON_MEDIA if rest in AZURE_DEPLOYMENT else None
+        return wanted
+
+    async def _refuse(self, scope: Scope, send: Send, exc: GatewayError) -> None:
+        t0 = time.perf_counter()
+        rid = Incoming(scope["headers"]).request_id
+        path = scope["path"]
+        await send_error(send, exc, rid, [server_timing(t0)], path in self.anthropic)
+        # Logged and counted like every refusal: the operator sees what was tried.
+        where = f"{scope['method']} {path[:512]}"
+        self.runtime.refused(exc, None, rid, where, time.perf_counter() - t0)
+
+
+def _same_origin(origin: bytes | None, host: bytes | None) -> bool:
+    """The Origin names the Host this request was sent to (http, or https when a TLS
+    proxy in front forwards it). `null` never does."""
+    if origin is None or host is None:
+        return origin is None
+    scheme, sep, authority = origin.partition(b"://")
+    return bool(sep) and scheme in (b"http", b"https") and authority == host
+
+
+def _text(value: bytes | None) -> str | None:
+    """A header value for the error's details: bounded, never raising."""
+    return None if value is None else value[:256].decode("latin-1")
+
+
+async def _preflight(send: Send, origin: bytes, asked: bytes | None) -> None:
+    allow = asked if asked is not None and _HEADER_LIST.fullmatch(asked) else DEFAULT_ALLOW_HEADERS
+    headers = [
+        (b"access-control-allow-origin", origin),
+        (b"access-control-allow-methods", ALLOW_METHODS),
+        (b"access-control-allow-headers", allow),
+        (b"access-control-max-age", MAX_AGE),
+        (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+    ]
+    await send({"type": "http.response.start", "status": 204, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _with_cors(send: Send, origin: bytes) -> Send:
+    cors = [
+        (b"access-control-allow-origin", origin),
+        (b"vary", b"Origin"),
+        (b"access-control-expose-headers", EXPOSED),
+    ]
+
+    async def send_with_cors(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message["headers"], *cors]
+        await send(message)
+
+    return send_with_cors
