@@ -61,10 +61,12 @@ def request(
     eol: bytes = b"\r\n",
 ) -> bytes:
     """One request's bytes: request line, `host`, the given header lines, then (when a
-    body is given) `content-length` and the body."""
+    body is given) `content-type` (the keyless sidecar serves JSON only, SPEC §13),
+    `content-length` and the body."""
     lines = [method.encode() + b" " + target + b" HTTP/1.1", b"host: 127.0.0.1"]
     lines += [h.encode() for h in headers]
     if body is not None:
+        lines.append(b"content-type: application/json")
         lines.append(b"content-length: %d" % len(body))
     return eol.join(lines) + eol + eol + (body or b"")
 
@@ -90,8 +92,9 @@ def head_of(data: bytes) -> bytes:
 
 
 def fields(count: int) -> bytes:
-    """A POST with exactly `count` header fields (host and content-length included)."""
-    return request(*(f"x-f{i}: v" for i in range(count - 2)))
+    """A POST with exactly `count` header fields (host, content-type and content-length
+    included)."""
+    return request(*(f"x-f{i}: v" for i in range(count - 3)))
 
 
 def pieces(data: bytes, size: int) -> tuple[bytes, ...]:
@@ -709,7 +712,7 @@ async def test_at_the_cap_a_slow_head_makes_room_for_healthz(
         assert answers[0].header(b"retry-after") == b"1"
         for reader, writer in slow[1:]:
             assert not reader.at_eof()
-            writer.write(b"ET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+            writer.write(b"ET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
             assert (await read_answer(reader)).status == 200
 
 
@@ -1052,7 +1055,7 @@ async def test_unit_head_spanning_reads_is_cut_at_the_limit() -> None:
             feed(data)
 
         protocol._feed = recording  # type: ignore[method-assign]
-        protocol.data_received(b"GET / HTTP/1.1\r\nx-long: ")
+        protocol.data_received(b"GET / HTTP/1.1\r\nhost: t\r\nx-long: ")
         for _ in range(10):
             protocol.data_received(b"a" * 100)
         await settle()
@@ -1075,7 +1078,7 @@ async def test_unit_head_ending_inside_the_cut_read_is_served_with_its_body() ->
     within the limit, so the rest of the read is the request's, not a refusal."""
     app = App(SMALL)
     async with wired(app) as (protocol, transport, _):
-        protocol.data_received(b"POST /p HTTP/1.1\r\n")
+        protocol.data_received(b"POST /p HTTP/1.1\r\nhost: t\r\n")
         head_rest = b"x-pad: " + b"a" * 900 + b"\r\ncontent-length: 600\r\n\r\n"
         protocol.data_received(head_rest + b"z" * 600)  # 1,541 bytes in one read
         await settle()
@@ -1085,7 +1088,9 @@ async def test_unit_head_ending_inside_the_cut_read_is_served_with_its_body() ->
 
 async def test_unit_pipelined_small_heads_in_a_read_over_the_limit_are_served() -> None:
     app = App(SMALL)
-    requests = [b"GET /r%d HTTP/1.1\r\nx-pad: %s\r\n\r\n" % (i, b"p" * 80) for i in range(30)]
+    requests = [
+        b"GET /r%d HTTP/1.1\r\nhost: t\r\nx-pad: %s\r\n\r\n" % (i, b"p" * 80) for i in range(30)
+    ]
     data = b"".join(requests)
     split = len(requests[0]) + 10  # the first read ends inside the second head
     async with wired(app) as (protocol, transport, _):
@@ -1101,7 +1106,10 @@ async def test_unit_field_count_limit() -> None:
     for count, expected in ((8, [200]), (9, [431])):
         app = App(SMALL)
         async with wired(app) as (protocol, transport, _):
-            head = b"GET /f HTTP/1.1\r\n" + b"".join(b"x-%d: v\r\n" % i for i in range(count))
+            # `count` fields, Host among them
+            head = b"GET /f HTTP/1.1\r\nhost: t\r\n" + b"".join(
+                b"x-%d: v\r\n" % i for i in range(count - 1)
+            )
             protocol.data_received(head + b"\r\n")
             await settle()
             assert status_of(transport.wire) == expected, count
@@ -1112,7 +1120,10 @@ async def test_unit_field_count_limit_default_is_256() -> None:
     for count, expected in ((256, [200]), (257, [431])):
         app = App(ServerLimits())
         async with wired(app) as (protocol, transport, _):
-            head = b"GET /f HTTP/1.1\r\n" + b"".join(b"x-%d: v\r\n" % i for i in range(count))
+            # `count` fields, Host among them
+            head = b"GET /f HTTP/1.1\r\nhost: t\r\n" + b"".join(
+                b"x-%d: v\r\n" % i for i in range(count - 1)
+            )
             # One field per read: the count holds across reads too.
             for line in head.split(b"\r\n")[:-1]:
                 protocol.data_received(line + b"\r\n")
@@ -1125,8 +1136,8 @@ async def test_unit_field_count_limit_default_is_256() -> None:
     ("last", "status"),
     [
         (b"GARBAGE\r\n\r\n", 400),
-        (b"GET /big HTTP/1.1\r\nx-pad: " + b"a" * 1000 + b"\r\n\r\n", 431),
-        (b"GET /" + b"u" * 1100 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET /big HTTP/1.1\r\nhost: t\r\nx-pad: " + b"a" * 1000 + b"\r\n\r\n", 431),
+        (b"GET /" + b"u" * 1100 + b" HTTP/1.1\r\nhost: t\r\n\r\n", 414),
     ],
     ids=["malformed", "too-large", "uri-too-long"],
 )
@@ -1136,7 +1147,8 @@ async def test_unit_refusal_is_written_after_the_pipelined_answers(
     app = App(SMALL, gates={"/a": asyncio.Event()})
     async with wired(app) as (protocol, transport, _):
         protocol.data_received(
-            b"GET /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi" + last
+            b"GET /a HTTP/1.1\r\nhost: t\r\n\r\nPOST /b HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\nhi"
+            + last
         )
         await settle()
         assert transport.writes == []  # /a is held: nothing may overtake it
@@ -1157,7 +1169,7 @@ async def test_unit_header_timeout_counts_from_the_first_byte() -> None:
     async with wired(app) as (protocol, transport, clock):
         protocol.data_received(b"G")
         clock.advance(1.0)
-        protocol.data_received(b"ET / HTTP/1.1\r\n")  # bytes keep coming...
+        protocol.data_received(b"ET / HTTP/1.1\r\nhost: t\r\n")  # bytes keep coming...
         clock.advance(0.9)
         assert transport.writes == []
         clock.advance(0.2)  # ...but the head is not whole 2 s after its first byte
@@ -1171,7 +1183,7 @@ async def test_unit_header_timeout_counts_from_the_first_byte() -> None:
 async def test_unit_head_within_the_timeout_is_served() -> None:
     app = App(SMALL)
     async with wired(app) as (protocol, transport, clock):
-        protocol.data_received(b"GET /late HTTP/1.1\r\n")
+        protocol.data_received(b"GET /late HTTP/1.1\r\nhost: t\r\n")
         clock.advance(1.9)
         protocol.data_received(b"\r\n")
         await settle()
@@ -1183,7 +1195,7 @@ async def test_unit_head_within_the_timeout_is_served() -> None:
 async def test_unit_body_timeout_is_per_pause() -> None:
     app = App(SMALL)
     async with wired(app) as (protocol, transport, clock):
-        protocol.data_received(b"POST /b HTTP/1.1\r\ncontent-length: 10\r\n\r\n")
+        protocol.data_received(b"POST /b HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\n")
         await settle()
         for piece in (b"ab", b"cd", b"ef"):  # 2.9 s apart, 8.7 s in all: fine
             clock.advance(2.9)
@@ -1203,7 +1215,7 @@ async def test_unit_head_timeout_does_not_run_while_the_gateway_paused_reading()
     app = App(SMALL, gates={"/a": asyncio.Event()})
     async with wired(app) as (protocol, transport, clock):
         protocol.data_received(
-            b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\nx-c: "
+            b"GET /a HTTP/1.1\r\nhost: t\r\n\r\nGET /b HTTP/1.1\r\nhost: t\r\n\r\nGET /c HTTP/1.1\r\nhost: t\r\nx-c: "
         )
         await settle()
         assert not transport.reading
@@ -1227,7 +1239,9 @@ async def test_unit_body_timeout_does_not_run_while_the_gateway_paused_reading()
     app = App(SMALL, gates={"/big": asyncio.Event()})
     size = 200 * 1024
     async with wired(app) as (protocol, transport, clock):
-        protocol.data_received(b"POST /big HTTP/1.1\r\ncontent-length: %d\r\n\r\n" % size)
+        protocol.data_received(
+            b"POST /big HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % size
+        )
         protocol.data_received(b"x" * (100 * 1024))
         await settle()
         assert not transport.reading
@@ -1257,9 +1271,9 @@ async def test_unit_head_begun_behind_a_request_is_not_idle(queued: bool) -> Non
     and it ends in 408, not in a silent keep-alive close (5 s here, before 10 s)."""
     app = App(ServerLimits(header_timeout=10, body_timeout=30), gates={"/a": asyncio.Event()})
     async with wired(app) as (protocol, transport, clock):
-        protocol.data_received(b"GET /a HTTP/1.1\r\n\r\n")
+        protocol.data_received(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n")
         if queued:  # a whole request queued behind it (reading paused), then the head
-            protocol.data_received(b"GET /b HTTP/1.1\r\n\r\nGET /c HT")
+            protocol.data_received(b"GET /b HTTP/1.1\r\nhost: t\r\n\r\nGET /c HT")
         else:
             protocol.data_received(b"GET /c HT")
         await settle()

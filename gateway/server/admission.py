@@ -1,4 +1,5 @@
-"""What a client connection is held to, and who gives way at the connection cap.
+"""What a client connection is held to, who gives way at the connection cap, and which
+request framings are refused before any route sees them.
 
 Pure policy: gateway/server/protocol.py applies it. Kept apart so the protocol module
 reads as parsing and answering requests, not as the rules around them.
@@ -10,7 +11,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from gateway.errors import Overloaded
+from gateway.errors import (
+    BadRequest,
+    NotFound,
+    NotImplementedByGateway,
+    Overloaded,
+    VersionNotSupported,
+)
 from gateway.server.cycle import closing
 
 # At the connection cap, a connection still sending its head after this long may be
@@ -53,8 +60,8 @@ class Connection(Protocol):
     """What the policy reads of a connection (ServerProtocol's fields)."""
 
     cycle: object | None  # a request being answered
-    head_since: float  # > 0 while a head is arriving
-    idle_since: float  # > 0 while idle between requests
+    head_since: float  # > 0 while a head is arriving (or stray CRLFs began one)
+    idle_since: float  # > 0 while no request has begun since the last answer
 
 
 C = TypeVar("C", bound=Connection)
@@ -62,18 +69,58 @@ C = TypeVar("C", bound=Connection)
 
 def give_way(connections: Iterable[C], newcomer: C, now: float) -> tuple[C | None, bool]:
     """(the connection to close, whether it is idle). The longest-idle keep-alive one
-    first; else the one longest stalled in a head for over SLOW_HEAD_SECONDS (it holds
+    first, counting one that has sent only CRLFs since (they begin no request, SPEC
+    §13); else the one longest stalled in a head for over SLOW_HEAD_SECONDS (it holds
     no request); (None, False) when none may go."""
     idle: C | None = None
     slow: C | None = None
     for other in connections:
         if other is newcomer or other.cycle is not None:
             continue
-        if not other.head_since:
-            if other.idle_since and (idle is None or other.idle_since < idle.idle_since):
+        if other.idle_since:
+            if idle is None or other.idle_since < idle.idle_since:
                 idle = other
-        elif now - other.head_since > SLOW_HEAD_SECONDS and (
-            slow is None or other.head_since < slow.head_since
+        elif (
+            other.head_since
+            and now - other.head_since > SLOW_HEAD_SECONDS
+            and (slow is None or other.head_since < slow.head_since)
         ):
             slow = other
     return (idle, True) if idle is not None else (slow, False)
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def framing_refusal(version: str, headers: Headers) -> bytes | None:
+    """The answer to a head whose framing nginx refuses too (SPEC §13), in nginx's
+    order; None when it may be served. `headers` have lower-case names."""
+    if version[:2] != "1.":
+        unsupported = VersionNotSupported(f"HTTP/{version} is not supported here; use HTTP/1.1")
+        return closing(b"505 HTTP Version Not Supported", unsupported)
+    hosts = sum(1 for name, _ in headers if name == b"host")
+    if hosts > 1:
+        return _bad("a request carries one Host header field, not several")
+    if not hosts and version != "1.0":
+        return _bad("an HTTP/1.1 request needs a Host header field")
+    codings = [value for name, value in headers if name == b"transfer-encoding"]
+    if codings:
+        if version == "1.0":
+            return _bad("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+        if len(codings) > 1:
+            return _bad("a request carries one Transfer-Encoding header field, not several")
+        if codings[0].strip().lower() != b"chunked":
+            error = NotImplementedByGateway("the only request Transfer-Encoding served is chunked")
+            return closing(b"501 Not Implemented", error)
+    return None
+
+
+def encoded_slash() -> bytes:
+    """The answer to a path holding `%2F`: it is never decoded into a separator (a
+    client's `a%2Fb` would otherwise reach a route as two segments), so it matches no
+    route."""
+    return closing(b"404 Not Found", NotFound("an encoded slash (%2F) in a path matches no route"))
+
+
+def _bad(message: str) -> bytes:
+    return closing(b"400 Bad Request", BadRequest(message))

@@ -10,11 +10,12 @@ differences are what a proxy's hot path pays for on every request:
   head and body timeouts, instead of a timer created and cancelled per request;
 - the head is checked for stray control characters in one scan, not two regexes per
   header.
-And what a server facing hostile clients must hold to (SPEC §7): heads bounded in size
-and fields (431/414), head and body deadlines (408), a cap on connections (idle ones
-closed first, then 503), no protocol upgrades (a WebSocket one gets 404 at once, any
-other is served as plain HTTP), and a malformed request answered only after the
-pipelined ones before it.
+And what a server facing hostile clients must hold to (SPEC §7, §13): heads bounded in
+size and fields (431/414), head and body deadlines (408; CRLFs that begin no request
+start a head's deadline too), a cap on connections (idle ones closed first, then 503),
+no protocol upgrades (a WebSocket one gets 404 at once, any other is served as plain
+HTTP), nginx's framing refusals (505, 501, 400 for Host and Transfer-Encoding, 404 for
+`%2F`), and a malformed request answered only after the pipelined ones before it.
 """
 
 from __future__ import annotations
@@ -34,13 +35,22 @@ from gateway.errors import (
     RequestTimeout,
     UriTooLong,
 )
-from gateway.server.admission import give_way, limits_of, overloaded
+from gateway.server.admission import (
+    encoded_slash,
+    framing_refusal,
+    give_way,
+    limits_of,
+    overloaded,
+)
 from gateway.server.cycle import Cycle, FlowControl, Message, closing
 from gateway.server.upgrade import BodyOnly, is_websocket, resume_head
 
 HIGH_WATER = 64 * 1024  # buffered request body bytes at which reading pauses
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 LINGER_SECONDS = 2.0  # after a refusal: the longest the client's bytes are drained
+# on_header adds 1 per Host field and this per Transfer-Encoding field: a head whose sum
+# is not 1 (one Host, no Transfer-Encoding) is judged by admission.framing_refusal.
+_CODING = 1 << 16
 
 
 class _Refused(Exception):
@@ -79,7 +89,9 @@ class ServerProtocol(asyncio.Protocol):
         # One timer for every deadline of the connection (see _expire).
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
-        self.idle_since = 0.0  # > 0 while idle between requests
+        # > 0 while no request has begun since the last answer (or since connecting):
+        # idle, or holding only CRLFs, which llhttp skips (then head_since is set too).
+        self.idle_since = 0.0
         self.head_since = 0.0  # > 0 while a request head is arriving
         self.body_at = 0.0  # > 0 while a request body is arriving: its last bytes' time
         # The request being parsed.
@@ -88,13 +100,16 @@ class ServerProtocol(asyncio.Protocol):
         self.read_size = 0  # bytes of the read being parsed
         self.head_reads = 0  # bytes of reads that began inside the head
         self.expect = False
+        self.framing = 0  # Host and Transfer-Encoding fields seen (see _CODING)
         self.parsing: Cycle | None = None
         self.upgrading = False  # the head asked for an upgrade (which is not honoured)
 
     def _new_parser(self) -> httptools.HttpRequestParser:
         parser = httptools.HttpRequestParser(self)
         # Answer the first of pipelined requests sent after a `connection: close` one.
-        parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        # Any version digits reach on_headers_complete, where one that is not 1.x gets
+        # 505 as from nginx (llhttp alone would fail HTTP/3.0 as malformed: 400).
+        parser.set_dangerous_leniencies(lenient_data_after_close=True, lenient_version=True)
         return parser
 
     # asyncio.Protocol
@@ -130,11 +145,13 @@ class ServerProtocol(asyncio.Protocol):
             self.flow.resume_writing()
 
     def data_received(self, data: bytes) -> None:
-        self.idle_since = 0.0
         self.read_size = len(data)
         if self.refusal is not None:
             return  # the connection ends once the refusal is out; nothing more is read
         if self.head_since:
+            if self.idle_since:
+                self._after_stray(data)
+                return
             # A head spanning reads: httptools keeps the unfinished field itself, so the
             # bytes are counted here, and a read is cut where the limit would be passed.
             limit = self.limits.max_header_bytes
@@ -150,7 +167,34 @@ class ServerProtocol(asyncio.Protocol):
                     return
             self.head_reads += len(data)
         self._feed(data)
+        if self.idle_since:  # on_message_begin clears it: no request began
+            self._stray()
         if self.body_at:  # a body still arriving: this read was progress
+            self.body_at = self.loop.time()
+
+    def _stray(self) -> None:
+        """An idle connection read only CRLFs, which llhttp skips before a request line.
+        They count as a head's start (SPEC §13): the head deadline runs from them, and
+        at the cap the connection still gives way as an idle one (idle_since is kept)."""
+        if self.head_since or self.transport.is_closing():
+            return
+        now = self.head_since = self.loop.time()
+        self.head_reads = 0
+        due = now + self.limits.header_timeout
+        if self.timer is None or self.timer_due > due:
+            self._arm(due)
+
+    def _after_stray(self, data: bytes) -> None:
+        """A read after stray CRLFs: more of them, or a request beginning. Its head's
+        deadline still runs from the first CRLF, as nginx's does; its bytes count toward
+        the head's size as a first read's do (on_headers_complete)."""
+        began = self.head_since
+        self._feed(data)
+        if self.idle_since:
+            return  # CRLFs again
+        if self.head_since and self.cycle is None and self.refusal is None:
+            self.head_since = began  # the head that began here is still arriving
+        if self.body_at:
             self.body_at = self.loop.time()
 
     def _feed(self, data: bytes) -> None:
@@ -178,7 +222,9 @@ class ServerProtocol(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.expect = False
+        self.framing = 0
         self.head_reads = 0
+        self.idle_since = 0.0
         since = self.head_since = self.loop.time()
         # The shortest of the deadlines: any later one re-arms when it fires early. The
         # timer is almost always armed already (keep-alive): one compare, no call.
@@ -196,7 +242,11 @@ class ServerProtocol(asyncio.Protocol):
         # Sizes are checked once the head is complete: within one read httptools holds
         # at most that read, and across reads data_received counts and cuts.
         name = name.lower()
-        if name == b"expect" and value.lower() == b"100-continue":
+        if name == b"host":
+            self.framing += 1
+        elif name == b"transfer-encoding":
+            self.framing += _CODING
+        elif name == b"expect" and value.lower() == b"100-continue":
             self.expect = True
         self.headers.append((name, value))
 
@@ -213,6 +263,12 @@ class ServerProtocol(asyncio.Protocol):
             self._refuse_head(431)
             raise _Refused
         parser = self.parser
+        version = parser.get_http_version()
+        if self.framing != 1 or version != "1.1":  # HTTP/1.0, chunked, or to be refused
+            refusal = framing_refusal(version, headers)
+            if refusal is not None:
+                self._refuse(refusal)
+                raise _Refused
         self.upgrading = parser.should_upgrade()
         if self.upgrading and is_websocket(self.headers):
             # Nothing here speaks WebSocket; clients (Codex CLI) fall back at once on a
@@ -228,8 +284,10 @@ class ServerProtocol(asyncio.Protocol):
             raw_path, query = parsed.path or b"/", parsed.query or b""
         path = raw_path.decode("ascii")
         if "%" in path:
+            if "%2f" in path.lower():
+                self._refuse(encoded_slash())
+                raise _Refused
             path = urllib.parse.unquote(path)
-        version = parser.get_http_version()
         scope: Message = {
             "type": "http",
             "asgi": _ASGI,
@@ -430,7 +488,13 @@ class ServerProtocol(asyncio.Protocol):
             if self.head_since:
                 at = self.head_since + limits.header_timeout
                 if now >= at:
-                    self._timed_out("the request head did not arrive in time")
+                    if self.idle_since:
+                        # Only CRLFs: no request began, so none is answered; closed as
+                        # an idle one is, as nginx does (a 408 here would be read as the
+                        # answer to the client's next request).
+                        self.transport.close()
+                    else:
+                        self._timed_out("the request head did not arrive in time")
                     return
                 due = min(due, at)
             if self.body_at:
