@@ -12,99 +12,48 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gateway.accesslog import configure as configure_access_log
 from gateway.config import Config, ConfigError, load_config
 from gateway.keys import append_key, new_secret
-from gateway.settings import Settings, from_env
+from gateway.settings import OPTIONS, Option, Settings, SettingsError, from_env
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error in one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"gateway: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM gateway")
+    parser = _Parser(prog="gateway", description="OpenAI-compatible LLM gateway")
     sub = parser.add_subparsers(dest="command", required=True)
+    flags = {o.name: o for o in OPTIONS}
 
-    def files(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--routes", dest="routes_path", help="routes file (default ./routes.yaml)")
-        p.add_argument("--keys", dest="keys_path", help="keys file (default ./keys.yaml)")
+    def add(p: argparse.ArgumentParser, option: Option) -> None:
+        # Values stay strings here: settings.from_env checks them against their row,
+        # so a flag and its variable are refused with the same words.
+        dest, text, name = option.name, option.help, option.flag[2:].upper()
+        if option.kind == "switch":
+            p.add_argument(option.flag, dest=dest, action="store_const", const=True, help=text)
+        elif option.kind == "repeat":
+            p.add_argument(option.flag, dest=dest, action="append", metavar=name, help=text)
+        else:
+            p.add_argument(option.flag, dest=dest, metavar=name, help=text)
 
     serve = sub.add_parser("serve", help="run the proxy")
-    files(serve)
-    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8080)")
-    serve.add_argument("--workers", type=int, help="worker processes (default 1)")
-    serve.add_argument(
-        "--max-body-bytes", dest="max_body_bytes", type=int, help="request body limit"
-    )
-    serve.add_argument(
-        "--drain-seconds", dest="drain_seconds", type=float, help="SIGTERM drain bound"
-    )
-    serve.add_argument(
-        "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
-    )
-    limits = (
-        ("--max-header-bytes", int, "request line plus headers (default 65536)"),
-        ("--header-timeout", float, "seconds for a request head to arrive (default 10)"),
-        ("--body-timeout", float, "longest pause in a request body, seconds (default 30)"),
-        ("--max-connections", int, "client connections (default: from the open-file limit)"),
-        ("--max-response-bytes", int, "decoded upstream answer (default 64 MiB)"),
-        ("--max-event-bytes", int, "one upstream SSE event (default 16 MiB)"),
-    )
-    for flag, kind, text in limits:
-        serve.add_argument(flag, dest=flag[2:].replace("-", "_"), type=kind, help=text)
-    serve.add_argument(
-        "--log-format", dest="log_format", choices=["json", "text"], help="access log format"
-    )
-    serve.add_argument(
-        "--state",
-        dest="state",
-        metavar="PATH|URL",
-        help="where keys' spend survives restarts: a file (default ./gateway.state), "
-        "none (memory only), or redis://HOST:PORT/DB (shared by replicas; gateway[redis])",
-    )
-    serve.add_argument(
-        "--state-fail",
-        dest="state_fail",
-        choices=["open", "closed"],
-        help="Redis unreachable: serve without limits (open, the default) or answer 503",
-    )
-
-    serve.add_argument(
-        "--allow-host",
-        dest="allow_hosts",
-        action="append",
-        metavar="HOST",
-        help="without keys: a Host name answered besides loopback's own (repeatable)",
-    )
-    serve.add_argument(
-        "--cors-origin",
-        dest="cors_origins",
-        action="append",
-        metavar="ORIGIN",
-        help="without keys: a browser origin served with CORS, e.g. http://localhost:3000",
-    )
-    serve.add_argument(
-        "--metrics-admin",
-        dest="metrics_admin",
-        action="store_const",
-        const=True,
-        help="/metrics needs an admin key too (when keys are configured)",
-    )
-    serve.add_argument(
-        "--response-ids-per-key",
-        dest="response_ids_per_key",
-        type=int,
-        help="Responses ids remembered per key (default 10000, least recently used dropped)",
-    )
-
+    for option in OPTIONS:
+        add(serve, option)
     check = sub.add_parser("check", help="validate routes and keys files")
-    files(check)
-
+    add(check, flags["routes_path"])
+    add(check, flags["keys_path"])
     keys = sub.add_parser("keys", help="manage access keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_sub.add_parser("new", help="create a key; prints the secret once")
     new.add_argument("name")
-    new.add_argument("--keys", dest="keys_path", help="keys file (default ./keys.yaml)")
+    add(new, flags["keys_path"])
     return parser
 
 
@@ -114,30 +63,7 @@ def _fail(message: str) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    names = (
-        "routes_path",
-        "keys_path",
-        "host",
-        "port",
-        "workers",
-        "max_body_bytes",
-        "drain_seconds",
-        "log_level",
-        "log_format",
-        "max_header_bytes",
-        "header_timeout",
-        "body_timeout",
-        "max_connections",
-        "max_response_bytes",
-        "max_event_bytes",
-        "state",
-        "state_fail",
-        "allow_hosts",
-        "cors_origins",
-        "metrics_admin",
-        "response_ids_per_key",
-    )
-    return from_env(**{n: getattr(args, n, None) for n in names})
+    return from_env(**{o.name: getattr(args, o.name, None) for o in OPTIONS})
 
 
 def _load(settings: Settings) -> Config | None:
@@ -214,15 +140,10 @@ def cmd_serve(settings: Settings) -> int:
             f"--state {settings.state.split('://')[0]}:// needs the optional extra: "
             "pip install 'gateway[redis]'"
         )
-    if config.keys.open:
-        if not settings.loopback:
-            return _fail(
-                f"refusing to listen on {settings.host} with no access keys configured; "
-                "create one with `gateway keys new NAME` or bind 127.0.0.1"
-            )
-        print(
-            "gateway: warning: no access keys configured; anyone on this machine can use the gateway",
-            file=sys.stderr,
+    if config.keys.open and not settings.loopback:
+        return _fail(
+            f"refusing to listen on {settings.host} with no access keys configured; "
+            "create one with `gateway keys new NAME` or bind 127.0.0.1"
         )
     try:
         sock = _bind(settings)
@@ -249,6 +170,27 @@ def cmd_serve(settings: Settings) -> int:
         "interface": "asgi3",
         "loop": "uvloop",
     }
+    from gateway.app import Gateway, create_app, settle_heap
+    from gateway.state.file import StateError
+
+    # The state is read and its path proved writable before "serving" is said: a path
+    # no sync could write would lose every second's spend, logging as it went.
+    app: Gateway | None = None
+    try:
+        if settings.workers > 1:
+            _check_state(settings)
+        else:
+            app = create_app(settings, config)
+            if app.state.state is not None:
+                app.state.state.check_writable()
+    except StateError as exc:
+        sock.close()
+        return _fail(str(exc))
+    if config.keys.open:  # said once nothing else refuses the start: a refusal is one line
+        print(
+            "gateway: warning: no access keys configured; anyone on this machine can use the gateway",
+            file=sys.stderr,
+        )
     print(
         f"gateway: serving {len(config.routes.models) + len(config.routes.wildcards)} models on "
         f"http://{settings.host}:{sock.getsockname()[1]}/v1 (config {config.version})",
@@ -269,18 +211,6 @@ def cmd_serve(settings: Settings) -> int:
 
         from uvicorn.supervisors import Multiprocess
 
-        if settings.state != "none" and not settings.redis:
-            # Checked (and a corrupt file set aside) once here, not raced by every worker.
-            from gateway.limits import Limiter
-            from gateway.state.file import StateError, StateFile
-
-            try:
-                StateFile(settings.state, Limiter()).load()
-            except StateError as exc:
-                print(
-                    f"gateway: {exc}; fix or move it, or serve with --state none", file=sys.stderr
-                )
-                return 1
         _export(settings)
         # Workers share metric values through files here; removed when the supervisor ends.
         metrics_dir = tempfile.TemporaryDirectory(prefix="gateway-metrics-")
@@ -290,18 +220,24 @@ def cmd_serve(settings: Settings) -> int:
         )
         Multiprocess(uv_config, sockets=[sock]).run()
         return 0
-    from gateway.app import create_app, settle_heap
-    from gateway.state.file import StateError
-
-    try:
-        app = create_app(settings, config)
-    except StateError as exc:
-        print(f"gateway: {exc}; fix or move it, or serve with --state none", file=sys.stderr)
-        return 1
+    assert app is not None
     uv_config = uvicorn.Config(app, **common)
     settle_heap()
     uvicorn.Server(uv_config).run(sockets=[sock])
     return 0
+
+
+def _check_state(settings: Settings) -> None:
+    """With --workers N: the state file read (a corrupt one set aside) and its path
+    proved writable once here, not raced by every worker. Raises StateError."""
+    if settings.state == "none" or settings.redis:
+        return
+    from gateway.limits import Limiter
+    from gateway.state.file import StateFile
+
+    state = StateFile(settings.state, Limiter())
+    state.load()
+    state.check_writable()
 
 
 def _raise_open_file_limit() -> None:
@@ -350,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = _settings(args)
-    except ValueError as exc:
-        return _fail(f"bad setting: {exc}")
+    except SettingsError as exc:
+        for problem in exc.problems:
+            _fail(problem)
+        return 1
     if args.command == "check":
         return cmd_check(settings)
     if args.command == "keys":

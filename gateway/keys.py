@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import secrets
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -12,6 +14,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+import yaml
 
 from gateway.yamlsrc import LineList, LineMap, Source, check_keys, line_of, parse_yaml
 
@@ -67,25 +71,29 @@ def digest_of(secret: str) -> bytes:
 
 def _parse_expires(src: Source, raw: LineMap) -> datetime | None:
     value = raw["expires"]
-    line = line_of(raw, "expires")
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, date):
-        # A date means "valid through that day, UTC".
-        return datetime(value.year, value.month, value.day, tzinfo=UTC) + timedelta(days=1)
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+        if isinstance(value, date):
+            # A date means "valid through that day, UTC".
+            return datetime(value.year, value.month, value.day, tzinfo=UTC) + timedelta(days=1)
+        if isinstance(value, str):
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            src.problem(
-                line, f"expires must be a date (2027-01-01) or ISO timestamp, got {value!r}"
-            )
-            return None
-        if len(value) == 10:
-            return parsed.replace(tzinfo=UTC) + timedelta(days=1)
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    src.problem(line, f"expires must be a date (2027-01-01) or ISO timestamp, got {value!r}")
+            if len(value) == 10:
+                return parsed.replace(tzinfo=UTC) + timedelta(days=1)
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):  # 2027-13-01, or 9999-12-31's next day
+        pass
+    src.problem(
+        line_of(raw, "expires"),
+        f"expires must be a date (2027-01-01) or ISO timestamp, got {_shown(value)}",
+    )
     return None
+
+
+def _shown(value: object) -> str:
+    """A YAML value as the operator wrote it, near enough (dates as dates)."""
+    return value.isoformat() if isinstance(value, date) else repr(value)
 
 
 def _positive_int(src: Source, raw: LineMap, key: str) -> int | None:
@@ -185,7 +193,7 @@ def _budget(src: Source, raw: LineMap) -> tuple[float | None, str]:
         return None, "total"
     check_keys(src, value, frozenset({"usd", "period"}), "budget")
     usd = value["usd"]
-    if isinstance(usd, bool) or not isinstance(usd, int | float) or usd <= 0:
+    if isinstance(usd, bool) or not isinstance(usd, int | float) or not 0 < usd < math.inf:
         src.problem(line_of(value, "usd"), "budget.usd must be a positive number of dollars")
         return None, "total"
     return float(usd), _period(src, value, "budget")
@@ -233,14 +241,15 @@ def append_key(path: Path, name: str, secret: str) -> None:
 
     Raises ValueError with a message meant for the operator when that cannot be done safely.
     """
+    check_name(name)
     entry_fields = [
         f"name: {_quote(name)}",
         f'sha256: "{hashlib.sha256(secret.encode()).hexdigest()}"',
     ]
     if not path.exists():
-        path.write_text("keys:\n" + _entry(entry_fields, 2))
+        path.write_text("keys:\n" + _entry(entry_fields, 2), encoding="utf-8")
         return
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     src = Source(str(path))
     data = parse_yaml(text, src)
     keys = parse_keys(data, src)
@@ -250,11 +259,11 @@ def append_key(path: Path, name: str, secret: str) -> None:
         raise ValueError(f"{path}: a key named {name!r} already exists")
     prefix = text if text.endswith("\n") or not text else text + "\n"
     if data is None:
-        path.write_text(prefix + "keys:\n" + _entry(entry_fields, 2))
+        path.write_text(prefix + "keys:\n" + _entry(entry_fields, 2), encoding="utf-8")
         return
     items = data.get("keys")
     if items is None and "keys" not in data:
-        path.write_text(prefix + "keys:\n" + _entry(entry_fields, 2))
+        path.write_text(prefix + "keys:\n" + _entry(entry_fields, 2), encoding="utf-8")
         return
     lines = text.splitlines(keepends=True)
     last_top = max(data.lines.values())
@@ -269,14 +278,15 @@ def append_key(path: Path, name: str, secret: str) -> None:
         path.write_text(
             "".join(lines)
             + ("" if "".join(lines).endswith("\n") else "\n")
-            + _entry(entry_fields, 2)
+            + _entry(entry_fields, 2),
+            encoding="utf-8",
         )
         return
     first = items.lines[0] - 1
     indent = len(lines[first]) - len(lines[first].lstrip(" "))
     if not lines[first].lstrip(" ").startswith("-"):
         raise ValueError(f"{path}: keys: is written in flow style; add the entry by hand")
-    path.write_text(prefix + _entry(entry_fields, indent))
+    path.write_text(prefix + _entry(entry_fields, indent), encoding="utf-8")
 
 
 def _entry(fields: list[str], indent: int) -> str:
@@ -284,17 +294,36 @@ def _entry(fields: list[str], indent: int) -> str:
     return f"{pad}- {fields[0]}\n" + "".join(f"{pad}  {f}\n" for f in fields[1:])
 
 
+def check_name(name: str) -> None:
+    """A key name `keys new` can write: text with no control characters (a newline
+    would end the YAML line; a name is shown in logs, metrics and the console)."""
+    if not name:
+        raise ValueError("a key name must not be empty")
+    for i, ch in enumerate(name):
+        if unicodedata.category(ch) == "Cs":  # bytes the terminal's encoding could not decode
+            raise ValueError(f"a key name must be text; {name!r} is not valid UTF-8")
+        if unicodedata.category(ch) == "Cc":
+            raise ValueError(
+                f"a key name must not hold control characters; {name!r} has "
+                f"U+{ord(ch):04X} at position {i + 1}"
+            )
+
+
 def _quote(value: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value) and value.lower() not in {
-        "yes",
-        "no",
-        "true",
-        "false",
-        "on",
-        "off",
-        "null",
-        "y",
-        "n",
-    }:
+    """`value` as a YAML scalar that reads back as exactly that string: plain when YAML
+    would resolve it to the same string (not `123`, `yes`, `null`, `2027-01-01`), else
+    double-quoted with every character YAML might not keep as it is escaped."""
+    plain = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value)
+    if plain and yaml.safe_load(value) == value:  # 123, yes, null, 2027-01-01 are not
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    out = []
+    for ch in value:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch.isprintable():  # not line or paragraph separators, BOM, unassigned
+            out.append(ch)
+        elif ord(ch) <= 0xFFFF:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return '"' + "".join(out) + '"'

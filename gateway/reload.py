@@ -87,6 +87,11 @@ class Reloader:
             return load_config(s.routes_path, s.keys_path, s.keys_explicit, stepwise=True)
         except ConfigError as exc:
             return exc
+        except Exception:
+            # A fault in the loader itself (every bad input is a ConfigError): still
+            # never an unretrieved task exception; the old config is kept and said.
+            log.exception("reload failed reading %s and %s", s.routes_path, s.keys_path)
+            return ConfigError([])
         finally:
             gc.freeze()
             gc.enable()

@@ -79,8 +79,30 @@ def _with_lines(base: type[Any]) -> type[Any]:
     loader: Any = type(f"Line{base.__name__}", (base,), {"duplicates": []})
     loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
     loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+    for kind in ("bool", "int", "float", "timestamp"):
+        tag = f"tag:yaml.org,2002:{kind}"
+        loader.add_constructor(tag, _checked(kind, loader.yaml_constructors[tag]))
     built: type[Any] = loader
     return built
+
+
+def _checked(kind: str, construct: Any) -> Any:
+    """pyyaml's scalar constructors raise plain ValueError, KeyError or AttributeError on
+    `!!int abc` or `2027-13-01` (a traceback, not a problem with a line): here that
+    becomes a YAML error at the value's line. A date-shaped value that is no date
+    (`2027-13-01`) stays the string it is, for its field's check to name."""
+
+    def checked(loader: Any, node: yaml.ScalarNode) -> Any:
+        try:
+            return construct(loader, node)
+        except (ValueError, KeyError, AttributeError, OverflowError):
+            if kind == "timestamp" and isinstance(node.value, str):
+                return node.value
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not a valid {kind}", node.start_mark
+            ) from None
+
+    return checked
 
 
 def _construct_map(loader: Any, node: yaml.MappingNode) -> LineMap:
@@ -200,7 +222,12 @@ def check_keys(src: Source, mapping: LineMap, allowed: frozenset[str], where: st
 def number(src: Source, parent: LineMap, key: str, minimum: float, integer: bool = False) -> Any:
     value = parent[key]
     kind = "a whole number" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int if integer else (int, float))
+        or value != value  # .nan compares below nothing and would pass any minimum
+        or value == float("inf")
+    ):
         src.problem(line_of(parent, key), f"{key} must be {kind}, got {value!r}")
         return None
     if value < minimum:

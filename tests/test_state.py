@@ -112,19 +112,23 @@ def test_a_corrupt_file_is_kept_aside_and_reported(tmp_path: Path) -> None:
     assert "is not gateway state" in log and aside[0].name in log
 
 
-def test_an_unreadable_state_refuses_to_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_directory_as_state_refuses_before_serving(tmp_path: Path, workers: str) -> None:
     import subprocess
     import sys
 
     args = setup(tmp_path)
-    (tmp_path / "spend.state").mkdir()  # a directory: not readable as a file
+    (tmp_path / "spend.state").mkdir()  # a directory: neither readable nor writable as state
     done = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", *args, "--port", str(free_port()),
-         "--state", "spend.state"],
+         "--state", "spend.state", "--workers", workers],
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert done.returncode == 1
-    assert "cannot read the state file" in done.stderr and "--state none" in done.stderr
+    assert done.stderr.splitlines() == [
+        "gateway: the state path spend.state is a directory; pass a file in it "
+        "(--state spend.state/gateway.state) or --state none"
+    ]
 
 
 def test_state_none_writes_nothing(tmp_path: Path) -> None:

@@ -9,16 +9,25 @@ totals back as its own view: all workers' spend counts, each seeing the others' 
 a second late. A SIGKILL loses at most the last second of that process's spend.
 
 The file is JSON: {"version": 1, "keys": {NAME: {"spent": N, "periods": {KIND: [PERIOD,
-REQUESTS, TOKENS, USD]}}}}. Deltas are taken on the event loop; reading, merging, writing
-and fsync run in a thread.
+REQUESTS, TOKENS, USD]}}}}, every count a whole number of at least 0. Valid JSON of any
+other shape is not state: it is set aside like a corrupt file (SPEC §13). Deltas are
+taken on the event loop; reading, merging, writing and fsync run in a thread. A sync
+that fails is logged and tried again at the next tick.
+
+Writes go through a temp file of a fresh name created exclusively beside the state file
+(O_EXCL|O_NOFOLLOW: a symlink planted at a temp path is never followed), then renamed
+over it, so a reader or a crash sees the old file or the new one, never half.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
+import math
 import os
+import secrets
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -36,8 +45,19 @@ VERSION = 1
 EVERY = 1.0  # seconds between writes while spend changes
 
 
+# What to do about a state path that cannot be used, said with every refusal to start.
+WRITABLE_HINT = (
+    "pass --state with a path in a writable directory "
+    "(e.g. --state /var/lib/gateway/gateway.state) or --state none"
+)
+
+
 class StateError(Exception):
-    """The state file exists but cannot be read: the gateway does not start over it."""
+    """The state file cannot be read or written: the gateway does not start over it."""
+
+
+class NotState(ValueError):
+    """Bytes that are not version 1 gateway state (not JSON, or JSON of another shape)."""
 
 
 class StateFile:
@@ -51,30 +71,74 @@ class StateFile:
     # -- start
 
     def load(self) -> int:
-        """Take the keys' spend from the file; how many keys it held."""
+        """Take the keys' spend from the file; how many keys it held. A file that is
+        not state is set aside and reported; one that cannot be read refuses."""
+        if self.path.is_dir():
+            raise StateError(
+                f"the state path {self.path} is a directory; pass a file in it "
+                f"(--state {self.path / 'gateway.state'}) or --state none"
+            )
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return 0
         except OSError as exc:
-            raise StateError(f"cannot read the state file {self.path}: {exc.strerror}") from None
+            raise StateError(
+                f"cannot read the state file {self.path}: {exc.strerror}; "
+                "fix or move it, or serve with --state none"
+            ) from None
         try:
             usage = _decode(raw)
-        except (orjson.JSONDecodeError, ValueError, TypeError, KeyError) as exc:
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-            os.replace(self.path, aside)
-            self.set_aside = aside
-            log.error(
-                "state file %s is not gateway state (%s): kept as %s; spend starts from zero",
-                self.path,
-                type(exc).__name__,
-                aside,
-            )
+        except NotState as exc:
+            try:
+                self._set_aside(exc)
+            except OSError as err:
+                raise StateError(
+                    f"the state file {self.path} is not gateway state ({exc}) and cannot "
+                    f"be set aside: {err.strerror}; move it, or serve with --state none"
+                ) from None
             return 0
         self.limiter.usage.update(usage)
         self.base = _counts(usage, usage.keys())
         return len(usage)
+
+    def check_writable(self) -> None:
+        """Refuse, before serving, a path no sync could write (a missing or read-only
+        directory): a temp file is made and removed the way a sync does, and the lock
+        file opened."""
+        folder = self.path.parent
+        if not folder.is_dir():
+            raise StateError(
+                f"cannot write the state file {self.path}: the directory {folder} does "
+                f"not exist; {WRITABLE_HINT}"
+            )
+        try:
+            fd, tmp = self._create_temp()
+            os.close(fd)
+            os.unlink(tmp)
+            os.close(self._open_lock())
+        except OSError as exc:
+            raise StateError(
+                f"cannot write the state file {self.path}: {exc.strerror} in {folder}; "
+                f"{WRITABLE_HINT}"
+            ) from None
+
+    def _set_aside(self, why: NotState) -> None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists():  # two in one second: the first is kept too
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        os.replace(self.path, aside)
+        self.set_aside = aside
+        log.error(
+            "state file %s is not gateway state (%s): kept as %s; spend starts from %s",
+            self.path,
+            why,
+            aside,
+            "the totals this process last synced" if self.base else "zero",
+        )
 
     # -- while serving
 
@@ -90,7 +154,8 @@ class StateFile:
         """Add this process's spend since the last sync to the file's totals, then take
         the totals (everyone's spend) as this process's view. `pull`: read the others'
         spend even when this process spent nothing. The work on the event loop is for the
-        keys that changed (here or in the file), never for every key."""
+        keys that changed (here or in the file), never for every key. A failure of any
+        kind is logged and the same spend goes out at the next sync."""
         limiter = self.limiter
         if not limiter.dirty and not pull:
             return
@@ -103,7 +168,13 @@ class StateFile:
         except (OSError, StateError) as exc:
             limiter.dirty |= dirty  # tried again at the next sync
             text = exc.strerror if isinstance(exc, OSError) else str(exc)
-            log.error("cannot sync the state file %s: %s", self.path, text)
+            log.error("cannot sync the state file %s: %s; trying again", self.path, text)
+            return
+        except Exception:
+            # Not a condition of the file: a fault here. Still the timer must go on, or
+            # spend would silently stop being saved.
+            limiter.dirty |= dirty
+            log.exception("cannot sync the state file %s; trying again", self.path)
             return
         # What was charged while the thread ran stays on top of the new totals (and
         # those keys stay dirty: their delta goes out at the next sync).
@@ -116,14 +187,29 @@ class StateFile:
 
     def _merge(self, delta: Counts, base: Counts) -> tuple[Counts, list[Where]]:
         """(the file's totals with `delta` added, the entries that differ from `base`).
-        Without a delta the file is only read (it is only ever replaced whole)."""
-        if delta:
-            with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:
-                _lock(lock.fileno())  # released when the file closes
-                merged = _plus(self._read(), delta)
-                self._write(_encode(merged))
-        else:
-            merged = self._read()
+        Without a delta the file is only read (it is only ever replaced whole). A file
+        found replaced by something that is not state is set aside under the lock, and
+        the totals this process last synced are written in its place."""
+        merged: Counts | None = None
+        if not delta:
+            try:
+                merged = self._read()
+            except NotState:
+                merged = None  # looked at again under the lock (another may be on it)
+        if merged is None:
+            fd = self._open_lock()
+            try:
+                _lock(fd)  # released when the descriptor closes
+                try:
+                    found = self._read()
+                except NotState as exc:
+                    self._set_aside(exc)
+                    found = base
+                merged = _plus(found, delta)
+                if delta or found is base:
+                    self._write(_encode(merged))
+            finally:
+                os.close(fd)
         return merged, [w for w, v in merged.items() if base.get(w) != v]
 
     def _read(self) -> Counts:
@@ -131,10 +217,7 @@ class StateFile:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return {}
-        try:
-            usage = _decode(raw)
-        except (orjson.JSONDecodeError, ValueError, TypeError, KeyError):
-            raise StateError(f"state file {self.path} changed into something else") from None
+        usage = _decode(raw)
         return _counts(usage, usage.keys())
 
     def snapshot(self) -> bytes:
@@ -142,12 +225,29 @@ class StateFile:
 
     def _write(self, data: bytes) -> None:
         """Atomic: a reader (or a crash) sees the old file or the new one, never half."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        fd, tmp = self._create_temp()
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _create_temp(self) -> tuple[int, Path]:
+        """A new file of a fresh name beside the state file, never one already there:
+        O_EXCL fails on any existing name (a planted symlink included) and O_NOFOLLOW
+        refuses a symlink outright."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(tmp, flags, 0o644), tmp
+
+    def _open_lock(self) -> int:
+        lock = self.path.with_name(self.path.name + ".lock")
+        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
     async def close(self) -> None:
         """On drain: stop the timer, write what changed."""
@@ -156,18 +256,42 @@ class StateFile:
 
 
 def _decode(raw: bytes) -> dict[str, KeyUsage]:
-    data = orjson.loads(raw)
-    if not isinstance(data, dict) or data.get("version") != VERSION:
-        raise ValueError("not version 1 state")
+    """Version 1 state, checked whole: anything else raises NotState saying what."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise NotState("not JSON") from None
+    if not isinstance(data, dict) or data.keys() != {"version", "keys"}:
+        raise NotState('not an object of "version" and "keys"')
+    if data["version"] != VERSION or not isinstance(data["keys"], dict):
+        raise NotState('not version 1 state with an object of "keys"')
     out: dict[str, KeyUsage] = {}
     for name, entry in data["keys"].items():
-        usage = KeyUsage(spent=int(entry["spent"]))
-        for kind, (period, requests, tokens, usd) in entry["periods"].items():
+        if not isinstance(entry, dict) or entry.keys() != {"spent", "periods"}:
+            raise NotState(f'key {name!r} is not an object of "spent" and "periods"')
+        spent, periods = entry["spent"], entry["periods"]
+        if not _count(spent) or not isinstance(periods, dict):
+            raise NotState(f"key {name!r}: spent is not a count or periods not an object")
+        usage = KeyUsage(spent=spent)
+        for kind, value in periods.items():
             if kind not in ("day", "month", "total"):
-                raise ValueError(f"unknown period {kind!r}")
-            usage.periods[kind] = Period(str(period), int(requests), int(tokens), float(usd))
-        out[str(name)] = usage
+                raise NotState(f"key {name!r}: unknown period {kind!r}")
+            if not (isinstance(value, list) and len(value) == 4 and isinstance(value[0], str)):
+                raise NotState(f"key {name!r}: {kind} is not [PERIOD, REQUESTS, TOKENS, USD]")
+            period, requests, tokens, usd = value
+            if not (_count(requests) and _count(tokens) and _usd(usd)):
+                raise NotState(f"key {name!r}: {kind} holds a count that is not 0 or more")
+            usage.periods[kind] = Period(period, requests, tokens, float(usd))
+        out[name] = usage
     return out
+
+
+def _count(value: object) -> bool:
+    return type(value) is int and value >= 0  # not bool, not a string of digits
+
+
+def _usd(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
 
 
 # (key, kind) -> [period, requests, tokens, usd]; (key, "") -> [_, 0, spent, 0.0]
