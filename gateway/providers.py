@@ -9,8 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 from gateway.families import ALL, DEFAULT_APIS
+from gateway.upstream.head import never_forwarded
 from gateway.yamlsrc import LineMap, Source, check_keys, line_of, number
 
 BUILTIN_PREFIX = "builtin:"
@@ -18,7 +20,7 @@ BUILTINS = ("echo",)
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PROVIDER_KEYS = frozenset(
     {"base_url", "api_key", "headers", "query", "timeout", "stream_usage", "max_connections",
-     "apis", "auth"}
+     "apis", "auth", "forward_headers"}
 )  # fmt: skip
 DEFAULT_MAX_CONNECTIONS = 1024  # open connections to one provider at once
 _TIMEOUT_KEYS = frozenset({"connect", "read", "first_byte", "total"})
@@ -111,6 +113,8 @@ class Provider:
     # The API families it serves (SPEC §9); the built-in echo serves them all.
     apis: frozenset[str] = DEFAULT_APIS
     auth: Auth | None = None  # None: api_key as Authorization: Bearer (SPEC §10)
+    # Client headers sent to it although the header policy would not (SPEC §13), lowercase.
+    forward_headers: frozenset[str] = frozenset()
 
     @property
     def builtin(self) -> str | None:
@@ -188,8 +192,10 @@ def parse_provider(src: Source, name: str, raw: Any, line: int) -> ProviderDraft
     elif not names and not base_url.startswith(("http://", "https://")):
         src.problem(
             line_of(raw, "base_url"),
-            f"base_url must start with http:// or https://, got {base_url!r}",
+            f"base_url must start with http:// or https://, got {_without_userinfo(base_url)!r}",
         )
+    elif not names:
+        _check_url(src, line_of(raw, "base_url"), base_url)
     api_key = None
     if raw.get("api_key") is not None:
         if not isinstance(raw["api_key"], str):
@@ -237,6 +243,7 @@ def parse_provider(src: Source, name: str, raw: Any, line: int) -> ProviderDraft
                 )
             apis = frozenset(value)
     auth = _auth(src, raw, name, missing) if "auth" in raw else None
+    forward = _forward_headers(src, raw, set(headers)) if "forward_headers" in raw else frozenset()
     if auth is not None and auth.header is not None and api_key is None:
         src.problem(line_of(raw, "auth"), f"auth.header sends api_key: provider {name!r} has none")
     provider = Provider(
@@ -250,8 +257,58 @@ def parse_provider(src: Source, name: str, raw: Any, line: int) -> ProviderDraft
         max_connections=max_connections,
         apis=apis,
         auth=auth,
+        forward_headers=forward,
     )
     return ProviderDraft(provider, missing)
+
+
+def _without_userinfo(url: str) -> str:
+    """The URL for a message: whatever precedes an `@` in its authority is left out."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url.rpartition("@")[2]
+    authority, slash, path = rest.partition("/")
+    return scheme + sep + authority.rpartition("@")[2] + slash + path
+
+
+def _check_url(src: Source, line: int, url: str) -> None:
+    """A base_url carries no credentials (SPEC §13: they belong in api_key or auth); the
+    message never repeats them."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        src.problem(line, f"base_url is not a valid URL: {_without_userinfo(url)!r}")
+        return
+    if parts.password is not None or parts.username is not None:
+        src.problem(line, "base_url must not carry a user or password (user:password@host): "
+                    "put credentials in api_key or auth")  # fmt: skip
+
+
+def _forward_headers(src: Source, raw: LineMap, own: set[str]) -> frozenset[str]:
+    """`forward_headers: [name, ...]`: headers the policy holds back that this provider
+    gets anyway. Credentials, hop-by-hop headers and what the provider sets itself can
+    never be named (the list would not do what it says)."""
+    value = raw["forward_headers"]
+    line = line_of(raw, "forward_headers")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        src.problem(line, "forward_headers must be a list of header names like [openai-project]")
+        return frozenset()
+    names: set[str] = set()
+    set_here = {name.lower() for name in own}
+    for item in value:
+        name = item.lower()
+        if not _HEADER_NAME.fullmatch(name) or "*" in name:
+            src.problem(line, f"forward_headers: {item!r} is not a header name "
+                        "(names are listed exactly, without patterns)")  # fmt: skip
+        elif never_forwarded(name):
+            src.problem(line, f"forward_headers: {item!r} is a credential or hop-by-hop "
+                        "header and is never forwarded")  # fmt: skip
+        elif name in set_here:
+            src.problem(line, f"forward_headers: {item!r} is set by the provider's headers")
+        else:
+            names.add(name)
+    return frozenset(names)
 
 
 _AUTH_KINDS = ("header", "oauth2", "gcp", "aws")
@@ -274,7 +331,9 @@ def _auth(src: Source, raw: LineMap, name: str, missing: list[tuple[str, int]]) 
         return Auth(header=body.lower())
     if kind in EXTRAS:
         module, extra = EXTRAS[kind]
-        if not _importable(module.split(".")[0]):
+        # The module itself, not its top package: `google` may be a namespace that
+        # another package (protobuf) provides without google-auth.
+        if not _importable(module):
             src.problem(here, f"{where}.{kind} needs the optional extra: "
                         f"pip install 'gateway[{extra}]'")  # fmt: skip
     if not isinstance(body, LineMap) and not (kind == "gcp" and body is None):

@@ -27,10 +27,10 @@ from gateway.upstream.echo import EchoResponse
 from gateway.upstream.head import (
     Headers,
     Target,
+    join_query,
     prepare,
     request_head,
     response_headers,
-    signed_query,
 )
 from gateway.upstream.pool import Origin, Pool
 
@@ -86,16 +86,69 @@ def _is_sse(headers: Headers) -> bool:
     return False
 
 
-def _decoder(raw: Iterable[tuple[bytes, bytes]]) -> tuple[bool, zlib._Decompress | None]:
-    """(can relay decoded, decompressor) for the response's content-encoding (names
-    already lowercase)."""
+class Decoder:
+    """A body's content-encoding undone whole or not at all (SPEC §13): gzip member by
+    member (a decompressobj stops at the end of the first and leaves the rest unused),
+    and an error for anything that does not decode to its very end: a truncated member,
+    bytes after a deflate stream, a bad member. Names the body's encoding, not zlib's
+    message (that is a library's text, never a client's)."""
+
+    __slots__ = ("_gzip", "_open", "_zlib")
+
+    def __init__(self, gzip: bool) -> None:
+        self._gzip = gzip
+        self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS)
+        self._open = False  # a member has started and not ended
+
+    def decode(self, data: bytes, limit: int) -> tuple[bytes, bytes]:
+        """(at most `limit` decoded bytes, the input still to decode)."""
+        z = self._zlib
+        if z.eof:
+            if not self._gzip:
+                raise _undecodable("bytes after the end of the deflate stream")
+            z = self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)  # the next member
+        self._open = True
+        try:
+            out = z.decompress(data, limit)
+        except zlib.error:
+            raise _undecodable("the compressed body is corrupt") from None
+        if z.eof:
+            self._open = False
+            return out, z.unused_data
+        return out, z.unconsumed_tail
+
+    def finish(self) -> bytes:
+        """At the body's end: what zlib still holds; an error if a member is unfinished."""
+        if not self._open:
+            return b""
+        z = self._zlib
+        try:
+            tail = z.flush()
+        except zlib.error:
+            raise _undecodable("the compressed body is corrupt") from None
+        if not z.eof:
+            raise _undecodable("the compressed body is truncated")
+        if z.unused_data:
+            # Only input decode() held back can be here, and it always hands that on.
+            raise _undecodable("bytes after the end of the compressed body")
+        self._open = False
+        return tail
+
+
+def _undecodable(why: str) -> ConnectionLost:
+    return ConnectionLost(f"the upstream body could not be decoded: {why}", before_response=False)
+
+
+def _decoder(raw: Iterable[tuple[bytes, bytes]]) -> tuple[bool, Decoder | None]:
+    """(can relay decoded, decoder) for the response's content-encoding (names already
+    lowercase)."""
     for name, value in raw:
         if name == b"content-encoding":
             coding = value.strip().lower()
             if coding in (b"gzip", b"x-gzip"):
-                return True, zlib.decompressobj(16 + zlib.MAX_WBITS)
+                return True, Decoder(gzip=True)
             if coding == b"deflate":
-                return True, zlib.decompressobj()
+                return True, Decoder(gzip=False)
             return coding in (b"identity", b""), None
     return True, None
 
@@ -156,9 +209,9 @@ class H1Response:
                 if self._decoder is not None and (self._pending or conn.chunks):
                     # Decoded in bounded steps: a small compressed body can expand a
                     # thousandfold, and no step may hold more than DECODE_STEP of it.
+                    # The limit counts every member's output together.
                     data = self._pending or conn.take()
-                    chunk = self._decoder.decompress(data, DECODE_STEP)
-                    self._pending = self._decoder.unconsumed_tail
+                    chunk, self._pending = self._decoder.decode(data, DECODE_STEP)
                     if not chunk:
                         continue
                     self._left -= len(chunk)
@@ -166,13 +219,15 @@ class H1Response:
                         raise self._too_large()
                     return chunk
                 if conn.ended:
-                    self.close()
                     if self._decoder is not None:
-                        tail, self._decoder = self._decoder.flush(), None
+                        tail = self._decoder.finish()
+                        self._decoder = None
+                        self.close()
                         self._left -= len(tail)
                         if self._left < 0:
                             raise self._too_large()
                         return tail
+                    self.close()
                     return b""
                 if conn.error is not None:
                     raise conn.error
@@ -272,7 +327,7 @@ class Upstream:
             if auth.aws is None:
                 creds = await self.credentials.header(provider)
             else:
-                url = provider.base_url + path + signed_query(target, path)
+                url = provider.base_url + join_query(target, path)
                 creds = await self.credentials.signature(provider, method or b"POST", url, body)
         head = request_head(target, path, client_headers, len(body), method, creds)
         # One write for the usual small request; a large body is not copied again to

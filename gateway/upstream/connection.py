@@ -85,6 +85,7 @@ class H1Connection(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0  # bytes received while waiting for the final head
+        self.trailer_bytes = 0
         self.keep_alive = False
         self.eof_body = False  # neither content-length nor chunked: the body ends at close
         self.chunked = False
@@ -206,6 +207,14 @@ class H1Connection(asyncio.Protocol):
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            # A trailer field (after a chunked body): dropped, never promoted to a header
+            # (SPEC §13), and bounded like a head.
+            self.trailer_bytes += len(name) + len(value) + 4
+            if self.trailer_bytes > MAX_HEAD_BYTES:
+                self._fail("upstream trailer fields too large")
+                raise _Refused
+            return
         # Lowercased once here: every later look at the head compares lowercase names.
         # (Count and size are checked once the head is complete: what one read holds is
         # bounded, and data_received bounds what several reads hold.)
@@ -276,6 +285,7 @@ class H1Connection(asyncio.Protocol):
         self.status = 0
         self.headers = []
         self.head_bytes = 0
+        self.trailer_bytes = 0
         self.keep_alive = False
         self.eof_body = False
         self.got_bytes = False

@@ -34,6 +34,7 @@ DEFAULT_LIFE = 3600.0  # an OAuth2 answer without expires_in
 FETCH_DEADLINE = 30.0  # seconds a request waits for a first (or expired) token
 GCP_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 _TOKEN = re.compile(r"[\x21-\x7e]{1,16384}")
+_ERROR_CODE = re.compile(r"[a-z_]{1,64}")  # fullmatch: no line break, nothing echoed
 
 Fetch = Callable[[], Awaitable[tuple[str, float]]]  # -> (token, seconds it lives)
 
@@ -169,10 +170,13 @@ def oauth2_fetch(upstream: Any, name: str, config: OAuth2) -> Fetch:
         except orjson.JSONDecodeError:
             answer = None
         if resp.status != 200 or not isinstance(answer, dict):
-            # OAuth2's own error code only: the rest of a token endpoint's answer is not
-            # ours to repeat in logs.
+            # OAuth2's own error code only, and only when it looks like one (RFC 6749
+            # §5.2): the description, the body and anything echoed from the form (the
+            # client secret) are not ours to repeat in logs or the console.
             code = answer.get("error") if isinstance(answer, dict) else None
-            raise CredentialsFailed(f"token endpoint answered {resp.status} ({code or 'no code'})")
+            if not isinstance(code, str) or not _ERROR_CODE.fullmatch(code):
+                code = "no code"
+            raise CredentialsFailed(f"token endpoint answered {resp.status} ({code})")
         token = answer.get("access_token")
         life = answer.get("expires_in", DEFAULT_LIFE)
         if not isinstance(token, str) or not token or isinstance(life, bool):

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlencode, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import unquote_plus, urlencode, urlsplit
 
-from gateway.routes import Provider
 from gateway.upstream.pool import Origin
+
+if TYPE_CHECKING:  # config imports the table below: no import back at run time
+    from gateway.providers import Provider
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -26,18 +29,44 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Never sent upstream: the client's credentials (in any of the headers a client may put
-# them in), what the hop itself sets, and `expect` (the gateway answers 100-continue
-# itself and sends the whole body at once).
+
+# The header policy (SPEC §5, §7, §13), one table for every family and the by-id paths.
+# Request headers, client -> upstream:
+#   CREDENTIALS and _HOP (what the hop itself sets) are never sent, whatever the provider
+#   says; `expect` is answered by the gateway, which sends the whole body at once.
+#   ACCOUNT (and every name starting with one of ACCOUNT_PREFIXES) chooses the provider
+#   account or carries cloud credentials: not sent unless the provider lists the name in
+#   its `forward_headers`.
+# Response headers, upstream -> client: _RESPONSE_DROP and every name starting with one
+#   of RESPONSE_PREFIXES never reach the client (the gateway writes its own x-gateway-*,
+#   x-ratelimit-* for the key, and server-timing). Trailer fields are dropped by the
+#   connection (connection.py) before they could join the head.
 CREDENTIALS = frozenset(
     {b"authorization", b"x-api-key", b"api-key", b"proxy-authorization", b"cookie"}
 )
-_REQUEST_DROP = (
-    HOP_BY_HOP
-    | CREDENTIALS
-    | {b"host", b"content-length", b"accept-encoding", b"expect", b"http2-settings"}
+ACCOUNT = frozenset(
+    {b"openai-organization", b"openai-project", b"x-goog-user-project", b"x-goog-api-key"}
 )
-_RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"content-encoding", b"set-cookie"}
+ACCOUNT_PREFIXES = (b"x-amz-",)
+_HOP = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"expect", b"http2-settings"}
+# What `forward_headers` can never bring back (providers.py refuses such a list).
+NEVER_FORWARDED = CREDENTIALS | _HOP
+_REQUEST_DROP = NEVER_FORWARDED | ACCOUNT
+_RESPONSE_DROP = HOP_BY_HOP | {
+    b"content-length",
+    b"content-encoding",
+    b"set-cookie",
+    b"server-timing",
+    # The gateway's own names for what it did: never the upstream's to say.
+    b"x-upstream-request-id",
+    b"x-upstream-model",
+}
+RESPONSE_PREFIXES = (b"x-gateway-", b"x-ratelimit-")
+
+
+def never_forwarded(name: str) -> bool:
+    """Whether `forward_headers` cannot name this header (lowercase)."""
+    return name.encode("latin-1") in NEVER_FORWARDED
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +77,16 @@ class Target:
     request_line_prefix: bytes  # b"POST /v1"
     query: bytes  # b"?api-version=..." or b""
     fixed: bytes  # host, credentials, provider headers: ready-made header lines
-    own: frozenset[bytes]  # header names the provider sets itself
+    # Client header names never sent to this provider: the table above, less what its
+    # forward_headers lets through, plus what it sets itself. One set lookup a header.
+    drop: frozenset[bytes]
+    forward: frozenset[bytes]  # its forward_headers (they pass ACCOUNT_PREFIXES too)
+    query_names: frozenset[str]  # the names in its query (they win over the client's)
+
+
+# What a SigV4 signature adds: the client may never send its own next to it.
+_SIGNATURE = frozenset({b"authorization", b"x-amz-date", b"x-amz-security-token",
+                        b"x-amz-content-sha256"})  # fmt: skip
 
 
 def prepare(provider: Provider) -> Target:
@@ -67,27 +105,41 @@ def prepare(provider: Provider) -> Target:
     if auth is not None and auth.header is not None:
         if key and auth.header not in own:
             lines.append(f"{auth.header}: {key}")  # Azure's api-key, Anthropic's x-api-key
+        own.add(auth.header)
     elif auth is None and key and "authorization" not in own:
         lines.append("authorization: Bearer " + key)
     lines += [f"{name}: {value}" for name, value in provider.headers.items()]
     # Identity keeps the bytes the gateway splices plain.
     lines.append("accept-encoding: identity")
     query = urlencode(list(provider.query.items()))
+    own_names = frozenset(name.encode("latin-1") for name in own)
+    if auth is not None and auth.aws is not None:
+        own_names |= _SIGNATURE
+    forward = frozenset(name.encode("latin-1") for name in provider.forward_headers)
     return Target(
         origin=Origin(url.scheme, host, port, provider.max_connections),
         request_line_prefix=b"POST " + (url.path or "").encode(),
         query=b"?" + query.encode() if query else b"",
         fixed="".join(line + "\r\n" for line in lines).encode("latin-1"),
-        own=frozenset(name.encode("latin-1") for name in own) | {b"host"},
+        drop=(_REQUEST_DROP - forward) | NEVER_FORWARDED | own_names,
+        forward=forward - NEVER_FORWARDED - own_names,
+        query_names=frozenset(provider.query),
     )
 
 
-def signed_query(target: Target, path: str) -> str:
-    """The provider's query as request_head joins it to `path` (what SigV4 signs)."""
-    if not target.query:
-        return ""
-    query = target.query.decode("latin-1")
-    return "&" + query[1:] if "?" in path else query
+def join_query(target: Target, path: str) -> str:
+    """`path` as the request line carries it, the provider's query joined. A path with
+    the client's own query (the by-id lookups) keeps the client's parameters as sent, in
+    order and repeated, except any the provider's query names: the provider's win."""
+    own = target.query.decode("latin-1")
+    if "?" not in path:
+        return path + own
+    base, _, client = path.partition("?")
+    names = target.query_names
+    kept = [p for p in client.split("&") if p and unquote_plus(p.partition("=")[0]) not in names]
+    if own:
+        kept.append(own[1:])
+    return base + "?" + "&".join(kept) if kept else base
 
 
 def request_head(
@@ -99,21 +151,22 @@ def request_head(
     credentials: bytes = b"",
 ) -> bytes:
     """The request's head. `method`: other than POST (the responses family's lookups by
-    id); `path` may then carry the client's query, joined to the provider's."""
+    id); `path` may carry the client's query, merged with the provider's."""
     prefix = target.request_line_prefix
     query = target.query
     if method is not None:
         prefix = method + prefix[4:]
-        if query and "?" in path:
-            query = b"&" + query[1:]
+    if "?" in path:
+        path, query = join_query(target, path), b""
     parts = [prefix, path.encode(), query, b" HTTP/1.1\r\n"]
     named: set[bytes] = set()
     kept: Headers = []
     content_type = False
+    drop, forward = target.drop, target.forward
     for name, value in client:
         if name == b"connection":
             named.update(t.strip().lower() for t in value.split(b","))
-        if name in _REQUEST_DROP or name in target.own:
+        if name in drop or (name.startswith(ACCOUNT_PREFIXES) and name not in forward):
             continue
         if name == b"content-type":
             content_type = True
@@ -133,7 +186,10 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]], decoded: bool = True) -
     cannot undo is kept)."""
     out: Headers = []
     for name, value in raw:
-        if name in _RESPONSE_DROP and (decoded or name != b"content-encoding"):
+        if name in _RESPONSE_DROP:
+            if decoded or name != b"content-encoding":
+                continue
+        elif name.startswith(RESPONSE_PREFIXES):
             continue
         if name == b"x-request-id":
             out.append((b"x-upstream-request-id", value))
