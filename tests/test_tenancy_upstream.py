@@ -12,6 +12,7 @@ scriptable upstream (tests/upstream.py); config and pure functions from values.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ import httpx
 import pytest
 import yaml
 
-from gateway.upstream.connection import AWAIT_HEAD, MAX_HEAD_BYTES, H1Connection
+from gateway.upstream.client import Decoder
+from gateway.upstream.connection import AWAIT_HEAD, MAX_HEAD_BYTES, ConnectionLost, H1Connection
 from gateway.upstream.head import join_query, prepare, request_head, response_headers
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.helpers import assert_envelope
@@ -377,6 +379,35 @@ def members(body: bytes, parts: int) -> bytes:
 
 def gzipped(payload: bytes, status: int = 200, coding: str = "gzip") -> Json:
     return Json(payload, status=status, headers=[("content-encoding", coding)])
+
+
+def decode_in_reads(decoder: Decoder, data: bytes, cuts: list[int], step: int) -> bytes:
+    """What H1Response does: each read decoded in steps of at most `step` bytes out."""
+    out = []
+    bounds = [0, *cuts, len(data)]
+    for start, end in itertools.pairwise(bounds):
+        pending = data[start:end]
+        while pending:
+            chunk, pending = decoder.decode(pending, step)
+            out.append(chunk)
+    out.append(decoder.finish())
+    return b"".join(out)
+
+
+def test_decoder_output_does_not_depend_on_how_the_body_was_split() -> None:
+    body = bytes(range(256)) * 40
+    data = members(body, 3)
+    for cut in range(1, len(data), 7):
+        for step in (1 << 20, 100):
+            assert decode_in_reads(Decoder(gzip=True), data, [cut], step) == body, (cut, step)
+    assert decode_in_reads(Decoder(gzip=True), data, list(range(1, len(data))), 64) == body
+    with pytest.raises(ConnectionLost, match="truncated"):
+        decode_in_reads(Decoder(gzip=True), data[:-1], [len(data) // 2], 100)
+    deflated = zlib.compress(body)
+    assert decode_in_reads(Decoder(gzip=False), deflated, [5], 100) == body
+    with pytest.raises(ConnectionLost, match="after the end"):
+        decode_in_reads(Decoder(gzip=False), deflated + b"x", [len(deflated)], 100)
+    assert decode_in_reads(Decoder(gzip=True), b"", [], 100) == b""  # an empty body
 
 
 async def test_multi_member_gzip_is_decoded_whole(

@@ -62,6 +62,9 @@ _RESPONSE_DROP = HOP_BY_HOP | {
     b"x-upstream-model",
 }
 RESPONSE_PREFIXES = (b"x-gateway-", b"x-ratelimit-")
+# What a SigV4 signature adds: an aws provider never gets the client's own beside it.
+_SIGNATURE = frozenset({b"authorization", b"x-amz-date", b"x-amz-security-token",
+                        b"x-amz-content-sha256"})  # fmt: skip
 
 
 def never_forwarded(name: str) -> bool:
@@ -82,11 +85,6 @@ class Target:
     drop: frozenset[bytes]
     forward: frozenset[bytes]  # its forward_headers (they pass ACCOUNT_PREFIXES too)
     query_names: frozenset[str]  # the names in its query (they win over the client's)
-
-
-# What a SigV4 signature adds: the client may never send its own next to it.
-_SIGNATURE = frozenset({b"authorization", b"x-amz-date", b"x-amz-security-token",
-                        b"x-amz-content-sha256"})  # fmt: skip
 
 
 def prepare(provider: Provider) -> Target:
