@@ -82,7 +82,10 @@ def _parse_expires(src: Source, raw: LineMap) -> datetime | None:
             if len(value) == 10:
                 return parsed.replace(tzinfo=UTC) + timedelta(days=1)
             return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    except (ValueError, OverflowError):  # 2027-13-01, or 9999-12-31's next day
+    except OverflowError:  # "valid through 9999-12-31" ends on a day Python cannot hold
+        src.problem(line_of(raw, "expires"), "expires must be 9999-12-30 or earlier")
+        return None
+    except ValueError:  # 2027-13-01 and the like: YAML leaves them as text
         pass
     src.problem(
         line_of(raw, "expires"),
@@ -93,7 +96,7 @@ def _parse_expires(src: Source, raw: LineMap) -> datetime | None:
 
 def _shown(value: object) -> str:
     """A YAML value as the operator wrote it, near enough (dates as dates)."""
-    return value.isoformat() if isinstance(value, date) else repr(value)
+    return repr(value.isoformat() if isinstance(value, date) else value)
 
 
 def _positive_int(src: Source, raw: LineMap, key: str) -> int | None:
