@@ -12,6 +12,7 @@ import orjson
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import BadRequest, PayloadTooLarge, ValidationFailed
+from gateway.estimate import DEFAULT_OUTPUT, MEDIA_TOKENS, output_allowance, prompt_tokens
 from gateway.families import Family
 from gateway.jsonscan import MODEL_KEY, rewrite_members, splice, splice_sole
 from gateway.multipart import MalformedForm, delimiter_of, fields
@@ -54,7 +55,10 @@ class ParsedBody:
     has_model: bool = True  # a top-level `model` member
     has_stream_options: bool = False
     stream_options: Any = None
-    prompt_length: int = 0  # prompt characters, counted only when asked (parse_body)
+    # The prompt's token estimate and the declared output allowance (gateway/estimate.py),
+    # made only when asked (parse_body's count_prompt): keys with token limits.
+    prompt_tokens: int = 0
+    output_allowance: int = 0
     previous_response_id: str | None = None  # responses: the id this request continues
     route_sort: bool = False  # route: "sort": every listed slug's entries sorted together
     # A multipart upload (audio): the span of the `model` part's value in `raw`.
@@ -87,10 +91,6 @@ class ParsedBody:
     def asked_usage(self) -> bool:
         options = self.stream_options
         return isinstance(options, dict) and options.get("include_usage") is True
-
-    def prompt_chars(self) -> int:
-        """Characters of the prompt, for a token estimate when no usage came back."""
-        return self.prompt_length
 
 
 async def read_body(receive: Any, limit: int, declared: int | None) -> bytes:
@@ -187,20 +187,12 @@ class _Fields(msgspec.Struct):
     documents: msgspec.Raw | UnsetType = UNSET
 
 
-class _Counted(_Fields):
-    """The same for keys with token limits: their prompt is counted (an estimate when no
-    usage comes back), so its fields are built in the one decode."""
-
-    messages: Any = UNSET
-    prompt: Any = UNSET
-    input: Any = UNSET
-
-
 # msgspec decodes into _Fields without materialising the rest: 0.28 us against orjson.loads'
 # 0.52 us for a 279-byte chat body, and an 8 MiB body costs nothing beyond itself (orjson
 # built the whole tree: 2.2x the body at its peak).
 _DECODE = msgspec.json.Decoder(_Fields).decode
-_DECODE_COUNTED = msgspec.json.Decoder(_Counted).decode
+# Keys with token limits: the whole body, for the prompt estimate (every string counts).
+_DECODE_ANY = msgspec.json.Decoder().decode
 # Matched on the raw members themselves (re takes any buffer): 0.12 us, where slicing a
 # memoryview of them to look took 0.2 us per check.
 _NON_EMPTY_LIST = re.compile(rb"\[[ \t\r\n]*[^ \t\r\n\]]").match
@@ -229,7 +221,7 @@ def _check_utf8(raw: bytes) -> None:
 
 
 def _given(value: Any) -> bool:
-    """A member present and not null: raw JSON (_Fields) or built (_Counted)."""
+    """A member present and not null."""
     if isinstance(value, msgspec.Raw):
         return _NULL(value) is None
     return value is not UNSET and value is not None
@@ -253,7 +245,7 @@ def parse_body(
     `path_slug`: the slug an Azure deployment path names, which the body's `model`
     does not override."""
     try:
-        data = _DECODE_COUNTED(raw) if count_prompt else _DECODE(raw)
+        data = _DECODE(raw)
     except msgspec.ValidationError:  # the only typed expectation is the top-level object
         # (decoding stops at the first value that is not one, before reading further)
         raise BadRequest("request body must be a JSON object", {"cause": "not_object"}) from None
@@ -284,6 +276,12 @@ def parse_body(
     elif not isinstance(previous, str) or not _SLUG.fullmatch(previous):
         raise _fail("previous_response_id", "previous_response_id must be a response id")
     if path_slug is not None:
+        # Taken from a path, percent-decoded: held to the body's rule (no control
+        # characters, so no CR LF into headers or logs) before any upstream is called.
+        if not _SLUG.fullmatch(path_slug):
+            raise _fail(
+                "model", "the deployment in the path must be a slug without control characters"
+            )
         slugs = [path_slug]
     elif not slugs and previous is None:
         raise _fail("model", "model is required")
@@ -311,6 +309,7 @@ def parse_body(
             raise _fail("session_id", f"session_id must be at most {MAX_SESSION_ID} characters")
 
     has_options = data.stream_options is not UNSET
+    prompt, allowance = _estimate(raw) if count_prompt else (0, 0)
     return ParsedBody(
         raw=raw,
         slugs=tuple(slugs),
@@ -326,28 +325,18 @@ def parse_body(
         has_model=model is not UNSET,
         has_stream_options=has_options,
         stream_options=data.stream_options if has_options else None,
-        prompt_length=_prompt_length(data) if count_prompt else 0,
+        prompt_tokens=prompt,
+        output_allowance=allowance,
         previous_response_id=previous,
         route_sort=route == "sort",
     )
 
 
-def _prompt_length(data: _Fields) -> int:
-    """The prompt's characters, from the first of messages, prompt and input given."""
-    for field in (data.messages, data.prompt, data.input):
-        if _given(field):
-            return _text_length(field)
-    return 0
-
-
-def _text_length(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_length(v) for v in value)
-    if isinstance(value, dict):
-        return _text_length(value.get("content")) + _text_length(value.get("text"))
-    return 0
+def _estimate(raw: bytes) -> tuple[int, int]:
+    """The prompt estimate and output allowance of a validated JSON body (a second,
+    whole decode: only for keys with token limits)."""
+    whole = _DECODE_ANY(raw)
+    return prompt_tokens(whole), output_allowance(whole)
 
 
 def parse_multipart(
@@ -380,4 +369,6 @@ def parse_multipart(
         prefs=None,
         needs_rewrite=False,
         model_span=model,
+        prompt_tokens=MEDIA_TOKENS,  # one audio item (SPEC §13's estimate)
+        output_allowance=DEFAULT_OUTPUT,
     )

@@ -30,8 +30,10 @@ from gateway.families import (
 from gateway.incoming import Incoming
 from gateway.info import NotFoundEndpoint
 from gateway.keys import Key
+from gateway.limits import NOTHING, Reservation, ask_for
 from gateway.plan import build_plan
 from gateway.respond import Receive, Scope, Send, send_error, server_timing
+from gateway.response_ids import ANONYMOUS
 from gateway.runtime import Runtime
 from gateway.state.redis import UNENFORCED
 
@@ -111,6 +113,8 @@ class ProxyEndpoint:
             await send_error(send, MethodNotAllowed("use POST"), rid, extra, self.anthropic)
             return
         key: Key | None = None
+        reservation: Reservation | None = None
+        ask = NOTHING
         limiter = runtime.limiter
         tracing = runtime.tracing
         trace = None if tracing is None else tracing.request(family, scope["headers"])
@@ -120,7 +124,9 @@ class ProxyEndpoint:
                 receive, runtime.settings.max_body_bytes, incoming.declared_length()
             )
             session = incoming.session_id.decode("latin-1") if incoming.session_id else None
-            counting = key is not None and limiter.counts_tokens(key)
+            owner = key.name if key is not None else ANONYMOUS
+            counts_only = family.counts_only
+            counting = key is not None and limiter.counts_tokens(key) and not counts_only
             pinned = None
             if response_id is not None:
                 parsed = ParsedBody(raw, (), False, session, None, False)
@@ -132,7 +138,8 @@ class ProxyEndpoint:
                 parsed = parse_body(raw, family, session, counting, path_slug)
                 previous = parsed.previous_response_id
             if previous is not None:
-                creator = await runtime.find_response(previous)
+                # Another key's id answers as an unknown one (SPEC §13), model or not.
+                creator = await runtime.find_response(previous, owner)
                 if creator is not None:
                     pinned = (creator.provider, creator.upstream_model)
                     # The creator's slug, whatever `model` says (ParsedBody's one writer
@@ -147,15 +154,26 @@ class ProxyEndpoint:
                 config.routes, parsed, key, runtime.health, runtime.strategies, family, pinned
             )
             rate_headers: list[tuple[bytes, bytes]] = []
-            if key is not None and limiter.limited(key):
+            if key is not None and counts_only:
+                limiter.count_call(key)  # never rpm, never charged: their own limit
+            elif key is not None and limiter.limited(key):
+                if counting:
+                    ask = ask_for(
+                        key,
+                        parsed.prompt_tokens,
+                        parsed.output_allowance,
+                        (cand.target.price for cand in plan),
+                    )
                 shared = runtime.shared
                 if shared is None:
-                    rate_headers = limiter.admit(key)
+                    rate_headers, reservation = limiter.reserve(key, ask)
                 else:
-                    rate_headers = await shared.admit(key)
+                    rate_headers, reservation = await shared.reserve(key, ask)
                     if rate_headers is UNENFORCED:
                         runtime.unenforced(key, rid)
                         rate_headers = []  # the sentinel itself is never handed on
+                if not counting:
+                    reservation = None  # rpm alone: nothing is charged after
         except GatewayError as exc:
             extra = []
             if key is not None and limiter.limited(key):
@@ -185,6 +203,7 @@ class ProxyEndpoint:
             counting and may_inject,
             may_inject,
             trace,
+            owner=owner,
         )
         task = asyncio.current_task()
         assert task is not None
@@ -203,10 +222,15 @@ class ProxyEndpoint:
         finally:
             watch.stop()
             runtime.metrics.in_flight.dec()
-            tokens = ex.tokens() if ex.count_tokens and key is not None else 0
-            usd = (ex.cost_usd or 0.0) if key is not None and key.budget_usd is not None else 0.0
-            if key is not None and (tokens or usd):
-                runtime.limits.charge(key, tokens, usd)
+            tokens = 0
+            if reservation is not None:
+                # The one place a request's hold ends: settled with what it cost (its
+                # usage, else the estimate), or released when nothing was served.
+                tokens, usd = ex.charge(ask.price)
+                if tokens or usd:
+                    reservation.settle(tokens, usd)
+                else:
+                    reservation.release()
             runtime.served(ex, key, tokens, time.perf_counter() - t0)
             if trace is not None:
                 slug = ex.slug or (parsed.slugs[0] if parsed.slugs else None)

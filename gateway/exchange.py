@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.body import ParsedBody
 from gateway.errors import GatewayError
+from gateway.estimate import text_tokens
 from gateway.families import CHAT, Family
 from gateway.plan import Candidate
 from gateway.respond import Send
@@ -46,6 +47,7 @@ class Exchange:
     # asks (SPEC §11), as inject_usage does for a token-limited key.
     may_inject: bool = False
     trace: RequestTrace | None = None  # with OpenTelemetry on (gateway/tracing.py)
+    owner: str = ""  # the key's name (anonymous without keys): who owns the ids made
     # -- what happened to it (the relay's)
     started: bool = False  # response start sent to the client
     status: int = 0
@@ -67,14 +69,22 @@ class Exchange:
         self.status = status
         self.started = True
 
-    def tokens(self) -> int:
-        """Tokens to charge: the upstream's usage, else a quarter of the characters."""
+    def charge(self, unserved: Price | None = None) -> tuple[int, float]:
+        """(tokens, USD) this request costs its key (SPEC §13): the upstream's usage at
+        the serving entry's price; without usage (the client left, the stream broke, the
+        provider sent none) the estimate of its prompt and of the output relayed so far,
+        at the serving entry's price or, never served, at `unserved`'s. Nothing when no
+        upstream served it and its client stayed (every candidate failed, or an
+        upstream refused it with an error status)."""
         usage = self.usage
         if usage is not None:
-            return usage_tokens(usage)
-        if self.provider is None and not self.client_gone:
-            return 0  # nothing was served
-        return max(1, (self.parsed.prompt_chars() + self.content_chars) // 4)
+            return usage_tokens(usage), self.cost_usd or 0.0
+        if not self.client_gone and (self.provider is None or self.status >= 400):
+            return 0, 0.0
+        prompt = self.parsed.prompt_tokens
+        output = text_tokens(self.content_chars)
+        price = self.price or unserved
+        return max(1, prompt + output), price.cost(prompt, 0, output) if price else 0.0
 
 
 @dataclass(slots=True)

@@ -47,6 +47,9 @@ class Family:
     # String members whose length stands for relayed text (a token estimate when a
     # stream ends without usage).
     content_fields: tuple[str, ...] = ("content", "text")
+    # Token counting calls (Anthropic's count_tokens, Responses' input_tokens): never
+    # charged tokens nor counted in rpm; their own count_tokens_rpm (SPEC §13).
+    counts_only: bool = False
 
     def classify(self, event: bytes) -> int:
         """CONTENT, ERROR, DONE or NOTHING for one event held before the commit."""
@@ -121,9 +124,13 @@ AUDIO_UPLOAD = Family("audio", event_model=None, body=Body.MULTIPART)
 MODERATIONS = Family("moderations", required=("input",), event_model=None)
 RERANK = Family("rerank", required=("query", "documents"), event_model=None)
 # Counting and lookups in the responses and messages families: same family, no stream.
-RESPONSES_TOKENS = Family("responses", event_model=None)
+RESPONSES_TOKENS = Family("responses", event_model=None, counts_only=True)
 MESSAGES_TOKENS = Family(
-    "messages", required=("messages",), event_model=None, envelope=Envelope.ANTHROPIC
+    "messages",
+    required=("messages",),
+    event_model=None,
+    envelope=Envelope.ANTHROPIC,
+    counts_only=True,
 )
 RESPONSES_BY_ID = Family("responses", event_model=None, body=Body.NONE)
 

@@ -1,22 +1,33 @@
-"""Per-key rpm / tpm / token_quota, in memory, O(1) per request.
+"""Per-key rpm / tpm / token_quota / budget, in memory, O(1) per request.
 
 Requests and tokens per minute are token buckets (capacity = the per-minute limit,
 refilled continuously): checked before a request, charged after it with the upstream's
-`usage`, so the last admitted request may overshoot. Nothing awaits between a check and
-its update, so concurrent requests on one event loop cannot lose updates.
+`usage`, so the last admitted request may overshoot.
+
+A token quota and a budget reserve instead (SPEC §13): a request is admitted when its
+prompt estimate fits what remains of the period after the reservations of requests still
+running, and holds its prompt estimate plus its output allowance, capped at what
+remains; its Reservation is settled with the real charge (or released) when it ends. At
+most one capped ("partial") reservation per key runs at a time, so requests running
+together pass the limit by at most one request's real charge minus its reservation.
+Nothing awaits between a check and its update, so concurrent requests on one event
+loop cannot lose updates.
 """
 
 from __future__ import annotations
 
+import enum
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.errors import QuotaExhausted, RateLimited
 from gateway.keys import Key
+from gateway.routes import Price
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -92,6 +103,92 @@ class KeyUsage:
     tokens: Bucket | None = None
     spent: int = 0  # tokens charged since the process started
     periods: dict[str, Period] = field(default_factory=dict)  # by kind: day, month, total
+    # What running requests hold of the quota and the budget (their Reservations), and
+    # how many of those were capped at what remained.
+    held_tokens: int = 0
+    held_usd: float = 0.0
+    partial: int = 0
+    count_calls: Bucket | None = None  # count_tokens requests' own per-minute limit
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What a request asks of its key's quota and budget at admission: its prompt
+    estimate (what must fit) and that plus its output allowance (what it holds), in
+    tokens and in USD at the dearest candidate entry's prices."""
+
+    prompt_tokens: int = 0
+    hold_tokens: int = 0
+    prompt_usd: float = 0.0
+    hold_usd: float = 0.0
+    # The dearest candidate's prices: what a request that was never served but must be
+    # charged (its client left) is charged at.
+    price: Price | None = None
+
+
+NOTHING = Ask()
+
+
+def ask_for(key: Key, prompt: int, allowance: int, prices: Iterable[Price | None]) -> Ask:
+    """A request's ask of its key: for a budget its tokens are priced at the dearest of
+    its candidate entries (the one it might end up served by)."""
+    hold = prompt + allowance
+    if key.budget_usd is None:
+        return Ask(prompt, hold)
+    priced = [price for price in prices if price is not None]
+    if not priced:
+        return Ask(prompt, hold)
+    dearest = max(priced, key=lambda price: price.cost(prompt, 0, allowance))
+    return Ask(
+        prompt, hold, dearest.cost(prompt, 0, 0), dearest.cost(prompt, 0, allowance), dearest
+    )
+
+
+class Hold(enum.Enum):
+    """A reservation's life: HELD from admission until the request ends, then SETTLED
+    (replaced by the real charge) or RELEASED (nothing was served: nothing charged).
+    Both ends are final; a second settle is a no-op."""
+
+    HELD = "held"
+    SETTLED = "settled"
+    RELEASED = "released"
+
+
+class Settles:
+    """A limits backend that settles reservations (Limiter, RedisState)."""
+
+    def settle(self, reservation: Reservation, tokens: int, usd: float) -> None:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class Reservation:
+    """One request's hold on its key's limits, its one owner from admission to the end
+    of the request: the endpoint settles or releases it exactly once."""
+
+    backend: Settles
+    key: Key
+    tokens: int = 0  # held of the quota
+    usd: float = 0.0  # held of the budget
+    partial: bool = False  # capped at what remained
+    id: str = ""  # the hold's name where it is kept outside this process (Redis)
+    state: Hold = Hold.HELD
+
+    def settle(self, tokens: int, usd: float) -> None:
+        """The request ended: its hold is replaced by what it really cost."""
+        if self.state is Hold.HELD:
+            self.state = Hold.SETTLED
+            self.backend.settle(self, tokens, usd)
+
+    def release(self) -> None:
+        """The request ended with nothing served: its hold goes, nothing is charged."""
+        if self.state is Hold.HELD:
+            self.state = Hold.RELEASED
+            self.backend.settle(self, 0, 0.0)
+
+
+def hold_id() -> str:
+    return os.urandom(9).hex()
 
 
 def _reset(seconds: float) -> bytes:
@@ -117,7 +214,7 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class Limiter:
+class Limiter(Settles):
     def __init__(
         self,
         clock: Callable[[], float] = time.monotonic,
@@ -177,7 +274,13 @@ class Limiter:
         )
 
     def admit(self, key: Key) -> Headers:
-        """Refuse (429) or take one request; returns the rate-limit headers to send.
+        """Refuse (429) or take one request asking nothing of the quota and budget;
+        returns the rate-limit headers to send."""
+        return self.reserve(key, NOTHING)[0]
+
+    def reserve(self, key: Key, ask: Ask) -> tuple[Headers, Reservation]:
+        """Refuse (429) or take one request and hold what it asks of the quota and
+        budget; the rate-limit headers to send, and the hold to settle when it ends.
 
         A refusal carries only Retry-After: the caller adds `headers(key)` to every
         error answer for a limited key.
@@ -185,14 +288,27 @@ class Limiter:
         now = self.clock()
         state = self._state(key, now)
         wall = self.wall()
+        tokens, usd, partial = 0, 0.0, False
         if key.token_quota is not None:
             used = self.period(state, key.quota_period, wall).tokens
-            if used >= key.token_quota:
-                raise quota_spent(key, used)
+            left = key.token_quota - used - state.held_tokens
+            if left <= 0 or ask.prompt_tokens > left:
+                raise quota_spent(key, used, state.held_tokens)
+            tokens = min(ask.hold_tokens, left)
+            partial = ask.hold_tokens > left
         if key.budget_usd is not None:
             spent = self.period(state, key.budget_period, wall).usd
-            if spent >= key.budget_usd:
-                raise budget_spent(key, spent)
+            left_usd = key.budget_usd - spent - state.held_usd
+            if left_usd <= 0 or ask.prompt_usd > left_usd:
+                raise budget_spent(key, spent, state.held_usd)
+            usd = min(ask.hold_usd, left_usd)
+            partial = partial or ask.hold_usd > left_usd
+        if partial and state.partial:
+            # Another capped hold is running: two would let the limit be passed by two
+            # requests' overshoot instead of one.
+            if key.token_quota is not None and ask.hold_tokens > tokens:
+                raise quota_spent(key, used, state.held_tokens)
+            raise budget_spent(key, spent, state.held_usd)
         if state.requests is not None and state.requests.level < 1:
             raise over_rpm(key, state.requests.seconds_until(1))
         if state.tokens is not None and state.tokens.level <= 0:
@@ -202,7 +318,42 @@ class Limiter:
         for kind in period_kinds(key):
             self.period(state, kind, wall).requests += 1
             self.dirty.add(key.name)
-        return [(k.encode(), v.encode()) for k, v in self._header_map(key, state).items()]
+        state.held_tokens += tokens
+        state.held_usd += usd
+        state.partial += partial
+        headers = [(k.encode(), v.encode()) for k, v in self._header_map(key, state).items()]
+        return headers, Reservation(self, key, tokens, usd, partial)
+
+    def settle(self, reservation: Reservation, tokens: int, usd: float) -> None:
+        state = self.usage.get(reservation.key.name)
+        if state is not None:  # else the key left on reload: its state went with it
+            state.held_tokens = max(0, state.held_tokens - reservation.tokens)
+            state.held_usd = max(0.0, state.held_usd - reservation.usd)
+            state.partial = max(0, state.partial - reservation.partial)
+        self.charge(reservation.key, tokens, usd)
+
+    def count_call(self, key: Key) -> None:
+        """A count_tokens request: never charged nor counted in rpm, but held to the
+        key's own count_tokens_rpm (SPEC §13), here in this process."""
+        now = self.clock()
+        state = self.usage.get(key.name)
+        if state is None:
+            state = self.usage[key.name] = KeyUsage()
+        limit = key.count_tokens_rpm
+        bucket = state.count_calls
+        if bucket is None:
+            bucket = state.count_calls = Bucket(limit, limit, now)
+        bucket.refill(now, limit)
+        if bucket.level < 1:
+            wait = bucket.seconds_until(1)
+            raise RateLimited(
+                f"key {key.name!r} is over its limit of {limit} count_tokens requests "
+                "per minute",
+                {"limit": "count_tokens_rpm", "count_tokens_rpm": limit,
+                 "retry_after_seconds": round(wait, 3)},
+                headers={"retry-after": str(max(1, math.ceil(wait)))},
+            )  # fmt: skip
+        bucket.level -= 1
 
     def headers(self, key: Key) -> Headers:
         """The rate-limit headers as they stand, without taking a request."""
@@ -283,18 +434,34 @@ def header_map(key: Key, state: KeyUsage) -> dict[str, str]:
     return out
 
 
-def quota_spent(key: Key, used: int) -> QuotaExhausted:
+def quota_spent(key: Key, used: int, held: int = 0) -> QuotaExhausted:
+    if used >= (key.token_quota or 0):
+        message = f"key {key.name!r} has used its token quota of {key.token_quota}"
+    else:
+        message = (
+            f"what remains of key {key.name!r}'s token quota of {key.token_quota} is "
+            "held by its requests still running, or is less than this request's prompt"
+        )
     return QuotaExhausted(
-        f"key {key.name!r} has used its token quota of {key.token_quota}" + _this(key.quota_period),
-        {"token_quota": key.token_quota, "used": used, "period": key.quota_period},
-    )
+        message + _this(key.quota_period),
+        {"token_quota": key.token_quota, "used": used, "held": held,
+         "period": key.quota_period},
+    )  # fmt: skip
 
 
-def budget_spent(key: Key, spent: float) -> QuotaExhausted:
+def budget_spent(key: Key, spent: float, held: float = 0.0) -> QuotaExhausted:
+    if spent >= (key.budget_usd or 0.0):
+        message = f"key {key.name!r} has spent its budget of ${key.budget_usd:g}"
+    else:
+        message = (
+            f"what remains of key {key.name!r}'s budget of ${key.budget_usd:g} is held by "
+            "its requests still running, or is less than this request's prompt"
+        )
     return QuotaExhausted(
-        f"key {key.name!r} has spent its budget of ${key.budget_usd:g}" + _this(key.budget_period),
-        {"budget_usd": key.budget_usd, "spent_usd": round(spent, 8), "period": key.budget_period},
-    )
+        message + _this(key.budget_period),
+        {"budget_usd": key.budget_usd, "spent_usd": round(spent, 8),
+         "held_usd": round(held, 8), "period": key.budget_period},
+    )  # fmt: skip
 
 
 def over_rpm(key: Key, wait: float) -> RateLimited:

@@ -201,11 +201,19 @@ class Metrics:
         )
         unenforced = Family(
             "gateway_state_unavailable",
-            "Requests of limited keys served without their limits: Redis was unreachable",
+            "Requests of limited keys served without their limits, or refused "
+            "(--state-fail closed): Redis was unreachable",
             "counter",
             Counter,
         )
         self.unenforced = unenforced()
+        ids_dropped = Family(
+            "gateway_response_ids_dropped",
+            "Responses ids not stored: Redis refused the write (full) or was away too long",
+            "counter",
+            Counter,
+        )
+        self.ids_dropped = ids_dropped()
         round_trips = Family(
             "gateway_state_round_trips",
             "Calls answered by the state store (Redis): checks, batches, reads",
@@ -227,6 +235,7 @@ class Metrics:
             self.rejections,
             self.cost,
             unenforced,
+            ids_dropped,
             round_trips,
         ]
 

@@ -268,7 +268,7 @@ class Relay:
         )
         broke = False
         if ex.family is RESPONSES and resp.status < 300:
-            self._remember_id(opened)
+            self._remember_id(opened, ex.owner)
         try:
             if opened.body is not None:
                 if ex.started:
@@ -321,14 +321,14 @@ class Relay:
         if completion > 0 and seconds > 0.001:
             observe_throughput(self.health.state(opened.cand.key), completion / seconds)
 
-    def _remember_id(self, opened: Opened) -> None:
-        """A created response's id -> the entry that made it (SPEC §9)."""
+    def _remember_id(self, opened: Opened, owner: str) -> None:
+        """A created response's id -> the entry and the key that made it (SPEC §9, §13)."""
         first = opened.body if opened.body is not None else b"".join(opened.held)
         found = first_id(first)
         if found is not None:
             cand = opened.cand
             self.response_ids.remember(
-                found, cand.slug, cand.target.provider.name, cand.upstream_model
+                found, cand.slug, cand.target.provider.name, cand.upstream_model, owner
             )
 
     async def _pump(self, ex: Exchange, opened: Opened, held: bytes) -> bool:

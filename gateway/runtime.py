@@ -48,14 +48,19 @@ class Runtime:
         self.state: StateFile | None = None
         # With --state redis://: the limits and Responses ids every replica shares.
         self.shared: RedisState | None = None
-        self.response_ids = ResponseIds()
+        self.response_ids = ResponseIds(settings.response_ids_per_key)
         # With OTEL_EXPORTER_OTLP_ENDPOINT set (and gateway[otel]): spans; else None.
         self.tracing = Tracing.from_env()
         if settings.redis:
             from gateway.state.redis import RedisState
 
             self.shared = RedisState(
-                settings.state, settings.state_fail == "closed", self.metrics.round_trips.inc
+                settings.state,
+                settings.state_fail == "closed",
+                self.metrics.round_trips.inc,
+                ids_per_key=settings.response_ids_per_key,
+                on_unavailable=self.metrics.unenforced.inc,
+                on_id_dropped=self.id_dropped,
             )
             self.response_ids.mirror = self.shared.remember
         elif settings.state != "none":
@@ -81,6 +86,7 @@ class Runtime:
         if gone:
             self.limits.forget(gone)
             self.metrics.forget_keys(gone)
+            self.response_ids.forget(gone)
         return old
 
     async def stop(self) -> None:
@@ -132,12 +138,20 @@ class Runtime:
             key.name,
         )
 
-    async def find_response(self, response_id: str) -> Creator | None:
-        """The entry that created a Responses id: this process's map, else (with Redis)
-        the one every replica writes to."""
-        creator = self.response_ids.find(response_id)
+    def id_dropped(self, response_id: str) -> None:
+        """A Responses id Redis did not store (full, or away past the pending cap):
+        counted and logged; its requests can still be served by this process's map."""
+        self.metrics.ids_dropped.inc()
+        self.metrics.changed()
+        log.warning("responses id %s was not stored in redis (full or unreachable)", response_id)
+
+    async def find_response(self, response_id: str, owner: str) -> Creator | None:
+        """The entry that created a Responses id `owner` made: this process's map, else
+        (with Redis) the one every replica writes to. ResponseNotFound for an id another
+        tenant made (SPEC §13)."""
+        creator = self.response_ids.find(response_id, owner)
         if creator is None and self.shared is not None:
-            creator = await self.shared.find(response_id)
+            creator = await self.shared.find(response_id, owner)
         return creator
 
     def refused(

@@ -30,7 +30,7 @@ def routes(*upstreams: Upstream, apis: list[str] | None = None, slug: str = "m")
     return yaml.safe_dump({"providers": providers, "models": {slug: {"providers": entries}}})
 
 
-KEYS = yaml.safe_dump({"keys": [{"name": "a", "key": "sk-client-a", "tpm": 1000}]})
+KEYS = yaml.safe_dump({"keys": [{"name": "a", "key": "sk-client-a", "tpm": 10000}]})
 
 
 def event(kind: str, **data: Any) -> bytes:

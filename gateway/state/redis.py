@@ -24,11 +24,18 @@ is left alone for RETRY_EVERY; meanwhile requests are served without limits, eac
 counted (`gateway_state_unavailable_total`) and logged, or with `--state-fail closed`
 refused with 503 `state_unavailable`. Pending charges are kept and sent once it answers.
 
+A key with a token quota or a budget reserves at admission (SPEC §13): the check-and-take
+script also holds the request's ask against what remains after the holds of requests
+still running (every replica's), and the charge that settles it lets its hold go
+(gateway/state/scripts.py).
+
 Layout (one Redis database, keys prefixed `gateway:`; a key's entries share the hash tag
 `{NAME}`): `gateway:{NAME}:rpm` and `:tpm` (TAT, expiring once at rest),
+`gateway:{NAME}:held` and `:held:exp` (the running requests' holds),
 `gateway:{NAME}:day:2026-11-25`, `:month:2026-11` and `:total` (hashes of requests,
-tokens and usd; day and month expire after their period has gone), and
-`gateway:response:ID` (`slug NL provider NL upstream model`, 24 h).
+tokens and usd; day and month expire after their period has gone),
+`gateway:response:ID` (`owner NL slug NL provider NL upstream model`, 24 h) and
+`gateway:{NAME}:responses` (the owner's ids by last use, at most its share).
 """
 
 from __future__ import annotations
@@ -39,19 +46,24 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from gateway.errors import StateUnavailable
 from gateway.keys import Key
 from gateway.limits import (
+    NOTHING,
+    Ask,
     Bucket,
     KeyUsage,
     Period,
     PeriodNames,
+    Reservation,
+    Settles,
     budget_spent,
     header_map,
+    hold_id,
     over_rpm,
     over_tpm,
     period_kinds,
@@ -59,9 +71,9 @@ from gateway.limits import (
     report,
 )
 from gateway.response_ids import TTL as RESPONSE_TTL
-from gateway.response_ids import Creator
+from gateway.response_ids import Creator, not_found
 from gateway.state.pipeline import AutoPipeline, pack
-from gateway.state.scripts import ADMIT_SCRIPT, CHARGE_SCRIPT
+from gateway.state.scripts import ADMIT_SCRIPT, CHARGE_SCRIPT, FIND_SCRIPT, REMEMBER_SCRIPT
 from gateway.tasks import cancel
 
 log = logging.getLogger("gateway")
@@ -96,6 +108,7 @@ class Charge:
     key: Key
     tokens: int = 0
     usd: float = 0.0
+    holds: list[str] = field(default_factory=list)  # the holds this charge settles
 
 
 class _Unreachable:
@@ -109,7 +122,7 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class RedisState:
+class RedisState(Settles):
     def __init__(
         self,
         url: str,
@@ -117,6 +130,9 @@ class RedisState:
         on_round_trip: Callable[[], None] | None = None,
         wall: Callable[[], datetime] = _utc_now,
         clock: Callable[[], float] = time.monotonic,
+        ids_per_key: int = 10_000,
+        on_unavailable: Callable[[], None] | None = None,
+        on_id_dropped: Callable[[str], None] | None = None,
     ) -> None:
         # The optional extra, imported only when configured (SPEC §11).
         import redis.asyncio as aioredis
@@ -141,13 +157,21 @@ class RedisState:
         self._period_name = PeriodNames()
         self.clock = clock
         self._no_script = NoScriptError
-        self._sha = {script: _sha1(script) for script in (ADMIT_SCRIPT, CHARGE_SCRIPT)}
+        self._sha = {
+            script: _sha1(script)
+            for script in (ADMIT_SCRIPT, CHARGE_SCRIPT, REMEMBER_SCRIPT, FIND_SCRIPT)
+        }
+        self.ids_per_key = ids_per_key
+        # gateway_state_unavailable_total, for a request refused for lack of Redis.
+        self.on_unavailable = on_unavailable or _nothing
+        self.on_id_dropped = on_id_dropped or _dropped
+        self._response_error = ResponseError
         # Written by _round_trip alone.
         self.link = Link.UP
         self.retry_at = 0.0
         # Written by charge()/remember() (add) and admit()/flush() (take).
         self.pending: dict[str, Charge] = {}
-        self.pending_ids: dict[str, bytes] = {}
+        self.pending_ids: dict[str, tuple[str, bytes]] = {}  # id -> (owner, value)
         self.last_headers: dict[str, Headers] = {}  # by key name: for error answers
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -200,8 +224,12 @@ class RedisState:
             await self.client.script_load(script)
             return await self._calls(commands)
 
+    async def _script_one(self, script: str, call: tuple[list[str], list[Any]]) -> Any:
+        return (await self._script(script, [call]))[0]
+
     def _unreachable(self) -> Headers:
         if self.fail_closed:
+            self.on_unavailable()
             raise StateUnavailable(
                 "the gateway's state store (Redis) is unreachable, so this key's limits "
                 "cannot be checked; try again shortly"
@@ -211,15 +239,21 @@ class RedisState:
     # -- limits
 
     async def admit(self, key: Key) -> Headers:
+        """reserve() asking nothing of the quota and budget: the headers alone."""
+        return (await self.reserve(key, NOTHING))[0]
+
+    async def reserve(self, key: Key, ask: Ask) -> tuple[Headers, Reservation]:
         """Check and take one request for a limited key in one round trip (carrying the
-        key's pending charge); the rate-limit headers, UNENFORCED when Redis is away and
-        the state fails open."""
+        key's pending charge), holding what it asks of the quota and budget; the
+        rate-limit headers (UNENFORCED when Redis is away and the state fails open) and
+        the hold to settle when the request ends."""
         wall = self.wall()
         kinds = period_kinds(key)
         keys = self._keys(key, kinds, wall)
         pending = self.pending.pop(key.name, None)
-        quota_at = 3 + kinds.index(key.quota_period) if key.token_quota is not None else 0
-        budget_at = 3 + kinds.index(key.budget_period) if key.budget_usd is not None else 0
+        quota_at = 5 + kinds.index(key.quota_period) if key.token_quota is not None else 0
+        budget_at = 5 + kinds.index(key.budget_period) if key.budget_usd is not None else 0
+        new_hold = hold_id()
         args = [
             key.rpm or 0,
             key.tpm or 0,
@@ -229,22 +263,34 @@ class RedisState:
             budget_at,
             0 if pending is None else pending.tokens,
             "0" if pending is None else repr(pending.usd),
+            ask.prompt_tokens,
+            ask.hold_tokens,
+            repr(ask.prompt_usd),
+            repr(ask.hold_usd),
+            new_hold,
+            len(kinds),
             *(PERIOD_TTL[kind] for kind in kinds),
+            *(() if pending is None else pending.holds),
         ]
         reply = await self._round_trip(lambda: self._script(ADMIT_SCRIPT, [(keys, args)]))
         if isinstance(reply, _Unreachable):
             if pending is not None:
-                self._add(key, pending.tokens, pending.usd)
-            return self._unreachable()
-        verdict, amount, requests_full, tokens_full = (part.decode() for part in reply[0])
+                self._add(key, pending.tokens, pending.usd, pending.holds)
+            return self._unreachable(), Reservation(self, key)
+        verdict, amount, requests_full, tokens_full, held, held_usd, partial = (
+            part.decode() for part in reply[0]
+        )
         headers = self._headers(key, float(requests_full), float(tokens_full))
         self.last_headers[key.name] = headers
         if verdict == "ok":
-            return headers
+            tokens, usd, part = int(held), float(held_usd), partial == "1"
+            return headers, Reservation(
+                self, key, tokens, usd, part, new_hold if tokens or usd or part else ""
+            )
         if verdict == "quota":
-            raise quota_spent(key, int(float(amount)))
+            raise quota_spent(key, int(float(amount)), int(held))
         if verdict == "budget":
-            raise budget_spent(key, float(amount))
+            raise budget_spent(key, float(amount), float(held_usd))
         if verdict == "rpm":
             raise over_rpm(key, float(amount) / 1000)
         raise over_tpm(key, float(amount) / 1000)
@@ -262,14 +308,25 @@ class RedisState:
         self._add(key, tokens, usd)
         self._wake.set()
 
-    def _add(self, key: Key, tokens: int, usd: float) -> None:
+    def settle(self, reservation: Reservation, tokens: int, usd: float) -> None:
+        """A request ended: its charge, and its hold let go, with the key's next check
+        or the next batch (until then the hold still counts: the safe side)."""
+        holds = [reservation.id] if reservation.id else []
+        if tokens <= 0 and usd <= 0 and not holds:
+            return
+        self._add(reservation.key, max(0, tokens), max(0.0, usd), holds)
+        self._wake.set()
+
+    def _add(self, key: Key, tokens: int, usd: float, holds: list[str] | None = None) -> None:
         pending = self.pending.get(key.name)
         if pending is None:
-            self.pending[key.name] = Charge(key, tokens, usd)
+            self.pending[key.name] = Charge(key, tokens, usd, list(holds or ()))
         else:
             pending.key = key
             pending.tokens += tokens
             pending.usd += usd
+            if holds:
+                pending.holds.extend(holds)
 
     def forget(self, names: set[str]) -> None:
         """Keys gone on reload: their last headers go (their pending spend is still sent)."""
@@ -283,7 +340,7 @@ class RedisState:
         keys = self._keys(key, kinds, wall)
 
         commands = [pack(b"TIME"), *(pack(b"GET", name) for name in keys[:2])]
-        commands += [pack(b"HGETALL", name) for name in keys[2:]]
+        commands += [pack(b"HGETALL", name) for name in keys[4:]]
         await self.flush_key(key)
         reply = await self._round_trip(lambda: self._calls(commands))
         if isinstance(reply, _Unreachable):
@@ -296,7 +353,7 @@ class RedisState:
             requests=_bucket(key.rpm, reply[1], now, self.clock()),
             tokens=_bucket(key.tpm, reply[2], now, self.clock()),
         )
-        for kind, name, flat in zip(kinds, keys[2:], reply[3:], strict=True):
+        for kind, name, flat in zip(kinds, keys[4:], reply[3:], strict=True):
             # A map under RESP3, a flat list of pairs under RESP2.
             found = (
                 flat if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2], strict=True))
@@ -318,18 +375,19 @@ class RedisState:
             lambda: self._script(CHARGE_SCRIPT, [self._charge_call(pending)])
         )
         if isinstance(done, _Unreachable):
-            self._add(pending.key, pending.tokens, pending.usd)
+            self._add(pending.key, pending.tokens, pending.usd, pending.holds)
 
     def _charge_call(self, pending: Charge) -> tuple[list[str], list[Any]]:
         key = pending.key
         kinds = period_kinds(key)
-        args: list[Any] = [key.tpm or 0, pending.tokens, repr(pending.usd)]
+        args: list[Any] = [key.tpm or 0, pending.tokens, repr(pending.usd), len(kinds)]
         args += [PERIOD_TTL[kind] for kind in kinds]
+        args += pending.holds
         return self._keys(key, kinds, self.wall()), args
 
     def _keys(self, key: Key, kinds: tuple[str, ...], wall: datetime) -> list[str]:
         base = f"{PREFIX}{{{key.name}}}:"
-        names = [base + "rpm", base + "tpm"]
+        names = [base + "rpm", base + "tpm", base + "held", base + "held:exp"]
         for kind in kinds:
             names.append(base + "total" if kind == "total" else
                          f"{base}{kind}:{self._period_name(kind, wall)}")  # fmt: skip
@@ -351,25 +409,34 @@ class RedisState:
         """A new id, sent at once in the next batch (another replica may be asked for it
         by the client's very next request)."""
         ids = self.pending_ids
-        ids[response_id] = "\n".join((creator.slug, creator.provider,
-                                      creator.upstream_model)).encode()  # fmt: skip
+        if response_id in ids:
+            return  # the first creator keeps it
+        ids[response_id] = (creator.owner, "\n".join((creator.owner, creator.slug,
+                            creator.provider, creator.upstream_model)).encode())  # fmt: skip
         while len(ids) > MAX_PENDING_IDS:
+            self.on_id_dropped(next(iter(ids)))
             del ids[next(iter(ids))]
         self._wake.set()
 
-    async def find(self, response_id: str) -> Creator | None:
-        command = pack(b"GET", PREFIX + "response:" + response_id)
-        replies = await self._round_trip(lambda: self._calls([command]))
+    async def find(self, response_id: str, owner: str) -> Creator | None:
+        """The creator of an id `owner` made; None for an id never seen; ResponseNotFound
+        for another tenant's (SPEC §13)."""
+        keys = [PREFIX + "response:" + response_id, _owner_ids(owner)]
+        args = [owner, int(RESPONSE_TTL)]
+        replies = await self._round_trip(lambda: self._script(FIND_SCRIPT, [(keys, args)]))
         if isinstance(replies, _Unreachable):
             self._unreachable()
             return None
         reply = replies[0]
         if reply is None:
             return None
-        parts = (reply if isinstance(reply, str) else reply.decode()).split("\n")
-        if len(parts) != 3:
+        text = reply if isinstance(reply, str) else reply.decode()
+        if not text:
+            raise not_found(response_id)  # another tenant's
+        parts = text.split("\n")
+        if len(parts) != 4 or parts[0] != owner:
             return None
-        return Creator(parts[0], parts[1], parts[2], self.clock())
+        return Creator(parts[1], parts[2], parts[3], self.clock(), parts[0])
 
     # -- the batch: pending charges and ids, one pipelined round trip
 
@@ -394,19 +461,38 @@ class RedisState:
         if not charges and not ids:
             return True
 
+        id_calls = [
+            ([PREFIX + "response:" + response_id, _owner_ids(owner)],
+             [value, self.ids_per_key, int(RESPONSE_TTL)])
+            for response_id, (owner, value) in ids.items()
+        ]  # fmt: skip
+        calls = [self._charge_call(pending) for pending in charges.values()]
+
         async def send() -> list[Any]:
-            sets = [pack(b"SET", PREFIX + "response:" + response_id, value, b"EX",
-                         int(RESPONSE_TTL)) for response_id, value in ids.items()]  # fmt: skip
-            calls = [self._charge_call(pending) for pending in charges.values()]
-            # Both go in one batch: the SETs are queued before the scripts' first await.
-            done = asyncio.gather(self._calls(sets), self._script(CHARGE_SCRIPT, calls))
-            return list(await done)
+            # Both go in one batch: the ids are queued before the charges' first await.
+            # An id's own error reply (OOM: Redis full) fails that id alone; the limits'
+            # scripts are allowed past maxmemory and go on.
+            stored = asyncio.gather(
+                *(self._script_one(REMEMBER_SCRIPT, call) for call in id_calls),
+                return_exceptions=True,
+            )
+            await self._script(CHARGE_SCRIPT, calls)
+            results = list(await stored)
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(
+                    result, self._response_error
+                ):
+                    raise result  # the link itself failed: translated by _round_trip
+            return results
 
         done = await self._round_trip(send)
         if not isinstance(done, _Unreachable):
+            for response_id, result in zip(ids, done, strict=True):
+                if isinstance(result, self._response_error):
+                    self.on_id_dropped(response_id)
             return True
         for pending in charges.values():
-            self._add(pending.key, pending.tokens, pending.usd)
+            self._add(pending.key, pending.tokens, pending.usd, pending.holds)
         ids.update(self.pending_ids)
         self.pending_ids = ids
         return False
@@ -421,6 +507,15 @@ class RedisState:
 
 def _nothing() -> None:
     pass
+
+
+def _dropped(response_id: str) -> None:
+    log.warning("responses id %s was not stored in redis", response_id)
+
+
+def _owner_ids(owner: str) -> str:
+    """The sorted set of an owner's ids (by last use), under the owner's hash tag."""
+    return f"{PREFIX}{{{owner}}}:responses"
 
 
 def _sha1(script: str) -> str:
