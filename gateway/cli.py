@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
     """A usage error in one line (argparse prints the whole usage first)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"gateway: {message} (see `{self.prog} --help`)\n")
+        self.exit(1, f"gateway: {message} (see `{self.prog} --help`)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
