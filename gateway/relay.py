@@ -392,7 +392,9 @@ class Relay:
             return
         if last is not None and answered:
             ex.commit(last.status)
-            headers = [*last.headers, *ex.extra_headers, attempts, NO_RETRY]
+            # The gateway's own x-should-retry wins: the SDK must not multiply its retries.
+            kept = [h for h in last.headers if h[0] != NO_RETRY[0]]
+            headers = [*kept, *ex.extra_headers, attempts, NO_RETRY]
             headers += _own_headers(ex, None)
             await send_bytes(ex.send, last.status, last.body, headers, None)
             return

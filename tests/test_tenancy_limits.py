@@ -349,3 +349,15 @@ async def test_a_stream_read_to_its_end_is_charged_its_usage(
     )
     assert r.status_code == 200
     assert (await key_usage(client, gw, "a"))["usage"]["total"]["tokens"] == 5
+
+
+async def test_a_relayed_final_failure_carries_one_x_should_retry(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    """An upstream's own x-should-retry: true must not sit beside the gateway's false."""
+    upstream.default = Json({"error": {"message": "busy"}}, status=503,
+                            headers=[("x-should-retry", "true")])  # fmt: skip
+    gw = await gateway(routes(upstream))
+    r = await client.post(f"{gw.base_url}/chat/completions", json=chat_body())
+    assert r.status_code == 503
+    assert r.headers.get_list("x-should-retry") == ["false"]
