@@ -63,13 +63,20 @@ class Gateway:
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # A plain function handing back the endpoint's coroutine: no coroutine level of
         # its own for every resume of the request to pass through.
-        if scope["type"] == "http" and not self.state.config.keys.entries:
-            # No keys (read per request: a reload may add or remove them): the sidecar
-            # gate; with keys, this line is the whole cost and the key is the gate.
-            return self.sidecar(scope, receive, send)
-        return self.route(scope, receive, send)
+        if scope["type"] == "http":
+            # No keys (read per request: a reload may add or remove them): the sidecar's
+            # gate first. With keys, this test is its whole cost: the key is the gate.
+            if not self.state.config.keys.entries:
+                answer = self.sidecar.check(scope, receive, send)
+                if answer is not None:
+                    return answer
+            endpoint = self.hot.get(scope["path"])
+            if endpoint is not None:
+                return endpoint(scope, receive, send)
+        return self.router(scope, receive, send)
 
     def route(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """Routing alone, for the sidecar to call with its CORS headers added."""
         endpoint = self.hot.get(scope["path"]) if scope["type"] == "http" else None
         if endpoint is not None:
             return endpoint(scope, receive, send)

@@ -45,7 +45,12 @@ ALLOW_METHODS = b"GET, POST, DELETE"
 DEFAULT_ALLOW_HEADERS = (b"authorization, content-type, x-api-key, api-key, x-request-id, "
                          b"x-session-id, anthropic-version, anthropic-beta, openai-beta")  # fmt: skip
 _HEADER_LIST = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~ ,-]{1,2048}")
-MAX_AGE = b"600"  # seconds a browser may keep a preflight's answer
+MAX_AGE = b"600"
+# Request fields only browsers send: read only when one is there.
+BROWSER_FIELDS = frozenset(
+    (b"origin", b"sec-fetch-site", b"access-control-request-method",
+     b"access-control-request-headers")
+)  # fmt: skip  # seconds a browser may keep a preflight's answer
 
 
 def host_name(host: str) -> str:
@@ -60,8 +65,8 @@ def media_type(value: bytes) -> bytes:
 
 
 class Sidecar:
-    """Gate for the keyless gateway; calls `app` when a request passes. A plain callable
-    handing back a coroutine, like Gateway.__call__: no coroutine level of its own."""
+    """Gate for the keyless gateway, asked by Gateway.__call__ before it routes; `app`
+    routes a request whose answer needs CORS headers added."""
 
     def __init__(
         self, app: App, runtime: Runtime, endpoints: Mapping[str, Endpoint], settings: Settings
@@ -72,8 +77,8 @@ class Sidecar:
         # Names without a port are matched as given; with the bound port added per
         # listener (scope["server"]: with --port 0 the port is known only once bound).
         self.names = tuple(sorted(names | {host_name(h) for h in settings.allow_hosts}))
-        self.hosts: frozenset[bytes] = frozenset()
-        self.port: int | None = None
+        self.hosts = frozenset(name.encode() for name in self.names)
+        self.ports: set[int] = set()
         self.cors = frozenset(o.strip().lower().rstrip("/").encode() for o in settings.cors_origins)
         # Relayed paths that carry a body -> the media type it must declare.
         self.media: dict[str, bytes] = {
@@ -85,78 +90,83 @@ class Sidecar:
             path for path, ep in endpoints.items() if ep.family.envelope is Envelope.ANTHROPIC
         )
 
-    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        server = scope.get("server")
-        port = server[1] if server else None
-        if port != self.port:
-            self._bind(port)
+    def check(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None] | None:
+        """None: route the request as usual. Else what answers it instead: a refusal, a
+        preflight's answer, or the routed request with CORS headers added."""
         host: bytes | None = None
-        origin: bytes | None = None
-        site: bytes | None = None
         content_type: bytes | None = None
-        preflight: bytes | None = None
-        asked: bytes | None = None
-        misdirected = False
-        # One pass over the headers: the only per-request cost without keys.
+        browser: dict[bytes, bytes] | None = None
+        misdirected: bytes | None = None
+        # One pass over the headers, the only per-request cost without keys; the fields
+        # only browsers send are kept aside (timed with three fields: 0.5 us; matching
+        # each of six names, lower-casing and a port lookup per request: 1.4 us).
         for name, value in scope["headers"]:
             if name == b"host":
-                host = value.lower()
-                misdirected = misdirected or host not in self.hosts
-            elif name == b"origin":
-                origin = value.lower()
-            elif name == b"sec-fetch-site":
-                site = value
+                if value not in self.hosts and not self._known(value, scope):
+                    misdirected = value
+                host = value
             elif name == b"content-type":
                 content_type = value
-            elif name == b"access-control-request-method":
-                preflight = value
-            elif name == b"access-control-request-headers":
-                asked = value
+            elif name in BROWSER_FIELDS:
+                if browser is None:
+                    browser = {}
+                browser[name] = value
         # No Host at all (HTTP/1.0; HTTP/1.1 without one is a 400 in the server) is
         # served: rebinding needs a browser, and browsers always send Host. A client
         # that writes its own head could write any Host it likes anyway.
-        if misdirected:
+        if misdirected is not None:
             return self._refuse(scope, send, MisdirectedRequest(
                 "this gateway answers only requests addressed to it (its loopback "
-                "address, or a name given with --allow-host)", {"host": _text(host)}))  # fmt: skip
-        allowed = None  # a listed origin: CORS headers on the answer
-        if origin is not None or site == b"cross-site":
-            if origin is not None and origin in self.cors:
-                allowed = origin
-            elif site == b"cross-site" or not _same_origin(origin, host):
-                return self._refuse(scope, send, ForbiddenOrigin(
-                    "requests from web pages of other origins are refused without keys; "
-                    "list the origin with --cors-origin to allow it",
-                    {"origin": _text(origin)}))  # fmt: skip
-        method = scope["method"]
-        if allowed is not None and method == "OPTIONS" and preflight is not None:
-            return _preflight(send, allowed, asked)
-        if method == "POST":
-            wanted = self._media(scope["path"])
-            if wanted is not None and (content_type is None or media_type(content_type) != wanted):
+                "address, or a name given with --allow-host)", {"host": _text(misdirected)}))  # fmt: skip
+        listed = None  # an --cors-origin: CORS headers on the answer
+        if browser is not None:
+            origin = browser.get(b"origin")
+            site = browser.get(b"sec-fetch-site")
+            if origin is not None or site == b"cross-site":
+                origin = None if origin is None else origin.lower()
+                if origin is not None and origin in self.cors:
+                    listed = origin
+                elif site == b"cross-site" or not _same_origin(origin, host):
+                    return self._refuse(scope, send, ForbiddenOrigin(
+                        "requests from web pages of other origins are refused without keys; "
+                        "list the origin with --cors-origin to allow it",
+                        {"origin": _text(origin)}))  # fmt: skip
+            preflight = b"access-control-request-method" in browser
+            if listed is not None and preflight and scope["method"] == "OPTIONS":
+                return _preflight(send, listed, browser.get(b"access-control-request-headers"))
+        if scope["method"] == "POST":
+            path = scope["path"]
+            wanted = self.media.get(path)
+            if wanted is None and path.startswith(AZURE_PREFIX):
+                wanted = _azure_media(path)
+            if (
+                wanted is not None
+                and content_type != wanted
+                and (content_type is None or media_type(content_type) != wanted)
+            ):
                 return self._refuse(scope, send, UnsupportedMediaType(
                     f"send this request with Content-Type: {wanted.decode()}",
                     {"content_type": _text(content_type)}))  # fmt: skip
-        if allowed is not None:
-            return self.app(scope, receive, _with_cors(send, allowed))
-        return self.app(scope, receive, send)
+        if listed is not None:
+            return self.app(scope, receive, _with_cors(send, listed))
+        return None
 
-    def _bind(self, port: int | None) -> None:
-        hosts = set()
+    def _known(self, host: bytes, scope: Scope) -> bool:
+        """A Host not found as sent: in other letters' case, or for a listener whose
+        port is not known yet (with --port 0 it is known only once bound)."""
+        server = scope.get("server")
+        if server is not None and server[1] not in self.ports:
+            self._bind(server[1])
+        return host.lower() in self.hosts
+
+    def _bind(self, port: int) -> None:
+        hosts = set(self.hosts)
         for name in self.names:
-            hosts.add(name.encode())
             # A name given with a port of its own (gw.example:8443) is taken as given.
-            if port is not None and ":" not in name.rpartition("]")[2]:
+            if ":" not in name.rpartition("]")[2]:
                 hosts.add(f"{name}:{port}".encode())
         self.hosts = frozenset(hosts)
-        self.port = port
-
-    def _media(self, path: str) -> bytes | None:
-        wanted = self.media.get(path)
-        if wanted is None and path.startswith(AZURE_PREFIX):
-            rest = path[len(AZURE_PREFIX) :].partition("/")[2]
-            return JSON_MEDIA if rest in AZURE_DEPLOYMENT else None
-        return wanted
+        self.ports.add(port)
 
     async def _refuse(self, scope: Scope, send: Send, exc: GatewayError) -> None:
         t0 = time.perf_counter()
@@ -168,13 +178,19 @@ class Sidecar:
         self.runtime.refused(exc, None, rid, where, time.perf_counter() - t0)
 
 
+def _azure_media(path: str) -> bytes | None:
+    """An Azure deployment path relays a JSON body when it names a family path."""
+    rest = path[len(AZURE_PREFIX) :].partition("/")[2]
+    return JSON_MEDIA if rest in AZURE_DEPLOYMENT else None
+
+
 def _same_origin(origin: bytes | None, host: bytes | None) -> bool:
     """The Origin names the Host this request was sent to (http, or https when a TLS
     proxy in front forwards it). `null` never does."""
     if origin is None or host is None:
         return origin is None
     scheme, sep, authority = origin.partition(b"://")
-    return bool(sep) and scheme in (b"http", b"https") and authority == host
+    return bool(sep) and scheme in (b"http", b"https") and authority == host.lower()
 
 
 def _text(value: bytes | None) -> str | None:

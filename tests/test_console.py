@@ -200,3 +200,8 @@ def test_with_no_keys_only_loopback_may_look() -> None:
     endpoint._admit({"client": ("127.0.0.1", 5000), "headers": []})
     with pytest.raises(AdminRequired):
         endpoint._admit({"client": ("10.1.2.3", 5000), "headers": []})
+    # A proxy on this machine is a loopback peer too: what it forwards is not (SPEC §13).
+    for name in (b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"):
+        with pytest.raises(AdminRequired):
+            endpoint._admit({"client": ("127.0.0.1", 5000), "headers": [(name, b"for=1.2.3.4")]})
+    endpoint._admit({"client": ("::1", 5000), "headers": [(b"x-forwarder", b"not a proxy's")]})

@@ -24,7 +24,7 @@ import yaml
 
 from gateway.families import endpoints
 from gateway.settings import Settings
-from gateway.sidecar import Sidecar, _same_origin, host_name, media_type
+from gateway.sidecar import Sidecar, _azure_media, _same_origin, host_name, media_type
 from tests.conftest import GatewayFactory, RunningGateway, one_provider
 from tests.helpers import assert_envelope, free_port, stop, until
 from tests.test_console import CHROMEDRIVER, CHROMIUM, wait_for
@@ -51,14 +51,18 @@ async def refusals(client: httpx.AsyncClient, gw: RunningGateway, status: int) -
 def test_hosts_answered_per_bound_port() -> None:
     settings = Settings(allow_hosts=("GW.internal", "gw.example:8443"))
     sidecar = Sidecar(None, None, {}, settings)  # type: ignore[arg-type]
-    sidecar._bind(8080)
+    # Before any request: the names alone; a listener's port joins once it is seen.
+    assert b"localhost" in sidecar.hosts and b"localhost:8080" not in sidecar.hosts
+    assert sidecar._known(b"LOCALHOST:8080", {"server": ("127.0.0.1", 8080)})
     assert sidecar.hosts == {
         b"127.0.0.1", b"127.0.0.1:8080", b"localhost", b"localhost:8080",
         b"[::1]", b"[::1]:8080", b"gw.internal", b"gw.internal:8080", b"gw.example:8443",
     }  # fmt: skip
+    assert not sidecar._known(b"localhost:8081", {"server": ("127.0.0.1", 8080)})
+    assert not sidecar._known(b"gw.example:8080", {"server": ("127.0.0.1", 8080)})
     assert host_name("::1") == "[::1]" and host_name("127.0.0.2") == "127.0.0.2"
     bound_v6 = Sidecar(None, None, {}, Settings(host="::1"))  # type: ignore[arg-type]
-    bound_v6._bind(None)  # no server address in the scope: names without a port only
+    assert not bound_v6._known(b"[::1]:9", {})  # no server address: names without a port
     assert bound_v6.hosts == {b"127.0.0.1", b"localhost", b"[::1]"}
 
 
@@ -73,11 +77,11 @@ def test_origin_and_media_type_rules() -> None:
     assert media_type(b"Application/JSON ; charset=utf-8") == b"application/json"
     assert media_type(b"multipart/form-data; boundary=x") == b"multipart/form-data"
     sidecar = Sidecar(None, None, endpoints(), Settings())  # type: ignore[arg-type]
-    assert sidecar._media("/v1/chat/completions") == b"application/json"
-    assert sidecar._media("/audio/transcriptions") == b"multipart/form-data"
-    assert sidecar._media("/openai/deployments/gpt/chat/completions") == b"application/json"
-    assert sidecar._media("/openai/deployments/gpt/unknown") is None
-    assert sidecar._media("/v1/models") is None
+    assert sidecar.media["/v1/chat/completions"] == b"application/json"
+    assert sidecar.media["/audio/transcriptions"] == b"multipart/form-data"
+    assert "/v1/models" not in sidecar.media
+    assert _azure_media("/openai/deployments/gpt/chat/completions") == b"application/json"
+    assert _azure_media("/openai/deployments/gpt/unknown") is None
 
 
 # -- Host (DNS rebinding)
