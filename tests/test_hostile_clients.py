@@ -272,6 +272,78 @@ CORPUS: tuple[Case, ...] = (
         (request("x-folded: first", " second"),),
         "400 bad_request, close",
     ),
+    # framing nginx refuses (SPEC §13)
+    Case(
+        "http-2.0",
+        "a request line saying HTTP/2.0",
+        (request().replace(b"HTTP/1.1", b"HTTP/2.0", 1),),
+        "505 http_version_not_supported, close",
+    ),
+    Case(
+        "http-3.0",
+        "a request line saying HTTP/3.0",
+        (request().replace(b"HTTP/1.1", b"HTTP/3.0", 1),),
+        "505 http_version_not_supported, close",
+    ),
+    Case(
+        "te-identity-chunked",
+        "`Transfer-Encoding: identity, chunked`",
+        (request("transfer-encoding: identity, chunked", body=None) + chunked(BODY),),
+        "501 not_implemented, close",
+    ),
+    Case(
+        "te-gzip-chunked",
+        "`Transfer-Encoding: gzip, chunked`",
+        (request("transfer-encoding: gzip, chunked", body=None) + chunked(BODY),),
+        "501 not_implemented, close",
+    ),
+    Case(
+        "te-on-http-1.0",
+        "HTTP/1.0 with `Transfer-Encoding: chunked`",
+        (request(TE, body=None).replace(b"HTTP/1.1", b"HTTP/1.0", 1) + chunked(BODY),),
+        "400 bad_request, close",
+    ),
+    Case(
+        "no-host",
+        "an HTTP/1.1 request without Host",
+        (request().replace(b"host: 127.0.0.1\r\n", b"", 1),),
+        "400 bad_request, close",
+    ),
+    Case(
+        "two-hosts",
+        "an HTTP/1.1 request with two Host fields",
+        (request("host: 127.0.0.1"),),
+        "400 bad_request, close",
+    ),
+    Case(
+        "encoded-slash",
+        "`%2F` in the path: /v1/chat%2Fcompletions",
+        (request(target=b"/v1/chat%2Fcompletions"),),
+        "404 not_found, close",
+    ),
+    Case(
+        "pipelined-then-http-2.0",
+        "GET /healthz, a chat POST, then an HTTP/2.0 request, in one write",
+        (get("/healthz") + request() + request().replace(b"HTTP/1.1", b"HTTP/2.0", 1),),
+        "200 x2, 505 http_version_not_supported, close",
+        upstream=1,
+    ),
+    # bytes that begin no request (SPEC §13): closed at the head deadline, unanswered
+    Case("crlf", "a lone CRLF, then silence", (b"\r\n",), "no answer, close"),
+    Case(
+        "crlf-trickle",
+        "a CRLF every 0.2 s, past the head deadline",
+        (b"\r\n",) * 8,
+        "no answer, close",
+        gap=TRICKLE,
+    ),
+    Case(
+        "crlf-then-head",
+        "a CRLF, then 0.3 s later a head that never ends",
+        (b"\r\n", b"\r\n", b"POST /v1/chat"),
+        "408 request_timeout, close",
+        gap=0.15,
+    ),
 )
 
 
