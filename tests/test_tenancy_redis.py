@@ -104,7 +104,7 @@ async def post(port: int, body: dict[str, Any], key: str) -> Answer:
         writer.close()
 
 
-async def _at_least(reply: Awaitable[bytes | None], floor: int) -> bool:
+async def _at_least(reply: Awaitable[bytes | str | None], floor: int) -> bool:
     return int(await reply or 0) >= floor
 
 
