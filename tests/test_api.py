@@ -361,10 +361,10 @@ async def test_model_retrieve(api: Api) -> None:
         assert set(m) == {"id", "object", "created", "owned_by"}
         assert m["id"] == slug
         assert m["object"] == "model"
-    # Percent-encoded slash (what SDKs send) works as well.
+    # A percent-encoded slash is never decoded into a separator (SPEC §13): no route.
     r = await api.client.get(httpx.URL(api.url("/v1/models/team%2Fspecial")), headers=auth(PLAIN))
-    assert r.status_code == 200
-    assert r.json()["id"] == "team/special"
+    assert r.status_code == 404
+    assert r.headers["connection"] == "close"
 
 
 async def test_model_retrieve_wildcard_slug(api: Api) -> None:
