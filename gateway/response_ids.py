@@ -88,6 +88,13 @@ class ResponseIds:
         share.move_to_end(response_id)
         return found
 
+    def drop(self, response_id: str, owner: str) -> None:
+        """This process's copy of an id made for `owner`, gone (another replica's owner
+        made it first)."""
+        if self._owner.get(response_id) == owner:
+            del self._owner[response_id]
+            del self._by_owner[owner][response_id]
+
     def forget(self, owners: set[str]) -> None:
         """Keys gone on reload: their ids go with them (SPEC §8)."""
         for owner in owners:

@@ -61,6 +61,7 @@ class Runtime:
                 ids_per_key=settings.response_ids_per_key,
                 on_unavailable=self.metrics.unenforced.inc,
                 on_id_dropped=self.id_dropped,
+                on_id_taken=self.response_ids.drop,
             )
             self.response_ids.mirror = self.shared.remember
         elif settings.state != "none":
@@ -149,10 +150,13 @@ class Runtime:
         """The entry that created a Responses id `owner` made: this process's map, else
         (with Redis) the one every replica writes to. ResponseNotFound for an id another
         tenant made (SPEC §13)."""
-        creator = self.response_ids.find(response_id, owner)
-        if creator is None and self.shared is not None:
-            creator = await self.shared.find(response_id, owner)
-        return creator
+        if self.shared is None:
+            return self.response_ids.find(response_id, owner)
+        # With Redis, Redis decides (every replica's ids, their owners, and each use
+        # renewing the id's rank and TTL there); this process's map serves only what
+        # Redis does not know yet (an id still in the next batch) or while it is away.
+        creator = await self.shared.find(response_id, owner)
+        return creator or self.response_ids.find(response_id, owner)
 
     def refused(
         self, exc: GatewayError, key: Key | None, request_id: bytes, path: str, duration: float

@@ -343,12 +343,6 @@ async def test_an_id_is_found_by_its_key_on_another_replica_and_is_404_for_any_o
     assert upstream.requests[-1].json()["previous_response_id"] == "resp_of_a"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REMEMBER/FIND score an owner's ids by Redis TIME in whole seconds: ids made or "
-    "used in the same second tie and ZPOPMIN evicts the least by name, not the least "
-    "recently used",
-)
 async def test_each_key_keeps_its_own_share_of_ids_its_newest_and_they_expire(
     gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient, redis: Redis
 ) -> None:
@@ -383,11 +377,6 @@ async def test_each_key_keeps_its_own_share_of_ids_its_newest_and_they_expire(
     assert_envelope(r, 404, "response_not_found")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a replica remembers an id for the key it served before Redis's SET NX says "
-    "another key made it, and its own map answers first: b reaches a's id there, a gets 404",
-)
 async def test_the_first_key_to_make_an_id_keeps_it_on_every_replica(
     gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient, redis: Redis
 ) -> None:
@@ -413,12 +402,6 @@ async def test_the_first_key_to_make_an_id_keeps_it_on_every_replica(
         assert r.status_code == 200, (gw.port, r.text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REMEMBER/FIND score an owner's ids by Redis TIME in whole seconds: ids made or "
-    "used in the same second tie and ZPOPMIN evicts the least by name, not the least "
-    "recently used",
-)
 async def test_naming_an_id_in_redis_is_a_use_that_keeps_it(
     gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient, redis: Redis
 ) -> None:
@@ -531,11 +514,6 @@ async def test_state_fail_closed_refuses_a_limited_key_while_redis_is_away_and_c
     assert metric(text, "gateway_state_unavailable_total") == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a use answered by the creating replica's own map never reaches Redis: the id's "
-    "TTL and its place in the owner's share there count from its creation",
-)
 async def test_a_use_on_the_replica_that_made_an_id_counts_in_redis_too(
     gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient, redis: Redis
 ) -> None:

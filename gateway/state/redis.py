@@ -133,6 +133,7 @@ class RedisState(Settles):
         ids_per_key: int = 10_000,
         on_unavailable: Callable[[], None] | None = None,
         on_id_dropped: Callable[[str], None] | None = None,
+        on_id_taken: Callable[[str, str], None] | None = None,
     ) -> None:
         # The optional extra, imported only when configured (SPEC §11).
         import redis.asyncio as aioredis
@@ -165,6 +166,9 @@ class RedisState(Settles):
         # gateway_state_unavailable_total, for a request refused for lack of Redis.
         self.on_unavailable = on_unavailable or _nothing
         self.on_id_dropped = on_id_dropped or _dropped
+        # An id this process made for an owner that another replica had already made
+        # for another (an upstream repeating ids): this process's copy must go.
+        self.on_id_taken = on_id_taken or _taken
         self._response_error = ResponseError
         # Written by _round_trip alone.
         self.link = Link.UP
@@ -174,6 +178,7 @@ class RedisState(Settles):
         self.pending_ids: dict[str, tuple[str, bytes]] = {}  # id -> (owner, value)
         self.last_headers: dict[str, Headers] = {}  # by key name: for error answers
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._errors: tuple[type[BaseException], ...] = (
             aioredis.RedisError,
@@ -455,7 +460,13 @@ class RedisState(Settles):
                 await asyncio.sleep(RETRY_EVERY)
 
     async def flush(self) -> bool:
-        """Send every pending charge and id; False (all kept for later) if Redis is away."""
+        """Send every pending charge and id; False (all kept for later) if Redis is away.
+        One batch at a time: a flush waits for the one on the wire (so after it returns,
+        everything pending when it was called is in Redis, or kept)."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
         charges, self.pending = self.pending, {}
         ids, self.pending_ids = self.pending_ids, {}
         if not charges and not ids:
@@ -487,9 +498,13 @@ class RedisState(Settles):
 
         done = await self._round_trip(send)
         if not isinstance(done, _Unreachable):
-            for response_id, result in zip(ids, done, strict=True):
+            for (response_id, (owner, _)), result in zip(ids.items(), done, strict=True):
                 if isinstance(result, self._response_error):
                     self.on_id_dropped(response_id)
+                elif result != 1:
+                    text = result if isinstance(result, str) else bytes(result).decode()
+                    if text != owner:
+                        self.on_id_taken(response_id, owner)
             return True
         for pending in charges.values():
             self._add(pending.key, pending.tokens, pending.usd, pending.holds)
@@ -511,6 +526,10 @@ def _nothing() -> None:
 
 def _dropped(response_id: str) -> None:
     log.warning("responses id %s was not stored in redis", response_id)
+
+
+def _taken(response_id: str, owner: str) -> None:
+    pass
 
 
 def _owner_ids(owner: str) -> str:

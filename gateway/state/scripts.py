@@ -161,16 +161,34 @@ return reply('ok', '0', rnew, hold_t, hold_u, partial)
 )
 
 # The Responses id map (SPEC §13): KEYS[1] the id's own key (`owner NL slug NL provider
-# NL upstream model`), KEYS[2] the owner's sorted set of its ids by last use.
+# NL upstream model`), KEYS[2] the owner's sorted set of its ids by last use, scored in
+# microseconds and always above the set's newest (ids made in the same second must
+# still leave oldest first). Scores are formatted whole: Lua's own number format keeps
+# 14 digits, too few for microseconds since 1970.
+_USE_SCORE = """
+local function use_score()
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local top = redis.call('ZREVRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  if top[2] and tonumber(top[2]) >= now then now = tonumber(top[2]) + 1 end
+  return now
+end
+"""
+
 # REMEMBER: ARGV[1] the value, [2] the owner's share of ids, [3] their TTL in seconds.
 # The first creator keeps an id (SET NX); past the share, the owner's least recently
-# used ids go. Replies 1 stored, 0 the id was someone's already.
-REMEMBER_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1])
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[3])) then return 0 end
-redis.call('ZADD', KEYS[2], now, KEYS[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
+# used ids go. Replies 1 when stored, else the owner the id already has.
+REMEMBER_SCRIPT = (
+    _USE_SCORE
+    + """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[3])) then
+  local held = redis.call('GET', KEYS[1]) or ''
+  return string.match(held, '^([^\\n]*)') or ''
+end
+local now = use_score()
+redis.call('ZADD', KEYS[2], string.format('%.0f', now), KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf',
+           string.format('%.0f', now - tonumber(ARGV[3]) * 1000000))
 local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[2])
 if over > 0 then
   local popped = redis.call('ZPOPMIN', KEYS[2], over)  -- member, score, member, ...
@@ -179,17 +197,21 @@ end
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 return 1
 """
+)
 
 # FIND: KEYS[1] the id's key, KEYS[2] the asker's set; ARGV[1] the asking owner, [2] the
-# TTL. The value, its use noted (the owner's set and the TTL) when the asker made it;
-# nil for an id never seen, '' for another tenant's.
-FIND_SCRIPT = """#!lua flags=allow-oom
+# TTL. The value, its use noted (its rank in the owner's set and its TTL) when the asker
+# made it; nil for an id never seen, '' for another tenant's.
+FIND_SCRIPT = (
+    "#!lua flags=allow-oom\n"
+    + _USE_SCORE
+    + """
 local value = redis.call('GET', KEYS[1])
 if not value then return nil end
 local owner = string.match(value, '^([^\\n]*)\\n')
 if owner ~= ARGV[1] then return '' end
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[2], 'XX', tonumber(t[1]), KEYS[1])
+redis.call('ZADD', KEYS[2], 'XX', string.format('%.0f', use_score()), KEYS[1])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 return value
 """
+)
