@@ -802,7 +802,8 @@ def by_h11(data: bytes, eof: bool) -> Parsed | None:
             elif isinstance(event, h11.Data):
                 got.body += bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
-                got.headers += list(event.headers)  # trailers
+                # Its trailers are not added: the gateway drops trailer fields, never
+                # promoting them to headers (SPEC §13).
                 got.ended = True
                 break
             elif not isinstance(event, h11.InformationalResponse):
