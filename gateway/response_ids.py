@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from gateway.errors import ResponseNotFound
 
-PER_KEY = 10_000  # each tenant's share of the map (--response-ids-per-key)
+PER_KEY = 10_000  # each key's share of the map (--response-ids-per-key)
+# A gateway without keys has one tenant, which keeps at least SPEC §9's 100,000 ids.
+ANONYMOUS_SHARE = 100_000
 TTL = 24 * 3600.0
 ANONYMOUS = ""  # the one tenant of a gateway without keys
 # The first `"id"` string of a responses answer: the response's own id, which leads the
@@ -64,7 +66,8 @@ class ResponseIds:
         self._owner[response_id] = owner
         if self.mirror is not None:
             self.mirror(response_id, creator)
-        while len(share) > self.per_key:
+        cap = self.per_key if owner != ANONYMOUS else max(self.per_key, ANONYMOUS_SHARE)
+        while len(share) > cap:
             gone, _ = share.popitem(last=False)
             del self._owner[gone]
 

@@ -991,5 +991,8 @@ def test_parse_body_needs_a_prompt_that_is_not_null() -> None:
 
 def test_parse_body_counts_the_prompt_only_when_asked() -> None:
     raw = b'{"model":"a","messages":[{"role":"user","content":"abcd"},{"content":[{"text":"ef"}]}]}'
-    assert parse_body(raw, CHAT).prompt_length == 0
-    assert parse_body(raw, CHAT, count_prompt=True).prompt_length == 6
+    assert parse_body(raw, CHAT).prompt_tokens == 0
+    # Every string the upstream reads (gateway/estimate.py): "role" "user" "content"
+    # "abcd" "content" "text" "ef" = 32 bytes, 8 tokens; the allowance by default.
+    counted = parse_body(raw, CHAT, count_prompt=True)
+    assert (counted.prompt_tokens, counted.output_allowance) == (8, 4096)
