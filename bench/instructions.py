@@ -14,7 +14,7 @@ With --against REV the same cases run with the gateway package of that git revis
 Results go to bench/results/instructions-<UTC time>.json and instructions-latest.json.
 
 Usage: bench/instructions.py [--quick] [--against REV] [--requests N] [--streams N]
-                             [--connections N] [--profiles DIR]
+                             [--connections N] [--profiles DIR] [--keyed] [--curves]
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ KINDS = ("json", "stream")
 # cases keep running without auth, as in earlier tables.
 LIMITED = "stream-limited"
 LIMITED_SECRET = "sk-bench-limited"
+# --keyed: the JSON and stream cases sent with a key that has no limits (keys-plain.yaml),
+# as a gateway with keys serves them; without it they run keyless (the loopback
+# sidecar, `make run`), which pays the sidecar's Host/Origin/Content-Type gate.
+PLAIN_SECRET = "sk-bench-plain"
 BUDGET_SECRET = "sk-bench-budget"
 # --curves (SPEC §8: costs grow with the work): the same JSON request with bodies from
 # 1 KiB to 8 MiB, streams longer or with larger events, and an exact slug looked up among
@@ -413,6 +417,7 @@ def write_gateway_files(tmp: Path, ports: dict[str, int]) -> tuple[Path, Path]:
         "    token_quota: {tokens: 1000000000000, period: day}\n"
         "    budget: {usd: 1000000, period: month}\n"
     )
+    (tmp / "keys-plain.yaml").write_text(f"keys:\n  - name: plain\n    key: {PLAIN_SECRET}\n")
     limited = tmp / "keys-limited.yaml"
     limited.write_text(
         f"keys:\n  - name: limited\n    key: {LIMITED_SECRET}\n    tpm: 1000000000\n"
@@ -516,10 +521,14 @@ async def exchange(
     return status, await reader.read(), False  # delimited by the close
 
 
-async def load(port: int, kind: str, count: int, connections: int) -> tuple[int, list[str]]:
+async def load(
+    port: int, kind: str, count: int, connections: int, keyed: bool = False
+) -> tuple[int, list[str]]:
     """`count` POSTs over `connections` keep-alive connections: (failures, first reasons)."""
     body, check = BODIES[kind]
     auth = f"authorization: Bearer {LIMITED_SECRET}\r\n" if kind == LIMITED else ""
+    if keyed and kind in KINDS:
+        auth = f"authorization: Bearer {PLAIN_SECRET}\r\n"
     if kind in CURVES and CURVES[kind].secret is not None:
         auth = f"authorization: Bearer {CURVES[kind].secret}\r\n"
     path = CURVES[kind].path if kind in CURVES else run.CHAT_PATH
@@ -586,6 +595,7 @@ class Context:
     connections: int
     profiles: Path | None
     curves: bool
+    keyed: bool = False
 
 
 def wait_healthz(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -687,6 +697,8 @@ def run_case(ctx: Context, tree: Tree, case: str) -> dict[str, Any]:
         routes = routes.with_name("routes-curves.yaml")
     argv += [PYTHON, "-m", "gateway", "serve", "--routes", str(routes)]
     keys = ctx.keys.with_name("keys-limited.yaml") if case == LIMITED else ctx.keys
+    if ctx.keyed and case in KINDS:
+        keys = ctx.keys.with_name("keys-plain.yaml")
     redis: subprocess.Popen[bytes] | None = None
     if case in CURVES and CURVES[case].secret is not None:
         keys = ctx.keys.with_name("keys-budget.yaml")
@@ -711,7 +723,9 @@ def run_case(ctx: Context, tree: Tree, case: str) -> dict[str, Any]:
     ctx.procs.running.append(proc)
     wait_healthz(port, proc, log)
     up = time.monotonic()
-    failures, reasons = asyncio.run(load(port, case, count, ctx.connections)) if count else (0, [])
+    failures, reasons = (
+        asyncio.run(load(port, case, count, ctx.connections, ctx.keyed)) if count else (0, [])
+    )
     loaded = time.monotonic()
     stop_gateway(ctx.procs, proc, log)
     if redis is not None:
@@ -862,7 +876,9 @@ def bench(args: argparse.Namespace, procs: run.Processes, tmp: Path) -> dict[str
     if args.profiles:
         profiles = Path(args.profiles).resolve()
         profiles.mkdir(parents=True, exist_ok=True)
-    ctx = Context(procs, tools, tmp, routes, keys, counts, args.connections, profiles, args.curves)
+    ctx = Context(
+        procs, tools, tmp, routes, keys, counts, args.connections, profiles, args.curves, args.keyed
+    )
     for tree in trees:
         measure(ctx, tree)
     return {
@@ -917,6 +933,11 @@ def main() -> int:
         action="store_true",
         help="also the costs that should grow only with the work: bodies of 1 KiB to 8 MiB, "
         f"longer streams, larger events, a slug among {WILDCARDS:,} wildcard patterns",
+    )
+    parser.add_argument(
+        "--keyed",
+        action="store_true",
+        help="the JSON and stream cases with a key that has no limits (default: no keys)",
     )
     parser.add_argument(
         "--profiles",
