@@ -10,6 +10,7 @@ from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Config
+from gateway.config.settings import Settings, default_max_connections
 from gateway.console import ConsoleEndpoint
 from gateway.endpoints import AzureDeployment, ProxyEndpoint, ResponseById
 from gateway.families import PREFIXES, Endpoint, endpoints
@@ -26,7 +27,6 @@ from gateway.info import (
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
 from gateway.server.admission import ServerLimits
-from gateway.settings import Settings, default_max_connections
 from gateway.sidecar import Sidecar
 
 
@@ -85,7 +85,7 @@ class Gateway:
 
 def create_app(settings: Settings, config: Config) -> Gateway:
     runtime = Runtime(settings, config)
-    # Every relayed path of every family under every prefix (gateway/families.py); one
+    # Every relayed path of every family under every prefix (gateway/families/__init__.py); one
     # endpoint object per family path, shared by its prefixes.
     shared: dict[str, ProxyEndpoint] = {}
     hot: dict[str, ASGIApp] = {}
@@ -136,9 +136,9 @@ def create_app(settings: Settings, config: Config) -> Gateway:
 
 def app_from_env() -> Gateway:
     """Factory for worker processes (`--workers N`): settings come from GATEWAY_* variables."""
-    from gateway.accesslog import configure as configure_access_log
     from gateway.config import load_config
-    from gateway.settings import from_env
+    from gateway.config.settings import from_env
+    from gateway.telemetry.accesslog import configure as configure_access_log
 
     settings = from_env()
     configure_access_log(settings.log_level)

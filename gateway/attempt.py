@@ -15,12 +15,12 @@ import orjson
 from gateway.errors import GatewayError, UpstreamResponseTooLarge, UpstreamUnavailable
 from gateway.exchange import Exchange, Failure, Opened
 from gateway.health import Health
-from gateway.jsonscan import MODEL_KEY, replace_value
 from gateway.plan import Candidate
-from gateway.sse import CONTENT, ERROR, EventSplitter, event_spans, payload_of, splicer_for
+from gateway.types import Headers
 from gateway.upstream.client import Upstream
-from gateway.upstream.head import Headers
-from gateway.usage import Tally, content_pattern, usage_in_body
+from gateway.wire.jsonscan import MODEL_KEY, replace_value
+from gateway.wire.sse import CONTENT, ERROR, EventSplitter, event_spans, payload_of, splicer_for
+from gateway.wire.usage import Tally, content_pattern, usage_in_body
 
 
 def retryable(status: int) -> bool:

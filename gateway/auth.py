@@ -6,8 +6,8 @@ import hashlib
 import hmac
 from datetime import UTC, datetime
 
+from gateway.config.keys import Key, Keys
 from gateway.errors import ModelNotAllowed, Unauthorized
-from gateway.keys import Key, Keys
 
 
 def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:

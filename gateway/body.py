@@ -12,10 +12,10 @@ import orjson
 from msgspec import UNSET, UnsetType
 
 from gateway.errors import BadRequest, PayloadTooLarge, ValidationFailed
-from gateway.estimate import DEFAULT_OUTPUT, MEDIA_TOKENS, output_allowance, prompt_tokens
 from gateway.families import Family
-from gateway.jsonscan import MODEL_KEY, rewrite_members, splice, splice_sole
-from gateway.multipart import MalformedForm, delimiter_of, fields
+from gateway.wire.estimate import DEFAULT_OUTPUT, MEDIA_TOKENS, output_allowance, prompt_tokens
+from gateway.wire.jsonscan import MODEL_KEY, rewrite_members, splice, splice_sole
+from gateway.wire.multipart import MalformedForm, delimiter_of, fields
 
 # A slug (and what a wildcard captures of it) ends up in response headers such as
 # x-upstream-model: no control characters, so no line breaks.
@@ -55,7 +55,7 @@ class ParsedBody:
     has_model: bool = True  # a top-level `model` member
     has_stream_options: bool = False
     stream_options: Any = None
-    # The prompt's token estimate and the declared output allowance (gateway/estimate.py),
+    # The prompt's token estimate and the declared output allowance (gateway/wire/estimate.py),
     # made only when asked (parse_body's count_prompt): keys with token limits.
     prompt_tokens: int = 0
     output_allowance: int = 0

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gateway.accesslog import configure as configure_access_log
 from gateway.config import Config, ConfigError, load_config
-from gateway.keys import append_key, new_secret
-from gateway.settings import OPTIONS, Option, Settings, SettingsError, from_env
+from gateway.config.keys import append_key, new_secret
+from gateway.config.settings import OPTIONS, Option, Settings, SettingsError, from_env
+from gateway.telemetry.accesslog import configure as configure_access_log
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,4 +1,4 @@
-"""The relayed paths (gateway/families.py), as plain ASGI callables: no Request/Response
+"""The relayed paths (gateway/families/__init__.py), as plain ASGI callables: no Request/Response
 objects. What the gateway answers itself is in info.py."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway.auth import authenticate
 from gateway.body import ClientGone, ParsedBody, parse_body, parse_multipart, read_body
+from gateway.config.keys import Key
 from gateway.errors import (
     ClientLeft,
     GatewayError,
@@ -27,15 +28,15 @@ from gateway.families import (
     Endpoint,
     Envelope,
 )
+from gateway.families.responses import ANONYMOUS
 from gateway.incoming import Incoming
 from gateway.info import NotFoundEndpoint
-from gateway.keys import Key
 from gateway.limits import NOTHING, Reservation, ask_for
 from gateway.plan import build_plan
-from gateway.respond import Receive, Scope, Send, send_error, server_timing
-from gateway.response_ids import ANONYMOUS
+from gateway.respond import send_error, server_timing
 from gateway.runtime import Runtime
 from gateway.state.redis import UNENFORCED
+from gateway.types import Receive, Scope, Send
 
 log = logging.getLogger("gateway")
 
@@ -76,7 +77,7 @@ async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Excha
 
 
 class ProxyEndpoint:
-    """Every relayed path (gateway/families.py): one endpoint per family and path."""
+    """Every relayed path (gateway/families/__init__.py): one endpoint per family and path."""
 
     def __init__(self, runtime: Runtime, endpoint: Endpoint) -> None:
         self.runtime = runtime

@@ -6,19 +6,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.body import ParsedBody
+from gateway.config.routes import Price
 from gateway.errors import GatewayError
-from gateway.estimate import text_tokens
 from gateway.families import CHAT, Family
 from gateway.plan import Candidate
-from gateway.respond import Send
-from gateway.routes import Price
-from gateway.sse import EventSplitter, NestedSplicer, Splicer
+from gateway.types import Headers, Send
 from gateway.upstream.client import UpstreamResponse
-from gateway.upstream.head import Headers
-from gateway.usage import Tally, usage_tokens
+from gateway.wire.estimate import text_tokens
+from gateway.wire.sse import EventSplitter, NestedSplicer, Splicer
+from gateway.wire.usage import Tally, usage_tokens
 
 if TYPE_CHECKING:
-    from gateway.tracing import AttemptSpan, RequestTrace
+    from gateway.telemetry.tracing import AttemptSpan, RequestTrace
 
 
 @dataclass(slots=True)
@@ -46,7 +45,7 @@ class Exchange:
     # The family allows asking a stream for usage and the client did not: a priced entry
     # asks (SPEC §11), as inject_usage does for a token-limited key.
     may_inject: bool = False
-    trace: RequestTrace | None = None  # with OpenTelemetry on (gateway/tracing.py)
+    trace: RequestTrace | None = None  # with OpenTelemetry on (gateway/telemetry/tracing.py)
     owner: str = ""  # the key's name (anonymous without keys): who owns the ids made
     # -- what happened to it (the relay's)
     started: bool = False  # response start sent to the client

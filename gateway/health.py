@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.routes import Cooldown
+from gateway.config.routes import Cooldown
 
 # (provider, upstream model, the wildcard pattern that captured the model or "").
 EntryKey = tuple[str, str, str]

@@ -12,13 +12,14 @@ from typing import Any
 import orjson
 
 from gateway.auth import authenticate
+from gateway.config.keys import Key
 from gateway.console import CHALLENGE, require_admin
 from gateway.errors import GatewayError, MethodNotAllowed, ModelNotListed, NotFound, Unauthorized
 from gateway.incoming import Incoming
-from gateway.keys import Key
-from gateway.metrics import CONTENT_TYPE
-from gateway.respond import Receive, Scope, Send, send_bytes, send_error, server_timing
+from gateway.respond import send_bytes, send_error, server_timing
 from gateway.runtime import Runtime
+from gateway.telemetry.metrics import CONTENT_TYPE
+from gateway.types import Receive, Scope, Send
 
 
 class JsonEndpoint:

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from gateway.config.keys import Key
+from gateway.config.routes import Price
 from gateway.errors import QuotaExhausted, RateLimited
-from gateway.keys import Key
-from gateway.routes import Price
-
-Headers = list[tuple[bytes, bytes]]
+from gateway.types import Headers
 
 
 @dataclass(slots=True)

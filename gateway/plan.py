@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 from gateway.auth import check_allowed
 from gateway.body import ParsedBody, ProviderPrefs
+from gateway.config.keys import Key
+from gateway.config.routes import Model, Price, Routes, Target
 from gateway.errors import ApiNotSupported, ModelNotFound, NoProviderAvailable, ResponseNotFound
 from gateway.families import CHAT, Family
 from gateway.health import EntryKey, Health
-from gateway.keys import Key
-from gateway.routes import Model, Price, Routes, Target
 from gateway.strategies import Strategies
 
 

@@ -27,16 +27,16 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange, Failure, Opened
 from gateway.families import RESPONSES, Envelope
+from gateway.families.responses import ResponseIds, first_id
 from gateway.health import Health, observe_throughput
-from gateway.keepalive import KEEPALIVE, KeepAlive
-from gateway.metrics import Metrics
+from gateway.latecommit import KEEPALIVE, KeepAlive
 from gateway.plan import Candidate
 from gateway.respond import send_bytes, send_error, server_timing
-from gateway.response_ids import ResponseIds, first_id
-from gateway.sse import EventSplitter, splicer_for
+from gateway.telemetry.metrics import Metrics
+from gateway.types import Headers
 from gateway.upstream.client import Upstream
-from gateway.upstream.head import Headers
-from gateway.usage import usage_parts
+from gateway.wire.sse import EventSplitter, splicer_for
+from gateway.wire.usage import usage_parts
 
 NO_RETRY = (b"x-should-retry", b"false")
 SSE_HEADERS = [

@@ -7,27 +7,27 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from gateway.accesslog import AccessLog
-from gateway.accesslog import flush as flush_access_log
 from gateway.config import Config
-from gateway.console.traffic import Traffic
+from gateway.config.keys import Key
+from gateway.config.settings import Settings
 from gateway.errors import GatewayError, QuotaExhausted, RateLimited
 from gateway.exchange import Exchange
+from gateway.families.responses import Creator, ResponseIds
 from gateway.health import Health
-from gateway.keys import Key
 from gateway.limits import Limiter
-from gateway.metrics import Metrics
 from gateway.relay import Relay
-from gateway.response_ids import Creator, ResponseIds
-from gateway.settings import Settings
 from gateway.state.file import StateFile
+from gateway.telemetry.accesslog import AccessLog
+from gateway.telemetry.accesslog import flush as flush_access_log
+from gateway.telemetry.metrics import Metrics
+from gateway.telemetry.traffic import Traffic
 
 if TYPE_CHECKING:
     from gateway.state.redis import RedisState
 from gateway.strategies import Strategies
-from gateway.tracing import Tracing
+from gateway.telemetry.tracing import Tracing
 from gateway.upstream.client import Upstream
-from gateway.usage import usage_parts
+from gateway.wire.usage import usage_parts
 
 log = logging.getLogger("gateway")
 

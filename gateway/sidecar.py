@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Mapping, MutableMapping
 from typing import Any
 
+from gateway.config.settings import Settings
 from gateway.errors import ForbiddenOrigin, GatewayError, MisdirectedRequest, UnsupportedMediaType
 from gateway.families import AZURE_DEPLOYMENT, Body, Endpoint, Envelope
 from gateway.incoming import Incoming
-from gateway.respond import Receive, Scope, Send, send_error, server_timing
+from gateway.respond import send_error, server_timing
 from gateway.runtime import Runtime
-from gateway.settings import Settings
-
-App = Callable[[Scope, Receive, Send], Awaitable[None]]
+from gateway.types import App, Receive, Scope, Send
 
 # What a loopback listener is called in a Host header, whichever loopback address it is.
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from gateway.config.routes import Model, Target
 from gateway.health import EntryKey, Health
-from gateway.routes import Model, Target
 
 EXPLORE_RATE = 0.05  # `latency`: share of requests that try a random entry first
 

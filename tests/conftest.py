@@ -11,8 +11,8 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import load_config
+from gateway.config.settings import Settings
 from gateway.server.protocol import ServerProtocol
-from gateway.settings import Settings
 from tests.helpers import loopback_socket, start_uvicorn
 from tests.upstream import Upstream
 

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from gateway import keepalive
+from gateway import latecommit as keepalive
 from tests.conftest import GatewayFactory
 from tests.upstream import DONE, Hang, Sse, Upstream, chunk
 

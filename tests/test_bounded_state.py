@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.config.routes import Cooldown
 from gateway.health import Health
-from gateway.routes import Cooldown
 from tests.conftest import GatewayFactory
 from tests.helpers import until
 from tests.upstream import Hang

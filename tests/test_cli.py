@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from gateway.config import load_config
-from gateway.keys import digest_of
+from gateway.config.keys import digest_of
 from tests.helpers import free_port
 
 PYTHON = sys.executable

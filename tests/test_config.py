@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from gateway.config import Config, ConfigError, load_config
-from gateway.keys import Keys, digest_of, parse_keys
-from gateway.routes import Routes, parse_routes
-from gateway.yamlsrc import Problem, Source, parse_yaml
+from gateway.config.keys import Keys, digest_of, parse_keys
+from gateway.config.routes import Routes, parse_routes
+from gateway.config.yamlsrc import Problem, Source, parse_yaml
 
 PROBLEM_LINE = re.compile(r"^(?P<path>.+?):(?P<line>[1-9][0-9]*): (?P<message>\S.*)$")
 

@@ -192,7 +192,7 @@ async def test_the_last_error_and_the_breaker_reach_the_console(
 def test_with_no_keys_only_loopback_may_look() -> None:
     from types import SimpleNamespace
 
-    from gateway.keys import Keys
+    from gateway.config.keys import Keys
 
     runtime = SimpleNamespace(config=SimpleNamespace(keys=Keys()))
 

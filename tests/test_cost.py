@@ -13,9 +13,9 @@ import httpx
 import pytest
 import yaml
 
+from gateway.config.routes import Price
 from gateway.relay import usd
-from gateway.routes import Price
-from gateway.usage import usage_parts
+from gateway.wire.usage import usage_parts
 from tests.conftest import GatewayFactory
 from tests.test_config import assert_problems, routes_of
 from tests.upstream import DONE, Json, Sse, Upstream, chat_completion, chunk

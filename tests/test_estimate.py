@@ -1,4 +1,4 @@
-"""gateway/estimate.py: the prompt estimate reads every string the upstream reads."""
+"""gateway/wire/estimate.py: the prompt estimate reads every string the upstream reads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.estimate import (
+from gateway.wire.estimate import (
     DEFAULT_OUTPUT,
     MEDIA_TOKENS,
     output_allowance,

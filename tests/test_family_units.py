@@ -8,9 +8,9 @@ import pytest
 
 from gateway.errors import GatewayError, anthropic_type
 from gateway.families import CHAT, MESSAGES, RESPONSES, endpoints
-from gateway.response_ids import ResponseIds, first_id
-from gateway.sse import CONTENT, DONE, ERROR, NOTHING, NestedSplicer, splicer_for
-from gateway.usage import Tally, usage_tokens
+from gateway.families.responses import ResponseIds, first_id
+from gateway.wire.sse import CONTENT, DONE, ERROR, NOTHING, NestedSplicer, splicer_for
+from gateway.wire.usage import Tally, usage_tokens
 
 
 def ev(kind: str, named: bool = True, **data: object) -> bytes:
@@ -132,7 +132,7 @@ def test_every_family_path_under_every_prefix() -> None:
     ],
 )
 def test_object_start_finds_only_a_top_level_object_member(line: bytes, want: int | None) -> None:
-    from gateway.jsonscan import object_start
+    from gateway.wire.jsonscan import object_start
 
     assert object_start(line, b'"response"') == want
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config.routes import Provider, Timeouts
 from gateway.errors import UpstreamDisconnected, UpstreamTimeout, UpstreamUnavailable
-from gateway.routes import Provider, Timeouts
 from gateway.upstream.client import Upstream
 from gateway.upstream.connection import HIGH_WATER
 

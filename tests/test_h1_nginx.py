@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.routes import Provider
+from gateway.config.routes import Provider
 from gateway.upstream.client import Upstream
 from gateway.upstream.connection import State
 from tests.helpers import free_port as _free_port

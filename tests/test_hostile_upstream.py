@@ -26,9 +26,8 @@ import httpx
 import pytest
 import yaml
 
-import gateway.sse as sse_module
+import gateway.wire.sse as sse_module
 from gateway.errors import UpstreamResponseTooLarge
-from gateway.sse import EventSplitter
 from gateway.upstream.connection import (
     _ALLOWED,
     HIGH_WATER,
@@ -40,6 +39,7 @@ from gateway.upstream.connection import (
     State,
 )
 from gateway.upstream.pool import Origin, Pool
+from gateway.wire.sse import EventSplitter
 from tests.conftest import GatewayFactory, RunningGateway, one_provider
 from tests.helpers import assert_envelope
 from tests.upstream import DONE, Sse, Upstream, chat_completion, chunk

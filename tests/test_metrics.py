@@ -1,4 +1,4 @@
-"""gateway/metrics.py on its own: the text format (read back by prometheus-client's own
+"""gateway/telemetry/metrics.py on its own: the text format (read back by prometheus-client's own
 parser) and how a scrape adds up other workers' files."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import DIR_ENV, RENDER_CHUNK, Metrics, snapshot_lines
+from gateway.telemetry.metrics import DIR_ENV, RENDER_CHUNK, Metrics, snapshot_lines
 from tests.conftest import GatewayFactory
 
 ECHO_ROUTES = "providers:\n  echo:\n    base_url: builtin:echo\nmodels:\n  echo:\n    providers: [{provider: echo}]\n"

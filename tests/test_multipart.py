@@ -1,4 +1,4 @@
-"""gateway/multipart.py: strict multipart/form-data (SPEC §9 audio, §13 "Multipart
+"""gateway/wire/multipart.py: strict multipart/form-data (SPEC §9 audio, §13 "Multipart
 uploads"). From bytes: what real clients write parses with the right spans, every
 refusal has its cause, the work is linear; a property test against the stdlib's email
 parser; and end to end, a refused form never reaches the upstream."""
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from gateway.body import parse_multipart
 from gateway.errors import BadRequest
-from gateway.multipart import MAX_PART_HEAD, MalformedForm, delimiter_of, fields
+from gateway.wire.multipart import MAX_PART_HEAD, MalformedForm, delimiter_of, fields
 from tests.conftest import GatewayFactory, one_provider
 from tests.helpers import assert_envelope
 from tests.upstream import Json, Upstream

@@ -128,7 +128,7 @@ class AccessLog:
 @pytest.fixture
 def access(caplog: pytest.LogCaptureFixture) -> AccessLog:
     logger = logging.getLogger(ACCESS)
-    # Only gateway.accesslog.configure() (serve) stops propagation; in-process it must flow
+    # Only gateway.telemetry.accesslog.configure() (serve) stops propagation; in-process it must flow
     # to the root logger where caplog listens, or these tests would see nothing.
     assert logger.propagate, "gateway.access does not propagate in-process: caplog sees nothing"
     caplog.set_level(logging.DEBUG)  # every logger: the secret checks read all of it

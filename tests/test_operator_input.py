@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import load_config
-from gateway.keys import append_key
+from gateway.config.keys import append_key
+from gateway.config.settings import OPTIONS, Settings, SettingsError, from_env
+from gateway.config.yamlsrc import Source, parse_yaml
 from gateway.reload import Reloader
-from gateway.settings import OPTIONS, Settings, SettingsError, from_env
-from gateway.yamlsrc import Source, parse_yaml
 from tests.conftest import GatewayFactory
 from tests.helpers import free_port, until
 from tests.test_cli import ECHO_ROUTES, clean_env, new_key, stderr_lines

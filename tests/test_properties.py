@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from gateway.body import GATEWAY_FIELDS, parse_body
 from gateway.errors import BadRequest, UpstreamResponseTooLarge, ValidationFailed
 from gateway.families import CHAT
-from gateway.sse import EventSplitter, Splicer, event_spans, splice_model
 from gateway.upstream.connection import H1Connection, State
+from gateway.wire.sse import EventSplitter, Splicer, event_spans, splice_model
 
 # Bounded: the whole file runs in well under half a minute.
 FAST = settings(
@@ -1130,7 +1130,7 @@ def typed_streams(draw: st.DrawFn) -> bytes:
 @FAST
 @given(stream=typed_streams())
 def test_nested_splice_of_a_block_is_the_splice_of_each_event(stream: bytes) -> None:
-    from gateway.sse import NestedSplicer, split_events
+    from gateway.wire.sse import NestedSplicer, split_events
 
     splicer = NestedSplicer(b'"slug"', ("response",))
     assert splicer.block(stream) == b"".join(splicer.event(e) for e in split_events(stream))

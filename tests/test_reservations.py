@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.config.keys import Key
+from gateway.config.routes import Price
 from gateway.errors import QuotaExhausted
-from gateway.keys import Key
 from gateway.limits import Ask, Hold, Limiter, Reservation, ask_for
-from gateway.routes import Price
 
 QUOTA = 1_000
 BUDGET = 0.01

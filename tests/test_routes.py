@@ -1,12 +1,12 @@
-"""gateway/routes.py: the wildcard prefix index against the plain scan it replaced."""
+"""gateway/config/routes.py: the wildcard prefix index against the plain scan it replaced."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.providers import Provider, Timeouts
-from gateway.routes import Model, Target, WildcardIndex
+from gateway.config.providers import Provider, Timeouts
+from gateway.config.routes import Model, Target, WildcardIndex
 
 PROVIDER = Provider(name="p", base_url="http://127.0.0.1:9/v1", timeout=Timeouts())
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from gateway.sse import EventSplitter, Splicer, splice_model, split_events
-from gateway.usage import Tally
+from gateway.wire.sse import EventSplitter, Splicer, splice_model, split_events
+from gateway.wire.usage import Tally
 
 SLUG = b'"my/slug"'
 

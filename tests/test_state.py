@@ -217,7 +217,7 @@ async def test_spend_during_a_sync_is_neither_lost_nor_counted_twice(tmp_path: P
     import threading
     from datetime import UTC, datetime
 
-    from gateway.keys import Key
+    from gateway.config.keys import Key
 
     limiter = Limiter(wall=lambda: datetime(2026, 11, 25, 12, tzinfo=UTC))
     key = Key(name="k", digest=b"x" * 32, token_quota=10**9, quota_period="day")
@@ -309,7 +309,7 @@ async def test_a_sync_finding_the_file_replaced_sets_it_aside_and_writes_back(
     totals this process last synced; syncing goes on."""
     from datetime import UTC, datetime
 
-    from gateway.keys import Key
+    from gateway.config.keys import Key
 
     path = tmp_path / "s"
     path.write_bytes(json.dumps(GOOD).encode())

@@ -308,7 +308,7 @@ async def test_an_upstream_repeating_an_id_cannot_hand_it_to_another_key(
 
 
 def test_a_hundred_thousand_ids_from_one_key_leave_the_others_alone() -> None:
-    from gateway.response_ids import ResponseIds
+    from gateway.families.responses import ResponseIds
 
     ids = ResponseIds(per_key=10_000, clock=lambda: 0.0)
     ids.remember("resp_b", "m", "p", "u", "b")

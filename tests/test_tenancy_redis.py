@@ -23,9 +23,9 @@ import redis.asyncio as aioredis
 import yaml
 from redis.exceptions import OutOfMemoryError
 
-from gateway.estimate import prompt_tokens
 from gateway.state.redis import PREFIX, _sha1
 from gateway.state.scripts import ADMIT_SCRIPT
+from gateway.wire.estimate import prompt_tokens
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.helpers import assert_envelope, until
 from tests.test_cost import metric

@@ -22,8 +22,8 @@ import httpx
 import pytest
 import yaml
 
+from gateway.config.settings import Settings
 from gateway.families import endpoints
-from gateway.settings import Settings
 from gateway.sidecar import Sidecar, _azure_media, _same_origin, host_name, media_type
 from tests.conftest import GatewayFactory, RunningGateway, one_provider
 from tests.helpers import assert_envelope, free_port, stop, until

@@ -184,8 +184,8 @@ def test_without_the_variable_nothing_is_loaded(tmp_path: Any) -> None:
     import sys
 
     code = (
-        "import sys, gateway.app, gateway.runtime, gateway.tracing\n"
-        "from gateway.tracing import Tracing\n"
+        "import sys, gateway.app, gateway.runtime, gateway.telemetry.tracing\n"
+        "from gateway.telemetry.tracing import Tracing\n"
         "assert Tracing.from_env({}) is None\n"
         "assert not [m for m in sys.modules if m.startswith('opentelemetry')], 'loaded'\n"
     )

@@ -15,6 +15,9 @@ import pytest
 
 from gateway.auth import authenticate, bearer, check_allowed
 from gateway.body import GATEWAY_FIELDS, parse_body
+from gateway.config.keys import Key, Keys, digest_of, parse_keys
+from gateway.config.routes import Cooldown, Model, Provider, Target
+from gateway.config.yamlsrc import Source, parse_yaml
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -24,12 +27,9 @@ from gateway.errors import (
 )
 from gateway.families import CHAT, COMPLETIONS, EMBEDDINGS, RELAYED
 from gateway.health import Health
-from gateway.jsonscan import iter_members, replace_value, rewrite_members
-from gateway.keys import Key, Keys, digest_of, parse_keys
-from gateway.routes import Cooldown, Model, Provider, Target
-from gateway.sse import EventSplitter, splice_model
 from gateway.strategies import Strategies
-from gateway.yamlsrc import Source, parse_yaml
+from gateway.wire.jsonscan import iter_members, replace_value, rewrite_members
+from gateway.wire.sse import EventSplitter, splice_model
 
 MODEL = b'"model"'
 
@@ -992,7 +992,7 @@ def test_parse_body_needs_a_prompt_that_is_not_null() -> None:
 def test_parse_body_counts_the_prompt_only_when_asked() -> None:
     raw = b'{"model":"a","messages":[{"role":"user","content":"abcd"},{"content":[{"text":"ef"}]}]}'
     assert parse_body(raw, CHAT).prompt_tokens == 0
-    # Every string the upstream reads (gateway/estimate.py): "role" "user" "content"
+    # Every string the upstream reads (gateway/wire/estimate.py): "role" "user" "content"
     # "abcd" "content" "text" "ef" = 32 bytes, 8 tokens; the allowance by default.
     counted = parse_body(raw, CHAT, count_prompt=True)
     assert (counted.prompt_tokens, counted.output_allowance) == (8, 4096)

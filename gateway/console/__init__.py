@@ -24,15 +24,16 @@ from typing import Any
 import orjson
 
 from gateway.auth import authenticate, bearer_token
+from gateway.config.keys import Key, Keys
+from gateway.config.routes import Model, Target
+from gateway.config.settings import is_loopback
 from gateway.errors import GatewayError, MethodNotAllowed, Unauthorized
 from gateway.families import ALL
 from gateway.health import Breaker, EntryState, breaker
 from gateway.incoming import Incoming
-from gateway.keys import Key, Keys
-from gateway.respond import Receive, Scope, Send, send_bytes, send_error, server_timing
-from gateway.routes import Model, Target
+from gateway.respond import send_bytes, send_error, server_timing
 from gateway.runtime import Runtime
-from gateway.settings import is_loopback
+from gateway.types import Receive, Scope, Send
 
 CHALLENGE = (b"www-authenticate", b'Basic realm="gateway console", charset="UTF-8"')
 # Each page answer also says: no caching, no framing, nothing loaded from elsewhere.

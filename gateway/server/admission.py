@@ -19,6 +19,7 @@ from gateway.errors import (
     VersionNotSupported,
 )
 from gateway.server.cycle import closing
+from gateway.types import Headers
 
 # At the connection cap, a connection still sending its head after this long may be
 # closed to make room (a whole head arrives in one packet from a well-behaved client).
@@ -87,9 +88,6 @@ def give_way(connections: Iterable[C], newcomer: C, now: float) -> tuple[C | Non
         ):
             slow = other
     return (idle, True) if idle is not None else (slow, False)
-
-
-Headers = list[tuple[bytes, bytes]]
 
 
 def framing_refusal(version: str, headers: Headers) -> bytes | None:

@@ -19,8 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.errors import GatewayError
-
-Message = dict[str, Any]
+from gateway.types import Message
 
 _BAD_NAME = re.compile(rb"[\x00-\x20\x7f()<>@,;:\[\]={}\\\"/?]")
 _GOOD_NAMES: set[bytes] = set()  # header names already checked (a bounded handful)

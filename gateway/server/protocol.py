@@ -42,8 +42,9 @@ from gateway.server.admission import (
     limits_of,
     overloaded,
 )
-from gateway.server.cycle import Cycle, FlowControl, Message, closing
+from gateway.server.cycle import Cycle, FlowControl, closing
 from gateway.server.upgrade import BodyOnly, is_websocket, resume_head
+from gateway.types import Message
 
 HIGH_WATER = 64 * 1024  # buffered request body bytes at which reading pauses
 _ASGI = {"version": "3.0", "spec_version": "2.3"}

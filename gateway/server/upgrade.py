@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-Headers = list[tuple[bytes, bytes]]
+from gateway.types import Headers
 
 
 def is_websocket(headers: Headers) -> bool:

@@ -50,8 +50,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from gateway.config.keys import Key
 from gateway.errors import StateUnavailable
-from gateway.keys import Key
+from gateway.families.responses import TTL as RESPONSE_TTL
+from gateway.families.responses import Creator, not_found
 from gateway.limits import (
     NOTHING,
     Ask,
@@ -70,15 +72,13 @@ from gateway.limits import (
     quota_spent,
     report,
 )
-from gateway.response_ids import TTL as RESPONSE_TTL
-from gateway.response_ids import Creator, not_found
 from gateway.state.pipeline import AutoPipeline, pack
 from gateway.state.scripts import ADMIT_SCRIPT, CHARGE_SCRIPT, FIND_SCRIPT, REMEMBER_SCRIPT
 from gateway.tasks import cancel
+from gateway.types import Headers
 
 log = logging.getLogger("gateway")
 
-Headers = list[tuple[bytes, bytes]]
 T = TypeVar("T")
 
 PREFIX = "gateway:"

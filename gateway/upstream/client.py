@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Iterable
 from typing import Protocol
 
+from gateway.config.routes import Provider
 from gateway.errors import (
     GatewayError,
     UpstreamDisconnected,
@@ -19,20 +20,13 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.routes import Provider
-from gateway.sse import DEFAULT_MAX_EVENT
+from gateway.types import Headers
 from gateway.upstream.connection import ConnectionLost, H1Connection
 from gateway.upstream.credentials import Credentials
 from gateway.upstream.echo import EchoResponse
-from gateway.upstream.head import (
-    Headers,
-    Target,
-    join_query,
-    prepare,
-    request_head,
-    response_headers,
-)
+from gateway.upstream.head import Target, join_query, prepare, request_head, response_headers
 from gateway.upstream.pool import Origin, Pool
+from gateway.wire.sse import DEFAULT_MAX_EVENT
 
 DEFAULT_MAX_RESPONSE = 64 * 1024 * 1024  # decoded body bytes of one upstream answer
 DECODE_STEP = 256 * 1024  # at most this many decoded bytes per decompress call

@@ -22,8 +22,8 @@ from urllib.parse import urlencode
 
 import orjson
 
+from gateway.config.providers import Aws, Gcp, OAuth2, Provider, Timeouts
 from gateway.errors import GatewayError, UpstreamUnavailable
-from gateway.providers import Aws, Gcp, OAuth2, Provider, Timeouts
 from gateway.tasks import cancel
 
 log = logging.getLogger("gateway")

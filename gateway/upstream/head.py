@@ -8,68 +8,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus, urlencode, urlsplit
 
+from gateway.types import Headers
 from gateway.upstream.pool import Origin
-
-if TYPE_CHECKING:  # config imports the table below: no import back at run time
-    from gateway.providers import Provider
-
-Headers = list[tuple[bytes, bytes]]
-
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-    }
+from gateway.wire.headers import (
+    ACCOUNT_PREFIXES,
+    NEVER_FORWARDED,
+    REQUEST_DROP,
+    RESPONSE_DROP,
+    RESPONSE_PREFIXES,
+    SIGNATURE,
 )
 
-# The header policy (SPEC §5, §7, §13), one table for every family and the by-id paths.
-# Request headers, client -> upstream:
-#   CREDENTIALS and _HOP (what the hop itself sets) are never sent, whatever the provider
-#   says; `expect` is answered by the gateway, which sends the whole body at once.
-#   ACCOUNT (and every name starting with one of ACCOUNT_PREFIXES) chooses the provider
-#   account or carries cloud credentials: not sent unless the provider lists the name in
-#   its `forward_headers`.
-# Response headers, upstream -> client: _RESPONSE_DROP and every name starting with one
-#   of RESPONSE_PREFIXES never reach the client (the gateway writes its own x-gateway-*,
-#   x-ratelimit-* for the key, and server-timing). Trailer fields are dropped by the
-#   connection (connection.py) before they could join the head.
-CREDENTIALS = frozenset(
-    {b"authorization", b"x-api-key", b"api-key", b"proxy-authorization", b"cookie"}
-)
-ACCOUNT = frozenset(
-    {b"openai-organization", b"openai-project", b"x-goog-user-project", b"x-goog-api-key"}
-)
-ACCOUNT_PREFIXES = (b"x-amz-",)
-_HOP = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"expect", b"http2-settings"}
-# What `forward_headers` can never bring back (providers.py refuses such a list).
-NEVER_FORWARDED = CREDENTIALS | _HOP
-_REQUEST_DROP = NEVER_FORWARDED | ACCOUNT
-_RESPONSE_DROP = HOP_BY_HOP | {
-    b"content-length",
-    b"content-encoding",
-    b"set-cookie",
-    b"server-timing",
-    # The gateway's own names for what it did: never the upstream's to say.
-    b"x-upstream-request-id",
-    b"x-upstream-model",
-}
-RESPONSE_PREFIXES = (b"x-gateway-", b"x-ratelimit-")
-# What a SigV4 signature adds: an aws provider never gets the client's own beside it.
-_SIGNATURE = frozenset({b"authorization", b"x-amz-date", b"x-amz-security-token",
-                        b"x-amz-content-sha256"})  # fmt: skip
-
-
-def never_forwarded(name: str) -> bool:
-    """Whether `forward_headers` cannot name this header (lowercase)."""
-    return name.encode("latin-1") in NEVER_FORWARDED
+if TYPE_CHECKING:
+    from gateway.config.providers import Provider
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +63,14 @@ def prepare(provider: Provider) -> Target:
     query = urlencode(list(provider.query.items()))
     own_names = frozenset(name.encode("latin-1") for name in own)
     if auth is not None and auth.aws is not None:
-        own_names |= _SIGNATURE
+        own_names |= SIGNATURE
     forward = frozenset(name.encode("latin-1") for name in provider.forward_headers)
     return Target(
         origin=Origin(url.scheme, host, port, provider.max_connections),
         request_line_prefix=b"POST " + (url.path or "").encode(),
         query=b"?" + query.encode() if query else b"",
         fixed="".join(line + "\r\n" for line in lines).encode("latin-1"),
-        drop=(_REQUEST_DROP - forward) | NEVER_FORWARDED | own_names,
+        drop=(REQUEST_DROP - forward) | NEVER_FORWARDED | own_names,
         forward=forward - NEVER_FORWARDED - own_names,
         query_names=frozenset(provider.query),
     )
@@ -184,7 +135,7 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]], decoded: bool = True) -
     cannot undo is kept)."""
     out: Headers = []
     for name, value in raw:
-        if name in _RESPONSE_DROP:
+        if name in RESPONSE_DROP:
             if decoded or name != b"content-encoding":
                 continue
         elif name.startswith(RESPONSE_PREFIXES):

@@ -12,7 +12,8 @@ import asyncio
 from collections.abc import Callable
 from urllib.parse import parse_qs
 
-from gateway.upstream.echo.base import Answer, Headers, _Call, _error, _Reject
+from gateway.types import Headers
+from gateway.upstream.echo.base import Answer, _Call, _error, _Reject
 from gateway.upstream.echo.chat import _chat, _completions, _embeddings
 from gateway.upstream.echo.media import _images, _moderations, _rerank, _speech, _transcription
 from gateway.upstream.echo.messages import _message_tokens, _messages

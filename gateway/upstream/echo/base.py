@@ -10,10 +10,11 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from gateway.types import Headers
+
 _ids = itertools.count(1)
 
 Json = dict[str, Any]
-Headers = list[tuple[bytes, bytes]]
 
 
 class Answer(NamedTuple):

@@ -9,8 +9,8 @@ import time
 import zlib
 from typing import Any
 
-from gateway.multipart import MalformedForm, delimiter_of, fields
 from gateway.upstream.echo.base import Answer, _Call, _count, _ids, _json_answer, _Reject
+from gateway.wire.multipart import MalformedForm, delimiter_of, fields
 
 # OpenAI's moderation categories: the SDK's strict validation wants every one named.
 MODERATION_CATEGORIES = (

@@ -21,8 +21,8 @@ from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.families import Family
-from gateway.upstream.head import Headers
-from gateway.usage import usage_parts
+from gateway.types import Headers
+from gateway.wire.usage import usage_parts
 
 log = logging.getLogger("gateway")
 

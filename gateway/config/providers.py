@@ -11,9 +11,9 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.config.yamlsrc import LineMap, Source, check_keys, line_of, number
 from gateway.families import ALL, DEFAULT_APIS
-from gateway.upstream.head import never_forwarded
-from gateway.yamlsrc import LineMap, Source, check_keys, line_of, number
+from gateway.wire.headers import never_forwarded
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("echo",)

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.metrics import LATENCY_BUCKETS, Metrics
 from gateway.tasks import cancel
+from gateway.telemetry.metrics import LATENCY_BUCKETS, Metrics
 
 STEP = 10.0  # seconds per point
 POINTS = 90  # 15 minutes

@@ -6,9 +6,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.keys import Keys, parse_keys
-from gateway.routes import Routes, parse_routes
-from gateway.yamlsrc import Problem, Source, parse_yaml, release
+from gateway.config.keys import Keys, parse_keys
+from gateway.config.routes import Routes, parse_routes
+from gateway.config.yamlsrc import Problem, Source, parse_yaml, release
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from gateway.sse import event_end, last_event_end, payload_of
+from gateway.wire.sse import event_end, last_event_end, payload_of
 
 USAGE_KEY = b'"usage"'
 

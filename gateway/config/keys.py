@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from gateway.yamlsrc import LineList, LineMap, Source, check_keys, line_of, parse_yaml
+from gateway.config.yamlsrc import LineList, LineMap, Source, check_keys, line_of, parse_yaml
 
 SECRET_PREFIX = "sk-gw-"
 _KEY_FIELDS = frozenset(

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import UpstreamResponseTooLarge
-from gateway.jsonscan import MODEL_KEY, object_start, replace_value
+from gateway.wire.jsonscan import MODEL_KEY, object_start, replace_value
 
 DEFAULT_MAX_EVENT = 16 * 1024 * 1024  # bytes of one event (--max-event-bytes)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from gateway.providers import Provider, ProviderDraft, Secret, Timeouts, parse_provider
-from gateway.yamlsrc import LineList, LineMap, Source, check_keys, line_of, number
+from gateway.config.providers import Provider, ProviderDraft, Secret, Timeouts, parse_provider
+from gateway.config.yamlsrc import LineList, LineMap, Source, check_keys, line_of, number
 
 STRATEGIES = ("fallback", "round_robin", "weighted", "least_busy", "latency")
 DEFAULT_COMMIT_AFTER = 5.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from gateway.sse import CONTENT, ERROR, NOTHING, classify, read_payload
+from gateway.wire.sse import CONTENT, ERROR, NOTHING, classify, read_payload
 
 
 class Envelope(enum.Enum):
