@@ -95,11 +95,14 @@ bench-instructions-tools:
 	DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends valgrind nginx
 
 # One file that runs with `python dist/gateway.pyz serve` where only Python is installed;
-# compiled dependencies are unpacked once into ~/.shiv (SHIV_ROOT) on first start.
+# compiled dependencies are unpacked once into ~/.shiv (SHIV_ROOT) on first start. They
+# are built for the venv's CPython version (make clean && make pyz PY=python3.12 for
+# another); pyz/preamble.py makes any other Python refuse in one line naming the one needed.
 pyz: $(STAMP)
 	@mkdir -p dist
-	$(BIN)/shiv -q -c gateway -o dist/gateway.pyz --reproducible --compressed -p "/usr/bin/env python3" .
-	@echo "built dist/gateway.pyz: python dist/gateway.pyz serve"
+	$(BIN)/shiv -q -c gateway -o dist/gateway.pyz --reproducible --compressed \
+		-p "/usr/bin/env python3" --preamble pyz/preamble.py .
+	@echo "built dist/gateway.pyz for $$($(BIN)/python -c 'import sys; print("CPython %d.%d" % sys.version_info[:2])'): python dist/gateway.pyz serve"
 
 clean:
 	rm -rf $(VENV) dist build *.egg-info .pytest_cache .mypy_cache .ruff_cache
