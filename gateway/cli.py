@@ -137,8 +137,8 @@ def cmd_serve(settings: Settings) -> int:
         return 1
     if settings.redis and importlib.util.find_spec("redis") is None:
         return _fail(
-            f"--state {settings.state.split('://')[0]}:// needs the optional extra: "
-            "pip install 'gateway[redis]'"
+            f"--state {settings.state.split('://')[0]}:// needs the Redis client: "
+            "pip install redis hiredis (from a checkout: pip install -e '.[redis]')"
         )
     if config.keys.open and not settings.loopback:
         return _fail(

@@ -334,8 +334,9 @@ def _auth(src: Source, raw: LineMap, name: str, missing: list[tuple[str, int]]) 
         # The module itself, not its top package: `google` may be a namespace that
         # another package (protobuf) provides without google-auth.
         if not _importable(module):
-            src.problem(here, f"{where}.{kind} needs the optional extra: "
-                        f"pip install 'gateway[{extra}]'")  # fmt: skip
+            packages = "google-auth requests" if kind == "gcp" else "botocore"
+            src.problem(here, f"{where}.{kind} needs the optional extra: pip install "
+                        f"{packages} (from a checkout: pip install -e '.[{extra}]')")  # fmt: skip
     if not isinstance(body, LineMap) and not (kind == "gcp" and body is None):
         src.problem(here, f"{where}.{kind} must be a mapping")
         return None
