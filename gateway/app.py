@@ -52,7 +52,7 @@ class Gateway:
         # runs before routing; built once, it calls back into route().
         self.sidecar = Sidecar(self.route, runtime, relayed, runtime.settings)
         s = runtime.settings
-        # Read by the HTTP/1.1 protocol (gateway/server/protocol.py) for each connection.
+        # Read by the HTTP/1.1 protocol (server.protocol.ServerProtocol) per connection.
         self.server_limits = ServerLimits(
             max_header_bytes=s.max_header_bytes,
             header_timeout=s.header_timeout,
@@ -85,7 +85,7 @@ class Gateway:
 
 def create_app(settings: Settings, config: Config) -> Gateway:
     runtime = Runtime(settings, config)
-    # Every relayed path of every family under every prefix (gateway/families/__init__.py); one
+    # Every relayed path of every family under every prefix (families.endpoints()); one
     # endpoint object per family path, shared by its prefixes.
     shared: dict[str, ProxyEndpoint] = {}
     hot: dict[str, ASGIApp] = {}

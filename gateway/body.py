@@ -55,7 +55,7 @@ class ParsedBody:
     has_model: bool = True  # a top-level `model` member
     has_stream_options: bool = False
     stream_options: Any = None
-    # The prompt's token estimate and the declared output allowance (gateway/wire/estimate.py),
+    # The prompt's token estimate and the declared output allowance (wire.estimate's),
     # made only when asked (parse_body's count_prompt): keys with token limits.
     prompt_tokens: int = 0
     output_allowance: int = 0

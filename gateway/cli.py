@@ -163,7 +163,7 @@ def cmd_serve(settings: Settings) -> int:
         # only cost time on every request.
         "proxy_headers": False,
         "timeout_graceful_shutdown": settings.drain_seconds,
-        # Our HTTP/1.1 protocol (gateway/server/protocol.py) in place of uvicorn's httptools one.
+        # Our HTTP/1.1 protocol (server.protocol.ServerProtocol) in place of uvicorn's httptools one.
         "http": ServerProtocol,
         # Gateway.__call__ returns its endpoint's coroutine instead of being one, which
         # uvicorn's guess would take for ASGI 2.
@@ -242,7 +242,7 @@ def _check_state(settings: Settings) -> None:
 
 def _raise_open_file_limit() -> None:
     """The soft open-file limit up to the hard one, as nginx's worker_rlimit_nofile and
-    Go's runtime do: the connection cap is derived from it (settings.py)."""
+    Go's runtime do: the connection cap is derived from it (default_max_connections)."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -268,7 +268,7 @@ def _export(settings: Settings) -> None:
         GATEWAY_MAX_CONNECTIONS=str(settings.max_connections),
         GATEWAY_MAX_RESPONSE_BYTES=str(settings.max_response_bytes),
         GATEWAY_MAX_EVENT_BYTES=str(settings.max_event_bytes),
-        # Every worker syncs its spend into the one file (gateway/state/file.py).
+        # Every worker syncs its spend into the one file (state.file.StateFile).
         GATEWAY_STATE=settings.state
         if settings.state == "none" or settings.redis
         else str(Path(settings.state).resolve()),

@@ -29,7 +29,7 @@ class Candidate:
 def candidate(slug: str, model: Model, target: Target) -> Candidate:
     upstream = model.upstream_model(target, slug)
     # What a wildcard's `*` captured is the client's choice: its entry is kept in the
-    # pattern's bounded LRU (health.py) and labelled by the pattern.
+    # pattern's bounded LRU (Health.captured) and labelled by the pattern.
     captured = model.slug if target.model is None and model.is_wildcard else ""
     provider = target.provider.name
     key = (provider, upstream, captured)

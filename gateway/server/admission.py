@@ -1,7 +1,7 @@
 """What a client connection is held to, who gives way at the connection cap, and which
 request framings are refused before any route sees them.
 
-Pure policy: gateway/server/protocol.py applies it. Kept apart so the protocol module
+Pure policy: ServerProtocol applies it. Kept apart so the protocol module
 reads as parsing and answering requests, not as the rules around them.
 """
 

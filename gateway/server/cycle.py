@@ -1,5 +1,5 @@
 """One request and its response on a client connection: the ASGI `receive` and
-`send` that gateway/server/protocol.py hands the app.
+`send` that ServerProtocol hands the app.
 
 A cycle gets only what it needs from its connection, as uvicorn's does: the transport,
 the connection's FlowControl, and a callback for when its response is complete. It

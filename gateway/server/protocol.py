@@ -1,5 +1,5 @@
 """The client-facing HTTP/1.1 side: one asyncio protocol per connection, parsed by
-httptools, running the ASGI app once per request (gateway/server/cycle.py).
+httptools, running the ASGI app once per request (a Cycle).
 
 uvicorn still runs the process (sockets, lifespan, signals, drain, workers); this
 replaces only its httptools protocol, handed over as `uvicorn.Config(http=...)`. The
@@ -344,7 +344,7 @@ class ServerProtocol(asyncio.Protocol):
 
     def _upgrade(self, rest: bytes) -> None:
         """llhttp stopped after an upgrade request's head: serve it as plain HTTP with
-        its body (gateway/server/upgrade.py)."""
+        its body (server.upgrade's BodyOnly)."""
         head = resume_head(self.headers)
         self.upgrading = False
         if head is None or self.parsing is None:

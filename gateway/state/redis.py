@@ -27,7 +27,7 @@ refused with 503 `state_unavailable`. Pending charges are kept and sent once it 
 A key with a token quota or a budget reserves at admission (SPEC §13): the check-and-take
 script also holds the request's ask against what remains after the holds of requests
 still running (every replica's), and the charge that settles it lets its hold go
-(gateway/state/scripts.py).
+(state.scripts).
 
 Layout (one Redis database, keys prefixed `gateway:`; a key's entries share the hash tag
 `{NAME}`): `gateway:{NAME}:rpm` and `:tpm` (TAT, expiring once at rest),

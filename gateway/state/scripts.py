@@ -1,7 +1,7 @@
-"""The Lua scripts of the Redis backend (gateway/state/redis.py), each run atomically
+"""The Lua scripts of the Redis backend (RedisState), each run atomically
 by Redis: a limited key's check-and-take, a charge after an answer, and the Responses id
 map's writes and reads. Rates are GCRA theoretical arrival times (TAT, ms on Redis's
-clock; see redis.py), and every script takes the clock from Redis's TIME, so every
+clock; see RedisState), and every script takes the clock from Redis's TIME, so every
 replica judges by the same time.
 
 The limits' scripts are flagged `allow-oom`: a Redis full to its maxmemory still counts

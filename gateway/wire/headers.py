@@ -30,7 +30,7 @@ HOP_BY_HOP = frozenset(
 # Response headers, upstream -> client: RESPONSE_DROP and every name starting with one
 #   of RESPONSE_PREFIXES never reach the client (the gateway writes its own x-gateway-*,
 #   x-ratelimit-* for the key, and server-timing). Trailer fields are dropped by the
-#   connection (connection.py) before they could join the head.
+#   connection (H1Connection.on_header) before they could join the head.
 CREDENTIALS = frozenset(
     {b"authorization", b"x-api-key", b"api-key", b"proxy-authorization", b"cookie"}
 )
@@ -39,7 +39,7 @@ ACCOUNT = frozenset(
 )
 ACCOUNT_PREFIXES = (b"x-amz-",)
 HOP = HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding", b"expect", b"http2-settings"}
-# What `forward_headers` can never bring back (providers.py refuses such a list).
+# What `forward_headers` can never bring back (parse_provider refuses such a list).
 NEVER_FORWARDED = CREDENTIALS | HOP
 REQUEST_DROP = NEVER_FORWARDED | ACCOUNT
 RESPONSE_DROP = HOP_BY_HOP | {
