@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import orjson
 
 from gateway.errors import GatewayError, UpstreamResponseTooLarge, UpstreamUnavailable
-from gateway.exchange import Exchange, Failure, Opened
+from gateway.exchange import Failure, Opened, Request
+from gateway.families import Family
 from gateway.health import Health
 from gateway.plan import Candidate
 from gateway.types import Headers
@@ -21,6 +23,9 @@ from gateway.upstream.client import Upstream
 from gateway.wire.jsonscan import MODEL_KEY, replace_value
 from gateway.wire.sse import CONTENT, ERROR, EventSplitter, event_spans, payload_of, splicer_for
 from gateway.wire.usage import Tally, content_pattern, usage_in_body
+
+if TYPE_CHECKING:
+    from gateway.telemetry.tracing import AttemptSpan
 
 
 def retryable(status: int) -> bool:
@@ -37,126 +42,90 @@ def retry_after(headers: Headers) -> float | None:
     return None
 
 
-_ANTHROPIC_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500}
-
-
 def _is_json(headers: Headers) -> bool:
     return any(name == b"content-type" and b"json" in value for name, value in headers)
 
 
-def inband_failure(event: bytes) -> Failure:
+def inband_failure(family: Family, event: bytes) -> Failure:
     """A 200 stream whose first event is an error: an HTTP error if nothing else serves."""
     payload = payload_of(event) or b""
-    status = 502
-    try:
-        error = orjson.loads(payload)["error"]
-        code = error.get("code")
-        if isinstance(code, int) and 400 <= code <= 599:
-            status = code
-        elif error.get("type") in _ANTHROPIC_STATUS:  # messages: the type says it
-            status = _ANTHROPIC_STATUS[error["type"]]
-    except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError):
-        pass
+    status = family.inband_status(payload)
     return Failure(status=status, headers=[(b"content-type", b"application/json")], body=payload)
 
 
 async def open_attempt(
     upstream: Upstream,
     health: Health,
-    ex: Exchange,
+    req: Request,
     cand: Candidate,
     is_last: Callable[[], bool],
     deadline: float = math.inf,
     headers: Headers | None = None,
+    span: AttemptSpan | None = None,
 ) -> Opened | Failure:
-    """Send the request and read until the answer can be relayed (with `headers`, the
-    client's as traced_attempt changed them).
+    """Send the request and read until the answer can be relayed (with `headers` and
+    `span`, the client's headers as traced_attempt changed them and the attempt's span).
 
-    On an Opened result the caller owns the response and the health `begin`: it must
-    close the one and `end` the other. On a Failure (or cancellation) both are done here.
-    """
-    key = cand.key
-    cooldown = cand.model.cooldown
-    health.begin(key)
+    On an Opened result the caller owns it and must `close` it; a Failure (or a
+    cancellation) is closed here, in the one `finally`. A transport failure is raised
+    inside (a GatewayError) and becomes the Failure there."""
+    health.begin(cand.key)
     t0 = time.monotonic()
-    keep = False
-    resp = None
+    opened = Opened(cand, health, t0, span)
+    failure: Failure | None = None
     try:
-        priced = ex.may_inject and cand.target.price is not None
-        injected = (ex.inject_usage or priced) and cand.target.provider.stream_usage
-        family = ex.family
-        body = ex.parsed.for_upstream(cand.upstream_model, injected) if ex.parsed.raw else b""
-        try:
-            resp = await upstream.send(
-                cand.target.provider,
-                ex.path,
-                body,
-                ex.client_headers if headers is None else headers,
-                deadline,
-                ex.method,
-            )
-        except GatewayError as exc:
-            health.failed(key, cooldown)
-            return Failure(error=exc)
-        opened = Opened(cand, resp, t0, injected, latency=time.monotonic() - t0)
+        priced = req.may_inject and cand.target.price is not None
+        injected = (req.inject_usage or priced) and cand.target.provider.stream_usage
+        family = req.family
+        body = req.parsed.for_upstream(cand.upstream_model, injected) if req.parsed.raw else b""
+        resp = opened.resp = await upstream.send(
+            cand.target.provider,
+            req.path,
+            body,
+            req.client_headers if headers is None else headers,
+            deadline,
+            req.method,
+        )
+        opened.latency = time.monotonic() - t0
         if retryable(resp.status):
-            try:
-                err_body = await resp.read()
-            except GatewayError as exc:
-                health.failed(key, cooldown)
-                return Failure(error=exc)
-            health.failed(key, cooldown, retry_after(resp.headers))
-            return Failure(status=resp.status, headers=resp.headers, body=err_body)
+            failure = Failure(status=resp.status, headers=resp.headers, body=await resp.read())
+            return failure
         model_json = orjson.dumps(cand.slug)
         if not resp.is_sse or resp.status >= 300:
-            try:
-                raw = await resp.read()
-            except GatewayError as exc:
-                health.failed(key, cooldown)
-                return Failure(error=exc)
+            raw = await resp.read()
             if resp.status < 300 and not (family.binary_answer and not _is_json(resp.headers)):
                 raw = replace_value(raw, MODEL_KEY, model_json)
                 opened.tally = Tally(False)
                 opened.tally.usage = usage_in_body(raw)
             opened.body = raw
             opened.ttfb = time.monotonic() - t0
-            keep = True
             return opened
 
-        opened.tally = Tally(injected, ex.count_tokens, content_pattern(family.content_fields))
+        opened.tally = Tally(injected, req.count_tokens, content_pattern(family.content_fields))
         splicer = opened.splicer = splicer_for(family.event_model, model_json)
         splitter = opened.splitter = EventSplitter(upstream.max_event_bytes)
         held = opened.held
         # Events held before content count together toward the one-event limit.
         room = upstream.max_event_bytes
-        content = False
-        while not content:
-            try:
-                chunk = await resp.next_chunk()
-                block = splitter.feed_block(chunk) if chunk else b""
-                room -= len(block)
-                if room < 0:
-                    raise UpstreamResponseTooLarge(
-                        "the events before the first content are over the event limit",
-                        {"limit": upstream.max_event_bytes, "cause": "held_too_large"},
-                    )
-            except GatewayError as exc:
-                health.failed(key, cooldown)
-                return Failure(error=exc)
+        while True:
+            chunk = await resp.next_chunk()
             if not chunk:
                 rest = splitter.rest()
                 if rest:
                     held.append(splicer.event(rest))
                 if not is_last():
-                    health.failed(key, cooldown)
-                    return Failure(
-                        error=UpstreamUnavailable(
-                            "the stream ended before any content", {"cause": "empty_stream"}
-                        )
+                    raise UpstreamUnavailable(
+                        "the stream ended before any content", {"cause": "empty_stream"}
                     )
                 opened.ended = True
-                keep = True
                 return opened
+            block = splitter.feed_block(chunk)
+            room -= len(block)
+            if room < 0:
+                raise UpstreamResponseTooLarge(
+                    "the events before the first content are over the event limit",
+                    {"limit": upstream.max_event_bytes, "cause": "held_too_large"},
+                )
             if not block:
                 continue
             if opened.tally is not None:
@@ -165,51 +134,44 @@ async def open_attempt(
                 event = block[start:end]
                 kind = family.classify(event)
                 if kind == ERROR:
-                    health.failed(key, cooldown)
-                    return inband_failure(event)
+                    failure = inband_failure(family, event)
+                    return failure
                 # One event is a block: the learnt line head makes it a bytes.replace.
                 held.append(splicer.block(event))
                 if kind == CONTENT:
                     # What came after the first content in the same read goes out as is.
-                    content = True
                     held.append(splicer.block(block[end:]))
-                    break
-        opened.ttfb = time.monotonic() - t0
-        keep = True
-        return opened
+                    opened.ttfb = time.monotonic() - t0
+                    return opened
+    except GatewayError as exc:
+        failure = Failure(error=exc)
+        return failure
+    except BaseException:
+        opened.close(False, AttemptCancelled("the attempt was cancelled"), 0)
+        raise
     finally:
-        if not keep:
-            health.end(key)
-            if resp is not None:
-                resp.close()
+        if failure is not None:
+            # Only an upstream's own error answer carries a Retry-After.
+            opened.close(True, failure.error, failure.status, retry_after(failure.headers))
 
 
 async def traced_attempt(
     upstream: Upstream,
     health: Health,
-    ex: Exchange,
+    req: Request,
     cand: Candidate,
     is_last: Callable[[], bool],
     deadline: float = math.inf,
 ) -> Opened | Failure:
     """open_attempt inside its own span, the upstream told of it by `traceparent`
     (SPEC §12); the relay picks this one only when the request is traced."""
-    assert ex.trace is not None
+    assert req.trace is not None
     provider = cand.target.provider
     origin = upstream.target(provider).origin  # prepared once, not parsed per attempt
-    span, headers = ex.trace.attempt(
-        provider.name, cand.upstream_model, origin.host, origin.port, ex.client_headers
+    span, headers = req.trace.attempt(
+        provider.name, cand.upstream_model, origin.host, origin.port, req.client_headers
     )
-    try:
-        result = await open_attempt(upstream, health, ex, cand, is_last, deadline, headers)
-    except BaseException:
-        span.end(0, AttemptCancelled("the attempt was cancelled"))
-        raise
-    if isinstance(result, Failure):
-        span.end(result.status, result.error)
-    else:
-        result.span = span
-    return result
+    return await open_attempt(upstream, health, req, cand, is_last, deadline, headers, span)
 
 
 class AttemptCancelled(GatewayError):

@@ -10,13 +10,6 @@ from gateway.config.keys import Key, Keys
 from gateway.errors import ModelNotAllowed, Unauthorized
 
 
-def bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    for name, value in headers:
-        if name == b"authorization":
-            return bearer_token(value)
-    return None
-
-
 def bearer_token(value: bytes) -> bytes | None:
     """The token of an `Authorization: Bearer <token>` value."""
     scheme, _, token = value.partition(b" ")

@@ -1,5 +1,5 @@
-"""The relayed paths (gateway/families/__init__.py), as plain ASGI callables: no Request/Response
-objects. What the gateway answers itself is in info.py."""
+"""The relayed paths (families.RELAYED), as plain ASGI callables: no Request/Response
+objects of a framework. What the gateway answers itself is in the info module."""
 
 from __future__ import annotations
 
@@ -19,14 +19,13 @@ from gateway.errors import (
     MethodNotAllowed,
     ResponseNotFound,
 )
-from gateway.exchange import Exchange
+from gateway.exchange import Outcome, Request
 from gateway.families import (
     AZURE_DEPLOYMENT,
     RELAYED,
     RESPONSES_BY_ID,
     Body,
     Endpoint,
-    Envelope,
 )
 from gateway.families.responses import ANONYMOUS
 from gateway.incoming import Incoming
@@ -49,17 +48,19 @@ class DisconnectWatch:
     The listening task starts only once the request has run WATCH_AFTER seconds: most
     answers are done by then, and a task per request cost ~8 % of throughput. A client
     that left earlier is seen at once when it starts, so an upstream still learns of it
-    within WATCH_AFTER plus a loop turn."""
+    within WATCH_AFTER plus a loop turn. `gone`, its one writer the watch: the client
+    left."""
 
-    __slots__ = ("ex", "receive", "task", "timer", "watcher")
+    __slots__ = ("gone", "receive", "task", "timer", "watcher")
 
-    def __init__(self, receive: Receive, task: asyncio.Task[Any], ex: Exchange) -> None:
-        self.receive, self.task, self.ex = receive, task, ex
+    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        self.receive, self.task = receive, task
+        self.gone = False
         self.watcher: asyncio.Task[None] | None = None
         self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start)
 
     def _start(self) -> None:
-        self.watcher = asyncio.ensure_future(_watch_disconnect(self.receive, self.task, self.ex))
+        self.watcher = asyncio.ensure_future(_watch_disconnect(self))
 
     def stop(self) -> None:
         self.timer.cancel()
@@ -67,23 +68,23 @@ class DisconnectWatch:
             self.watcher.cancel()
 
 
-async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], ex: Exchange) -> None:
+async def _watch_disconnect(watch: DisconnectWatch) -> None:
+    receive = watch.receive
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            ex.client_gone = True
-            task.cancel()
+            watch.gone = True
+            watch.task.cancel()
             return
 
 
 class ProxyEndpoint:
-    """Every relayed path (gateway/families/__init__.py): one endpoint per family and path."""
+    """Every relayed path (families.RELAYED): one endpoint per family and path."""
 
     def __init__(self, runtime: Runtime, endpoint: Endpoint) -> None:
         self.runtime = runtime
         self.family = endpoint.family
         self.path = endpoint.upstream_path
-        self.anthropic = endpoint.family.envelope is Envelope.ANTHROPIC
         # Read per request; an enum member's lookup goes through its metaclass each time.
         self.multipart = endpoint.family.body is Body.MULTIPART
 
@@ -111,7 +112,7 @@ class ProxyEndpoint:
         method = scope["method"]
         if response_id is None and method != "POST":
             extra = [(b"allow", b"POST"), server_timing(t0)]
-            await send_error(send, MethodNotAllowed("use POST"), rid, extra, self.anthropic)
+            await send_error(send, MethodNotAllowed("use POST"), rid, extra, family)
             return
         key: Key | None = None
         reservation: Reservation | None = None
@@ -180,7 +181,7 @@ class ProxyEndpoint:
             if key is not None and limiter.limited(key):
                 extra = runtime.limits.headers(key)
             extra.append(server_timing(t0))
-            await send_error(send, exc, rid, extra, self.anthropic)
+            await send_error(send, exc, rid, extra, family)
             runtime.refused(exc, key, rid, upstream_path, time.perf_counter() - t0)
             if trace is not None:
                 trace.end(None, exc.status, error=exc)
@@ -190,36 +191,37 @@ class ProxyEndpoint:
                 trace.end(None, 0, error=ClientLeft("the client left before its request"))
             return
         may_inject = family.injects_usage and parsed.stream and not parsed.asked_usage
-        ex = Exchange(
-            send,
-            rid,
-            upstream_path,
-            scope["headers"],
-            parsed,
-            family,
-            None if response_id is None else method.encode(),
-            rate_headers,
-            t0,
-            counting,
-            counting and may_inject,
-            may_inject,
-            trace,
+        req = Request(
+            send=send,
+            request_id=rid,
+            path=upstream_path,
+            client_headers=scope["headers"],
+            parsed=parsed,
+            family=family,
+            method=None if response_id is None else method.encode(),
+            extra_headers=rate_headers,
+            t0=t0,
+            count_tokens=counting,
+            inject_usage=counting and may_inject,
+            may_inject=may_inject,
+            trace=trace,
             owner=owner,
         )
+        out = Outcome()
         task = asyncio.current_task()
         assert task is not None
-        watch = DisconnectWatch(receive, task, ex)
+        watch = DisconnectWatch(receive, task)
         runtime.metrics.in_flight.inc()
         try:
-            await runtime.relay.run(ex, plan)
+            await runtime.relay.run(req, out, plan)
         except asyncio.CancelledError:
-            if not ex.client_gone:
+            if not watch.gone:
                 raise
             # The client left: the relay's finally blocks closed the upstream already.
             task.uncancel()
         except Exception:
             log.exception("request %s failed inside the gateway", rid.decode())
-            await runtime.relay.internal_error(ex)
+            await runtime.relay.internal_error(req, out)
         finally:
             watch.stop()
             runtime.metrics.in_flight.dec()
@@ -227,16 +229,16 @@ class ProxyEndpoint:
             if reservation is not None:
                 # The one place a request's hold ends: settled with what it cost (its
                 # usage, else the estimate), or released when nothing was served.
-                tokens, usd = ex.charge(ask.price)
+                tokens, usd = out.charge(parsed.prompt_tokens, watch.gone, ask.price)
                 if tokens or usd:
                     reservation.settle(tokens, usd)
                 else:
                     reservation.release()
-            runtime.served(ex, key, tokens, time.perf_counter() - t0)
+            runtime.served(req, out, key, tokens, time.perf_counter() - t0, watch.gone)
             if trace is not None:
-                slug = ex.slug or (parsed.slugs[0] if parsed.slugs else None)
-                gone = ClientLeft("the client left") if ex.client_gone else None
-                trace.end(slug, ex.status, ex.provider, ex.upstream_model, ex.usage, gone)
+                slug = out.slug or (parsed.slugs[0] if parsed.slugs else None)
+                gone = ClientLeft("the client left") if watch.gone else None
+                trace.end(slug, out.status, out.provider, out.upstream_model, out.usage, gone)
 
 
 class AzureDeployment:

@@ -23,34 +23,10 @@ class GatewayError(Exception):
         self.details = details or {}
         self.headers = headers or {}
 
-    def body(self, anthropic: bool = False) -> bytes:
-        """The JSON error body: SPEC §4's envelope, or Anthropic's for the messages
-        family (SPEC §9), whose clients match on its types."""
-        if anthropic:
-            return orjson.dumps(
-                {
-                    "type": "error",
-                    "error": {"type": anthropic_type(self.status), "message": self.message},
-                }
-            )
+    def body(self) -> bytes:
+        """The JSON error body in SPEC §4's envelope (a family may read another: its
+        Family.error_body)."""
         return error_body(self.message, self.type, self.code, self.details)
-
-
-def anthropic_type(status: int) -> str:
-    """Anthropic's error type for an HTTP status."""
-    if status in (400, 413, 422):
-        return "invalid_request_error"
-    if status in (503, 529):
-        return "overloaded_error"
-    return _ANTHROPIC.get(status, "api_error" if status >= 500 else "invalid_request_error")
-
-
-_ANTHROPIC = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "rate_limit_error",
-}
 
 
 def error_body(message: str, type_: str, code: str, details: dict[str, Any] | None = None) -> bytes:

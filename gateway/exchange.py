@@ -1,4 +1,5 @@
-"""One client request on its way through the relay, and what an attempt comes back with."""
+"""One client request on its way through the relay (what it is, what happened to it),
+and what an attempt comes back with."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from gateway.body import ParsedBody
 from gateway.config.routes import Price
 from gateway.errors import GatewayError
 from gateway.families import CHAT, Family
+from gateway.health import Health
 from gateway.plan import Candidate
 from gateway.types import Headers, Send
 from gateway.upstream.client import UpstreamResponse
@@ -20,17 +22,14 @@ if TYPE_CHECKING:
     from gateway.telemetry.tracing import AttemptSpan, RequestTrace
 
 
-@dataclass(slots=True)
-class Exchange:
-    """One request on its way through the relay; also what gets logged and charged.
+@dataclass(slots=True, kw_only=True)
+class Request:
+    """What one relayed request is: built by keyword by its endpoint, then only read.
 
-    Two parts with one writer each. What the request *is* comes in through __init__
-    (the endpoint builds it) and is never written again. What *happened* to it is
-    written by the relay alone, the client's leaving aside (`client_gone`, set by the
-    endpoint's disconnect watch). Not frozen: a frozen dataclass's __init__ sets each
-    field through object.__setattr__, on every request (see body.ParsedBody)."""
+    One writer, the endpoint, at construction: nothing assigns a field after. Not frozen
+    because a frozen dataclass's __init__ sets each field through object.__setattr__ on
+    every request (measured on 3.11 for these 14 fields: 3.2 us against 0.9)."""
 
-    # -- what the request is
     send: Send
     request_id: bytes
     path: str  # sent upstream after the provider's base URL
@@ -45,9 +44,16 @@ class Exchange:
     # The family allows asking a stream for usage and the client did not: a priced entry
     # asks (SPEC §11), as inject_usage does for a token-limited key.
     may_inject: bool = False
-    trace: RequestTrace | None = None  # with OpenTelemetry on (gateway/telemetry/tracing.py)
+    trace: RequestTrace | None = None  # with OpenTelemetry on (telemetry.tracing)
     owner: str = ""  # the key's name (anonymous without keys): who owns the ids made
-    # -- what happened to it (the relay's)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one request: written by the relay alone, read after it by the
+    endpoint for the charge, the metrics and the access log. (The client's leaving is
+    the endpoint's own DisconnectWatch's.)"""
+
     started: bool = False  # response start sent to the client
     status: int = 0
     attempts: int = 0
@@ -57,7 +63,6 @@ class Exchange:
     provider: str | None = None
     upstream_model: str | None = None
     ttfb: float | None = None  # seconds from the serving attempt's start to content
-    client_gone: bool = False
     usage: dict[str, Any] | None = None
     price: Price | None = None  # the serving entry's
     cost_usd: float | None = None  # usage at that price, once both are known (relay)
@@ -68,19 +73,20 @@ class Exchange:
         self.status = status
         self.started = True
 
-    def charge(self, unserved: Price | None = None) -> tuple[int, float]:
+    def charge(
+        self, prompt: int, client_gone: bool, unserved: Price | None = None
+    ) -> tuple[int, float]:
         """(tokens, USD) this request costs its key (SPEC §13): the upstream's usage at
         the serving entry's price; without usage (the client left, the stream broke, the
-        provider sent none) the estimate of its prompt and of the output relayed so far,
+        provider sent none) the estimate of its `prompt` and of the output relayed so far,
         at the serving entry's price or, never served, at `unserved`'s. Nothing when no
         upstream served it and its client stayed (every candidate failed, or an
         upstream refused it with an error status)."""
         usage = self.usage
         if usage is not None:
             return usage_tokens(usage), self.cost_usd or 0.0
-        if not self.client_gone and (self.provider is None or self.status >= 400):
+        if not client_gone and (self.provider is None or self.status >= 400):
             return 0, 0.0
-        prompt = self.parsed.prompt_tokens
         output = text_tokens(self.content_chars)
         price = self.price or unserved
         return max(1, prompt + output), price.cost(prompt, 0, output) if price else 0.0
@@ -105,12 +111,16 @@ class Failure:
 
 @dataclass(slots=True)
 class Opened:
-    """An attempt that can serve: the response is open and content (or the end) is in."""
+    """One attempt from its start, and the answer it opened: content (or the end) is in.
+
+    It owns what the attempt holds, ended once by `close`: the entry's in-flight count
+    (Health.begin at its start), the upstream response, and the attempt's span."""
 
     cand: Candidate
-    resp: UpstreamResponse
+    health: Health
     started_at: float
-    injected: bool  # this attempt asked for usage: hide the usage-only chunk
+    span: AttemptSpan | None = None  # with tracing
+    resp: UpstreamResponse | None = None  # once the upstream's head is in
     body: bytes | None = None  # a whole (non-SSE) answer, already spliced
     held: list[bytes] = field(default_factory=list)  # SSE events up to the first content
     splitter: EventSplitter | None = None  # set for SSE by the attempt
@@ -119,4 +129,25 @@ class Opened:
     latency: float = 0.0  # seconds to the response head
     ttfb: float | None = None  # seconds to the first content
     tally: Tally | None = None  # usage and content size, when the key counts tokens
-    span: AttemptSpan | None = None  # with tracing: ended once the answer is done with
+
+    def close(
+        self,
+        failed: bool,
+        error: GatewayError | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        """The attempt is done with: `failed` counts against the entry (a served answer's
+        success is the relay's to record; a cancelled attempt counts neither). The span
+        ends with `status` (default: the response's) and `error`."""
+        cand, resp = self.cand, self.resp
+        key = cand.key
+        if failed:
+            self.health.failed(key, cand.model.cooldown, retry_after)
+        self.health.end(key)
+        if resp is not None:
+            resp.close()
+        if self.span is not None:
+            if status is None:
+                status = 0 if resp is None else resp.status
+            self.span.end(status, error)

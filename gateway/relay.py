@@ -25,8 +25,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.exchange import Exchange, Failure, Opened
-from gateway.families import RESPONSES, Envelope
+from gateway.exchange import Failure, Opened, Outcome, Request
 from gateway.families.responses import ResponseIds, first_id
 from gateway.health import Health, observe_throughput
 from gateway.latecommit import KEEPALIVE, KeepAlive
@@ -34,7 +33,7 @@ from gateway.plan import Candidate
 from gateway.respond import send_bytes, send_error, server_timing
 from gateway.telemetry.metrics import Metrics
 from gateway.types import Headers
-from gateway.upstream.client import Upstream
+from gateway.upstream.client import Upstream, UpstreamResponse
 from gateway.wire.sse import EventSplitter, splicer_for
 from gateway.wire.usage import usage_parts
 
@@ -44,7 +43,6 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-ANTHROPIC = Envelope.ANTHROPIC
 HEDGE_SHARE = 0.1  # at most this share of hedge-eligible requests start a second attempt
 
 
@@ -91,34 +89,39 @@ class Relay:
             return True
         return False
 
-    def run(self, ex: Exchange, plan: list[Candidate]) -> Awaitable[None]:
-        """The coroutine that relays `ex`: a plain function, so one coroutine level
-        fewer for every resume of the request to pass through."""
+    def run(self, req: Request, out: Outcome, plan: list[Candidate]) -> Awaitable[None]:
+        """The coroutine that relays `req`, writing what happens into `out` (its one
+        writer): a plain function, so one coroutine level fewer for every resume of the
+        request to pass through."""
         model = plan[0].model
-        ex.label = model.slug
+        out.label = model.slug
         hedge_after = (
             model.hedge_after_ms / 1000 if model.hedge_after_ms and len(plan) > 1 else None
         )
-        return self._run(ex, plan, hedge_after)
+        return self._run(req, out, plan, hedge_after)
 
-    async def _run(self, ex: Exchange, plan: list[Candidate], hedge_after: float | None) -> None:
+    async def _run(
+        self, req: Request, out: Outcome, plan: list[Candidate], hedge_after: float | None
+    ) -> None:
         """The attempts, then the answer or the failure. Without hedging they run one
         after another, awaited directly (no task per attempt). A stream's late commit
         and keep-alives come from KeepAlive in either case."""
         model = plan[0].model
         keepalive = None
-        if ex.parsed.stream:
-            keepalive = KeepAlive(ex, model.commit_after, lambda: self._keepalive_commit(ex))
+        if req.parsed.stream:
+            keepalive = KeepAlive(
+                req.send, out, model.commit_after, lambda: self._keepalive_commit(req, out)
+            )
         winner: Opened | None = None
         tried = Tried()
         try:
             if hedge_after is not None:
-                winner = await self._race(ex, plan, hedge_after, tried)
+                winner = await self._race(req, out, plan, hedge_after, tried)
             else:
                 count = len(plan)
 
                 def is_last() -> bool:
-                    return ex.attempts == count
+                    return out.attempts == count
 
                 # The request's time bound travels with each attempt as a deadline: no
                 # timer context of its own around the loop.
@@ -128,9 +131,9 @@ class Relay:
                     if loop.time() >= deadline:
                         tried.timed_out = True
                         break
-                    self._count_attempt(ex, cand)
+                    self._count_attempt(out, cand)
                     result = await self.open(
-                        self.upstream, self.health, ex, cand, is_last, deadline
+                        self.upstream, self.health, req, cand, is_last, deadline
                     )
                     if isinstance(result, Opened):
                         winner = result
@@ -142,14 +145,12 @@ class Relay:
             if keepalive is not None:
                 await keepalive.stop()
         if winner is None:
-            await self._give_up(ex, tried.last, tried.timed_out)
+            await self._give_up(req, out, tried.last, tried.timed_out)
         else:
-            # attempts_timeout bounds the tries, not an answer that has started.
-            winner.resp.relax()
-            await self._serve(ex, winner)
+            await self._serve(req, out, winner)
 
     async def _race(
-        self, ex: Exchange, plan: list[Candidate], hedge_after: float, tried: Tried
+        self, req: Request, out: Outcome, plan: list[Candidate], hedge_after: float, tried: Tried
     ) -> Opened | None:
         """Attempts as tasks: a second one starts when the first is slower than
         `hedge_after` (within the hedge share), the first to open wins."""
@@ -167,8 +168,8 @@ class Relay:
         def start() -> None:
             nonlocal hedge_at
             cand = pending.pop(0)
-            self._count_attempt(ex, cand)
-            attempt = self.open(self.upstream, self.health, ex, cand, is_last)
+            self._count_attempt(out, cand)
+            attempt = self.open(self.upstream, self.health, req, cand, is_last)
             running[asyncio.ensure_future(attempt)] = cand
             hedge_at = loop.time() + hedge_after if pending else math.inf
 
@@ -190,7 +191,7 @@ class Relay:
                     if now >= hedge_at:
                         hedge_at = math.inf
                         if pending and self._take_hedge():
-                            ex.hedged = True
+                            out.hedged = True
                             start()
                     continue
                 for task in done:
@@ -214,13 +215,13 @@ class Relay:
                 # Hedge losers, or every attempt when the client left: close them now.
                 for task in running:
                     task.cancel()
-                for outcome in await asyncio.gather(*running, return_exceptions=True):
-                    if isinstance(outcome, Opened):
-                        self._discard(outcome)
+                for left in await asyncio.gather(*running, return_exceptions=True):
+                    if isinstance(left, Opened):
+                        self._discard(left)
         return winner
 
-    def _count_attempt(self, ex: Exchange, cand: Candidate) -> None:
-        ex.attempts += 1
+    def _count_attempt(self, out: Outcome, cand: Candidate) -> None:
+        out.attempts += 1
         self.metrics.attempts(cand.target.provider.name).inc()
 
     def _gauge(self, cand: Candidate) -> None:
@@ -232,83 +233,84 @@ class Relay:
             self.metrics.provider_up(*label).set(up)
 
     def _discard(self, opened: Opened) -> None:
-        opened.resp.close()
-        self.health.end(opened.cand.key)
-        if opened.span is not None:
-            opened.span.end(opened.resp.status, AttemptCancelled("a hedge's loser"))
+        opened.close(False, AttemptCancelled("a hedge's loser"))
 
-    async def _keepalive_commit(self, ex: Exchange) -> None:
+    async def _keepalive_commit(self, req: Request, out: Outcome) -> None:
         """The 200 before any upstream answered: the gateway's own stream headers."""
-        await self._start(ex, [*SSE_HEADERS, *ex.extra_headers], None)
-        await ex.send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+        await self._start(req, out, [*SSE_HEADERS, *req.extra_headers], None)
+        await req.send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
 
-    async def _start(self, ex: Exchange, headers: Headers, upstream: float | None) -> None:
-        head = [*headers, *_own_headers(ex, upstream)]
-        await ex.send({"type": "http.response.start", "status": 200, "headers": head})
+    async def _start(
+        self, req: Request, out: Outcome, headers: Headers, upstream: float | None
+    ) -> None:
+        head = [*headers, *_own_headers(req, upstream)]
+        await req.send({"type": "http.response.start", "status": 200, "headers": head})
         # Only once sent: a keep-alive task cancelled inside the send started nothing.
-        ex.commit(200)
+        out.commit(200)
 
-    def _headers(self, ex: Exchange, opened: Opened) -> Headers:
+    def _headers(
+        self, req: Request, out: Outcome, opened: Opened, resp: UpstreamResponse
+    ) -> Headers:
         cand = opened.cand
         return [
-            *opened.resp.headers,
-            *ex.extra_headers,
+            *resp.headers,
+            *req.extra_headers,
             (b"x-gateway-provider", cand.target.provider.name.encode()),
             (b"x-upstream-model", cand.upstream_model.encode()),
-            (b"x-gateway-attempts", str(ex.attempts).encode()),
+            (b"x-gateway-attempts", str(out.attempts).encode()),
         ]
 
-    async def _serve(self, ex: Exchange, opened: Opened) -> None:
+    async def _serve(self, req: Request, out: Outcome, opened: Opened) -> None:
         cand, resp = opened.cand, opened.resp
-        ex.slug, ex.label, ex.price = cand.slug, cand.model.slug, cand.target.price
-        ex.provider, ex.upstream_model, ex.ttfb = (
+        assert resp is not None  # an Opened result has its response
+        # attempts_timeout bounds the tries, not an answer that has started.
+        resp.relax()
+        out.slug, out.label, out.price = cand.slug, cand.model.slug, cand.target.price
+        out.provider, out.upstream_model, out.ttfb = (
             cand.target.provider.name,
             cand.upstream_model,
             opened.ttfb,
         )
         broke = False
-        if ex.family is RESPONSES and resp.status < 300:
-            self._remember_id(opened, ex.owner)
+        if req.family.remembers_ids and resp.status < 300:
+            self._remember_id(opened, req.owner)
         try:
             if opened.body is not None:
-                if ex.started:
+                if out.started:
                     # A stream was committed, then the upstream answered with a whole
                     # body (no SSE): it can only travel as one event.
-                    await ex.send(
+                    await req.send(
                         {"type": "http.response.body", "body": b"data: " + opened.body + b"\n\n"}
                     )
                 else:
-                    ex.commit(resp.status)
-                    headers = [*self._headers(ex, opened), *_own_headers(ex, opened.latency)]
-                    _settle(ex, opened)
-                    if ex.cost_usd is not None:
-                        headers.append((b"x-gateway-cost-usd", usd(ex.cost_usd).encode()))
-                    await send_bytes(ex.send, resp.status, opened.body, headers, None)
+                    out.commit(resp.status)
+                    headers = [
+                        *self._headers(req, out, opened, resp),
+                        *_own_headers(req, opened.latency),
+                    ]
+                    _settle(out, opened)
+                    if out.cost_usd is not None:
+                        headers.append((b"x-gateway-cost-usd", usd(out.cost_usd).encode()))
+                    await send_bytes(req.send, resp.status, opened.body, headers, None)
                 return
-            if not ex.started:
-                # The head goes out with the first body bytes (gateway/server/protocol.py).
-                headers = [*self._headers(ex, opened), *SSE_HEADERS[1:]]
-                await self._start(ex, headers, opened.latency)
+            if not out.started:
+                # The head goes out with the first body bytes (ServerProtocol).
+                headers = [*self._headers(req, out, opened, resp), *SSE_HEADERS[1:]]
+                await self._start(req, out, headers, opened.latency)
             first = b"".join(opened.held)
             if opened.ended:
-                await ex.send({"type": "http.response.body", "body": first})
+                await req.send({"type": "http.response.body", "body": first})
             else:
-                broke = not await self._pump(ex, opened, first)
+                broke = not await self._pump(req, opened, resp, first)
         finally:
-            key = cand.key
-            if broke:
-                self.health.failed(key, cand.model.cooldown)
-            else:
-                self.health.succeeded(key, opened.latency)
-            self.health.end(key)
+            if not broke:
+                self.health.succeeded(cand.key, opened.latency)
+            opened.close(broke, UpstreamDisconnected("broke") if broke else None)
             self._gauge(cand)
-            resp.close()
-            if opened.span is not None:
-                opened.span.end(resp.status, UpstreamDisconnected("broke") if broke else None)
             if opened.body is None:  # a whole answer was settled before it went out
-                _settle(ex, opened)
-                if ex.usage is not None and not broke:
-                    self._throughput(opened, ex.usage)  # streams: generation is timed apart
+                _settle(out, opened)
+                if out.usage is not None and not broke:
+                    self._throughput(opened, out.usage)  # streams: generation is timed apart
 
     def _throughput(self, opened: Opened, usage: dict[str, Any]) -> None:
         """A stream's output tokens per second after its first content, for
@@ -331,17 +333,19 @@ class Relay:
                 found, cand.slug, cand.target.provider.name, cand.upstream_model, owner
             )
 
-    async def _pump(self, ex: Exchange, opened: Opened, held: bytes) -> bool:
+    async def _pump(
+        self, req: Request, opened: Opened, resp: UpstreamResponse, held: bytes
+    ) -> bool:
         """Relay `held` and the rest of the stream, and end the response; False when it
         broke (the error event was sent).
 
         Bytes leave as soon as nothing more is already waiting behind them: what has
         arrived together (a fast upstream's whole stream, its end included) goes out in
         one write, and nothing waits for bytes still to come."""
-        send, resp, tally = ex.send, opened.resp, opened.tally
+        send, tally = req.send, opened.tally
         splitter = opened.splitter or EventSplitter()
         splicer = opened.splicer or splicer_for(
-            ex.family.event_model, orjson.dumps(opened.cand.slug)
+            req.family.event_model, orjson.dumps(opened.cand.slug)
         )
         delay = self.metrics.event_delay
         clock = time.perf_counter
@@ -361,7 +365,7 @@ class Relay:
                     await send(
                         {"type": "http.response.body", "body": b"".join(pending), "more_body": True}
                     )
-                await self._break(ex, exc)
+                await self._break(req, exc)
                 return False
             if not pending:
                 arrived = clock()
@@ -378,80 +382,72 @@ class Relay:
                 if out:
                     pending.append(out)
 
-    async def _give_up(self, ex: Exchange, last: Failure | None, timed_out: bool) -> None:
-        attempts = (b"x-gateway-attempts", str(ex.attempts).encode())
+    async def _give_up(
+        self, req: Request, out: Outcome, last: Failure | None, timed_out: bool
+    ) -> None:
+        attempts = (b"x-gateway-attempts", str(out.attempts).encode())
         answered = last is not None and last.error is None
-        if ex.started:
+        if out.started:
             # Committed on keep-alives and every candidate failed before content: the
             # stream can only end with the error event, coded as the SPEC's two causes.
             if timed_out and not answered:
-                await self._break(ex, UpstreamTimeout("every provider timed out"))
+                await self._break(req, UpstreamTimeout("every provider timed out"))
             else:
                 status = f"; the last answered {last.status}" if last and answered else ""
-                await self._break(ex, UpstreamDisconnected(f"every provider failed{status}"))
+                await self._break(req, UpstreamDisconnected(f"every provider failed{status}"))
             return
         if last is not None and answered:
-            ex.commit(last.status)
+            out.commit(last.status)
             # The gateway's own x-should-retry wins: the SDK must not multiply its retries.
             kept = [h for h in last.headers if h[0] != NO_RETRY[0]]
-            headers = [*kept, *ex.extra_headers, attempts, NO_RETRY]
-            headers += _own_headers(ex, None)
-            await send_bytes(ex.send, last.status, last.body, headers, None)
+            headers = [*kept, *req.extra_headers, attempts, NO_RETRY]
+            headers += _own_headers(req, None)
+            await send_bytes(req.send, last.status, last.body, headers, None)
             return
         exc: GatewayError
         if last is not None and isinstance(last.error, UpstreamResponseTooLarge):
             exc = last.error  # the answer came, but over a limit: said as such
         elif timed_out:
-            exc = UpstreamTimeout("every provider timed out", {"attempts": ex.attempts})
+            exc = UpstreamTimeout("every provider timed out", {"attempts": out.attempts})
         else:
             cause = last.error.details.get("cause") if last and last.error else None
             exc = UpstreamUnavailable(
-                "no provider could be reached", {"attempts": ex.attempts, "cause": cause}
+                "no provider could be reached", {"attempts": out.attempts, "cause": cause}
             )
-        ex.commit(exc.status)
-        extra = [NO_RETRY, attempts, *ex.extra_headers, server_timing(ex.t0)]
-        await send_error(ex.send, exc, ex.request_id, extra, ex.family.envelope is ANTHROPIC)
+        out.commit(exc.status)
+        extra = [NO_RETRY, attempts, *req.extra_headers, server_timing(req.t0)]
+        await send_error(req.send, exc, req.request_id, extra, req.family)
 
-    async def internal_error(self, ex: Exchange) -> None:
+    async def internal_error(self, req: Request, out: Outcome) -> None:
         """A bug inside the gateway: a 500 if nothing went out yet (else the stream
         just ends)."""
-        if ex.started:
+        if out.started:
             return
-        ex.commit(500)
+        out.commit(500)
         exc = GatewayError("internal gateway error")
-        anthropic = ex.family.envelope is ANTHROPIC
-        await send_error(ex.send, exc, ex.request_id, [server_timing(ex.t0)], anthropic)
+        await send_error(req.send, exc, req.request_id, [server_timing(req.t0)], req.family)
 
-    async def _break(self, ex: Exchange, exc: GatewayError) -> None:
+    async def _break(self, req: Request, exc: GatewayError) -> None:
         """After commit a failure can only be told in-band, then the stream ends: in the
-        family's own error event (chat: a data line; responses and messages: `event:
-        error`)."""
-        family = ex.family
-        if family.envelope is ANTHROPIC:
-            event = b"event: error\ndata: " + exc.body(anthropic=True) + b"\n\n"
-        elif family.content_types:
-            typed = {"type": "error", "code": exc.code, "message": exc.message, "param": None}
-            event = b"event: error\ndata: " + orjson.dumps(typed) + b"\n\n"
-        else:
-            error = {"error": {"message": exc.message, "type": exc.type, "code": exc.code}}
-            event = b"data: " + orjson.dumps(error) + b"\n\n"
-        await ex.send({"type": "http.response.body", "body": event, "more_body": False})
+        family's own error event."""
+        event = req.family.error_event(exc)
+        await req.send({"type": "http.response.body", "body": event, "more_body": False})
 
 
-def _own_headers(ex: Exchange, upstream: float | None) -> Headers:
+def _own_headers(req: Request, upstream: float | None) -> Headers:
     """What the gateway adds to every answer it relays: the request id and Server-Timing."""
-    return [(b"x-request-id", ex.request_id), server_timing(ex.t0, upstream)]
+    return [(b"x-request-id", req.request_id), server_timing(req.t0, upstream)]
 
 
-def _settle(ex: Exchange, opened: Opened) -> None:
-    """The answer's usage, relayed text and cost into the exchange, once."""
+def _settle(out: Outcome, opened: Opened) -> None:
+    """The answer's usage, relayed text and cost into the outcome, once."""
     tally = opened.tally
     if tally is None:
         return
-    ex.usage = tally.usage
-    ex.content_chars = tally.content_chars
-    if ex.price is not None and ex.usage is not None:
-        ex.cost_usd = ex.price.cost(*usage_parts(ex.usage))
+    out.usage = tally.usage
+    out.content_chars = tally.content_chars
+    if out.price is not None and out.usage is not None:
+        out.cost_usd = out.price.cost(*usage_parts(out.usage))
 
 
 def usd(amount: float) -> str:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 
 from gateway.errors import GatewayError
+from gateway.families import Family
 from gateway.types import Send
 
 JSON = b"application/json"
@@ -38,8 +39,11 @@ async def send_error(
     exc: GatewayError,
     request_id: bytes,
     extra: Sequence[tuple[bytes, bytes]] = (),
-    anthropic: bool = False,
+    family: Family | None = None,
 ) -> None:
+    """The error answer, in the envelope `family`'s clients read (None: SPEC §4's, the
+    gateway's own paths)."""
     headers = [(b"x-request-id", request_id), *extra]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items()]
-    await send_bytes(send, exc.status, exc.body(anthropic), headers)
+    body = exc.body() if family is None else family.error_body(exc)
+    await send_bytes(send, exc.status, body, headers)

@@ -11,7 +11,7 @@ from gateway.config import Config
 from gateway.config.keys import Key
 from gateway.config.settings import Settings
 from gateway.errors import GatewayError, QuotaExhausted, RateLimited
-from gateway.exchange import Exchange
+from gateway.exchange import Outcome, Request
 from gateway.families.responses import Creator, ResponseIds
 from gateway.health import Health
 from gateway.limits import Limiter
@@ -102,32 +102,40 @@ class Runtime:
         self.metrics.dump()
         flush_access_log()
 
-    def served(self, ex: Exchange, key: Key | None, tokens: int, duration: float) -> None:
+    def served(
+        self,
+        req: Request,
+        out: Outcome,
+        key: Key | None,
+        tokens: int,
+        duration: float,
+        client_gone: bool = False,
+    ) -> None:
         """Metrics and the access-log line for a request that reached the relay."""
         m = self.metrics
-        label = ex.label or "(none)"
-        stream = "true" if ex.parsed.stream else "false"
-        m.requests(label, ex.provider or "", str(ex.status), stream).inc()
+        label = out.label or "(none)"
+        stream = "true" if req.parsed.stream else "false"
+        m.requests(label, out.provider or "", str(out.status), stream).inc()
         m.duration(label).observe(duration)
-        if ex.ttfb is not None and ex.provider is not None:
-            m.ttfb(label, ex.provider).observe(ex.ttfb)
-        if ex.attempts > 1:
+        if out.ttfb is not None and out.provider is not None:
+            m.ttfb(label, out.provider).observe(out.ttfb)
+        if out.attempts > 1:
             m.failovers(label).inc()
-        if ex.hedged:
+        if out.hedged:
             m.hedges.inc()
         owner = key.name if key is not None else ""
-        if ex.usage is not None:
-            prompt, _, completion = usage_parts(ex.usage)
+        if out.usage is not None:
+            prompt, _, completion = usage_parts(out.usage)
             if prompt:
                 m.tokens(owner, "prompt").inc(prompt)
             if completion:
                 m.tokens(owner, "completion").inc(completion)
-            if ex.cost_usd:
-                m.cost(owner, label, ex.provider or "").inc(ex.cost_usd)
+            if out.cost_usd:
+                m.cost(owner, label, out.provider or "").inc(out.cost_usd)
         elif tokens:
             m.tokens(owner, "estimated").inc(tokens)
         m.changed()
-        self.access.served(ex, key.name if key else None, duration, tokens)
+        self.access.served(req, out, key.name if key else None, duration, tokens, client_gone)
 
     def unenforced(self, key: Key, request_id: bytes) -> None:
         """A limited key's request served without its limits (Redis away, failing open):

@@ -11,7 +11,7 @@ reach it too. Three checks before routing keep pages out:
   a `fetch(..., {mode: "no-cors"})` can only send text/plain, form-urlencoded or
   multipart without a preflight (415).
 
-With keys configured none of this runs: the key is the gate (gateway/app.py decides).
+With keys configured none of this runs: the key is the gate (Gateway.__call__ decides).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from gateway.config.settings import Settings
 from gateway.errors import ForbiddenOrigin, GatewayError, MisdirectedRequest, UnsupportedMediaType
-from gateway.families import AZURE_DEPLOYMENT, Body, Endpoint, Envelope
+from gateway.families import AZURE_DEPLOYMENT, Body, Endpoint, Family
 from gateway.incoming import Incoming
 from gateway.respond import send_error, server_timing
 from gateway.runtime import Runtime
@@ -85,9 +85,7 @@ class Sidecar:
             for path, ep in endpoints.items()
             if ep.family.body is not Body.NONE
         }
-        self.anthropic = frozenset(
-            path for path, ep in endpoints.items() if ep.family.envelope is Envelope.ANTHROPIC
-        )
+        self.families: dict[str, Family] = {path: ep.family for path, ep in endpoints.items()}
 
     def check(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None] | None:
         """None: route the request as usual. Else what answers it instead: a refusal, a
@@ -171,7 +169,7 @@ class Sidecar:
         t0 = time.perf_counter()
         rid = Incoming(scope["headers"]).request_id
         path = scope["path"]
-        await send_error(send, exc, rid, [server_timing(t0)], path in self.anthropic)
+        await send_error(send, exc, rid, [server_timing(t0)], self.families.get(path))
         # Logged and counted like every refusal: the operator sees what was tried.
         where = f"{scope['method']} {path[:512]}"
         self.runtime.refused(exc, None, rid, where, time.perf_counter() - t0)

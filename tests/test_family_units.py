@@ -6,8 +6,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.errors import GatewayError, anthropic_type
-from gateway.families import CHAT, MESSAGES, RESPONSES, endpoints
+from gateway.errors import GatewayError
+from gateway.families import CHAT, COMPLETIONS, MESSAGES, MESSAGES_TOKENS, RESPONSES, endpoints
+from gateway.families.envelopes import anthropic_type
 from gateway.families.responses import ResponseIds, first_id
 from gateway.wire.sse import CONTENT, DONE, ERROR, NOTHING, NestedSplicer, splicer_for
 from gateway.wire.usage import Tally, usage_tokens
@@ -88,9 +89,51 @@ def test_anthropic_error_types(status: int, kind: str) -> None:
     assert anthropic_type(status) == kind
     error = GatewayError("boom")
     error.status = status
-    assert orjson.loads(error.body(anthropic=True)) == {
-        "type": "error", "error": {"type": kind, "message": "boom"}
-    }  # fmt: skip
+    for family in (MESSAGES, MESSAGES_TOKENS):
+        assert orjson.loads(family.error_body(error)) == {
+            "type": "error", "error": {"type": kind, "message": "boom"}
+        }  # fmt: skip
+    assert CHAT.error_body(error) == RESPONSES.error_body(error) == error.body()
+
+
+def test_each_family_writes_its_own_error_event() -> None:
+    exc = GatewayError("boom")
+    exc.status, exc.type, exc.code = 504, "server_error", "upstream_timeout"
+    chat = {"error": {"message": "boom", "type": "server_error", "code": "upstream_timeout"}}
+    assert CHAT.error_event(exc) == b"data: " + orjson.dumps(chat) + b"\n\n"
+    assert COMPLETIONS.error_event(exc) == CHAT.error_event(exc)
+    typed = {"type": "error", "code": "upstream_timeout", "message": "boom", "param": None}
+    assert RESPONSES.error_event(exc) == b"event: error\ndata: " + orjson.dumps(typed) + b"\n\n"
+    anthropic = {"type": "error", "error": {"type": "api_error", "message": "boom"}}
+    assert MESSAGES.error_event(exc) == b"event: error\ndata: " + orjson.dumps(anthropic) + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        (b'{"error":{"code":429,"message":"x"}}', 429),
+        (b'{"error":{"code":"429"}}', 502),  # a string code is not a status
+        (b'{"error":{"code":600}}', 502),
+        (b'{"error":{"type":"overloaded_error"}}', 529),
+        (b'{"error":{"type":"rate_limit_error"}}', 429),
+        (b'{"error":{"type":"api_error"}}', 500),
+        (b'{"error":{"type":"invalid_request_error"}}', 502),  # not one that fails over
+        (b'{"error":{"type":["x"]}}', 502),
+        (b'{"error":"x"}', 502),
+        (b'{"type":"response.failed"}', 502),
+        (b"not json", 502),
+        (b"", 502),
+    ],
+)
+def test_inband_error_status(payload: bytes, status: int) -> None:
+    for family in (CHAT, RESPONSES, MESSAGES):
+        assert family.inband_status(payload) == status
+
+
+def test_only_responses_remembers_ids() -> None:
+    table = endpoints()
+    assert {ep.family.name for ep in table.values() if ep.family.remembers_ids} == {"responses"}
+    assert RESPONSES.remembers_ids and not table["/v1/responses/input_tokens"].family.remembers_ids
 
 
 def test_response_ids_are_bounded_and_expire() -> None:

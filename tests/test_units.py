@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.auth import authenticate, bearer, check_allowed
+from gateway.auth import authenticate, bearer_token, check_allowed
 from gateway.body import GATEWAY_FIELDS, parse_body
 from gateway.config.keys import Key, Keys, digest_of, parse_keys
 from gateway.config.routes import Cooldown, Model, Provider, Target
@@ -27,9 +27,10 @@ from gateway.errors import (
 )
 from gateway.families import CHAT, COMPLETIONS, EMBEDDINGS, RELAYED
 from gateway.health import Health
+from gateway.incoming import Incoming
 from gateway.strategies import Strategies
 from gateway.wire.jsonscan import iter_members, replace_value, rewrite_members
-from gateway.wire.sse import EventSplitter, splice_model
+from gateway.wire.sse import EventSplitter, event_spans, splice_model
 
 MODEL = b'"model"'
 
@@ -299,11 +300,17 @@ EXPECTED_EVENTS = [
 REST = b"data: unterminated"
 
 
+def _events(splitter: EventSplitter, chunk: bytes) -> list[bytes]:
+    """The events one read completes, as the attempt reads them (feed_block, event_spans)."""
+    block = splitter.feed_block(chunk)
+    return [block[start:end] for start, end in event_spans(block)]
+
+
 def _feed(chunks: Iterable[bytes]) -> tuple[list[bytes], bytes]:
     splitter = EventSplitter()
     events: list[bytes] = []
     for c in chunks:
-        events.extend(splitter.feed(c))
+        events.extend(_events(splitter, c))
     return events, splitter.rest()
 
 
@@ -345,17 +352,17 @@ def test_event_splitter_byte_by_byte() -> None:
 def test_event_splitter_never_holds_a_complete_event_back() -> None:
     splitter = EventSplitter()
     for event in EXPECTED_EVENTS:
-        out = splitter.feed(event)
+        out = _events(splitter, event)
         assert b"".join(out).strip(b"\r\n") == event.strip(b"\r\n")
         assert len(out) == 1
 
 
 def test_event_splitter_rest_is_emptied() -> None:
     splitter = EventSplitter()
-    assert splitter.feed(b"data: a\n") == []
+    assert _events(splitter, b"data: a\n") == []
     assert splitter.rest() == b"data: a\n"
     assert splitter.rest() == b""
-    assert splitter.feed(b"data: b\n\n") == [b"data: b\n\n"]
+    assert _events(splitter, b"data: b\n\n") == [b"data: b\n\n"]
 
 
 def test_event_splitter_crlf_is_one_line_ending() -> None:
@@ -667,11 +674,16 @@ def test_authenticate_open_gateway() -> None:
     ],
 )
 def test_bearer(value: bytes, token: bytes | None) -> None:
-    assert bearer([(b"x-other", b"Bearer no"), (b"authorization", value)]) == token
+    assert bearer_token(value) == token
+    # What every endpoint reads: the Authorization field, whatever precedes it.
+    assert Incoming([(b"x-other", b"Bearer no"), (b"authorization", value)]).token() == token
 
 
 def test_bearer_absent() -> None:
-    assert bearer([(b"x-api-key", b"abc")]) is None
+    assert Incoming([(b"x-other", b"Bearer no")]).token() is None
+    # x-api-key (Anthropic) and api-key (Azure) stand in for a missing or non-Bearer one.
+    assert Incoming([(b"x-api-key", b"abc")]).token() == b"abc"
+    assert Incoming([(b"authorization", b"Basic x"), (b"api-key", b"k")]).token() == b"k"
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@ rest, so that the relay, late commit, usage and limits stay one path that asks.
 
 A family says which body members it needs, where `model` lives in its stream events, what
 counts as content and as an in-band error before the commit, whether the gateway may ask
-a stream for usage on the client's behalf, and which error envelope its clients read.
+a stream for usage on the client's behalf, which error envelope its clients read (its
+error bodies and events: Envelope), and whether the ids it creates are remembered.
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from gateway.errors import GatewayError
+from gateway.families.envelopes import ANTHROPIC, OPENAI, OPENAI_TYPED, Envelope, inband_status
 from gateway.wire.sse import CONTENT, ERROR, NOTHING, classify, read_payload
-
-
-class Envelope(enum.Enum):
-    OPENAI = "openai"  # {"error": {"message", "type", "code", ...}} (SPEC §4)
-    ANTHROPIC = "anthropic"  # {"type": "error", "error": {"type", "message"}}
 
 
 class Body(enum.Enum):
@@ -40,7 +38,7 @@ class Family:
     # The gateway may add stream_options.include_usage (chat and completions only: the
     # other streams always carry usage).
     injects_usage: bool = False
-    envelope: Envelope = Envelope.OPENAI
+    envelope: Envelope = OPENAI
     body: Body = Body.JSON
     # The answer may be binary (audio speech): `model` is rewritten only in JSON answers.
     binary_answer: bool = False
@@ -50,6 +48,22 @@ class Family:
     # Token counting calls (Anthropic's count_tokens, Responses' input_tokens): never
     # charged tokens nor counted in rpm; their own count_tokens_rpm (SPEC §13).
     counts_only: bool = False
+    # A created response's id is remembered: the entry and key that made it (SPEC §9, §13).
+    remembers_ids: bool = False
+
+    def error_body(self, exc: GatewayError) -> bytes:
+        """The body of an error answer, in the envelope this family's clients read."""
+        return self.envelope.body(exc)
+
+    def error_event(self, exc: GatewayError) -> bytes:
+        """The one event that tells a committed stream's client it broke (the stream
+        ends after it)."""
+        return self.envelope.event(exc)
+
+    def inband_status(self, payload: bytes) -> int:
+        """The status an upstream's in-band error before the commit stands for (the
+        payload of its error event): the HTTP error relayed if no other candidate serves."""
+        return inband_status(payload)
 
     def classify(self, event: bytes) -> int:
         """CONTENT, ERROR, DONE or NOTHING for one event held before the commit."""
@@ -105,7 +119,9 @@ RESPONSES = Family(
         }
     ),
     error_types=frozenset({"response.failed", "error"}),
+    envelope=OPENAI_TYPED,
     content_fields=("delta",),  # output_text.delta and function_call_arguments.delta
+    remembers_ids=True,
 )
 MESSAGES = Family(
     "messages",
@@ -115,7 +131,7 @@ MESSAGES = Family(
         {"content_block_start", "content_block_delta", "message_delta", "message_stop"}
     ),
     error_types=frozenset({"error"}),
-    envelope=Envelope.ANTHROPIC,
+    envelope=ANTHROPIC,
     content_fields=("text", "partial_json"),  # text_delta and input_json_delta
 )
 IMAGES = Family("images", required=("prompt",), event_model=None)
@@ -129,7 +145,7 @@ MESSAGES_TOKENS = Family(
     "messages",
     required=("messages",),
     event_model=None,
-    envelope=Envelope.ANTHROPIC,
+    envelope=ANTHROPIC,
     counts_only=True,
 )
 RESPONSES_BY_ID = Family("responses", event_model=None, body=Body.NONE)

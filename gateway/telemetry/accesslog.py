@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import GatewayError
-from gateway.exchange import Exchange
+from gateway.exchange import Outcome, Request
 
 log = logging.getLogger("gateway.access")
 
@@ -97,35 +97,45 @@ class AccessLog:
     def enabled(self) -> bool:
         return log.isEnabledFor(logging.INFO)
 
-    def served(self, ex: Exchange, key_name: str | None, duration: float, charged: int = 0) -> None:
+    def served(
+        self,
+        req: Request,
+        out: Outcome,
+        key_name: str | None,
+        duration: float,
+        charged: int = 0,
+        client_gone: bool = False,
+    ) -> None:
         """The line of a request that reached the relay."""
         if not self.enabled():
             return
-        usage = ex.usage or {}
+        usage = out.usage or {}
         self._write(
             {
                 "time": self._utc_now(),
-                "request_id": ex.request_id.decode(),
+                "request_id": req.request_id.decode(),
                 "key": key_name,
-                "session_id": ex.parsed.session_id,
-                "path": ex.path,
-                "slug": ex.slug or ex.parsed.slugs[0],
-                "provider": ex.provider,
-                "upstream_model": ex.upstream_model,
-                "status": ex.status,
-                "stream": ex.parsed.stream,
-                "attempts": ex.attempts,
-                "hedged": ex.hedged,
-                "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000, 2),
+                "session_id": req.parsed.session_id,
+                "path": req.path,
+                "slug": out.slug or req.parsed.slugs[0],
+                "provider": out.provider,
+                "upstream_model": out.upstream_model,
+                "status": out.status,
+                "stream": req.parsed.stream,
+                "attempts": out.attempts,
+                "hedged": out.hedged,
+                "ttfb_ms": None if out.ttfb is None else round(out.ttfb * 1000, 2),
                 "duration_ms": round(duration * 1000, 2),
                 # Where counted tokens came from: the upstream's usage, or the gateway's
                 # estimate (a stream cut short, or a provider that takes no stream_options).
-                "usage": "upstream" if ex.usage is not None else ("estimated" if charged else None),
+                "usage": "upstream"
+                if out.usage is not None
+                else ("estimated" if charged else None),
                 "tokens_charged": charged or None,
                 "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
                 "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
-                "cost_usd": None if ex.cost_usd is None else round(ex.cost_usd, 8),
-                "client_disconnected": ex.client_gone,
+                "cost_usd": None if out.cost_usd is None else round(out.cost_usd, 8),
+                "client_disconnected": client_gone,
             }
         )
 
