@@ -1,11 +1,14 @@
-"""Keep the docs honest: the recipes validate, the deploy files say what they must, and
-the SDK examples run against a real gateway serving the built-in `echo` model."""
+"""Keep the docs honest: the recipes validate, the deploy files say what they must, the
+SDK examples run against a real gateway serving the built-in `echo` model, and every list
+the docs keep (flags and variables, fields, access-log fields, metrics, headers, install
+commands, links) matches what the code does."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -16,14 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
+from gateway.config.settings import OPTIONS
 from tests.conftest import GatewayFactory, RunningGateway
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+CHANGELOG = ROOT / "CHANGELOG.md"
 RECIPES = DOCS / "recipes.md"
+CONFIGURATION = DOCS / "configuration.md"
+OPERATIONS = DOCS / "operations.md"
+SECURITY = DOCS / "security.md"
+HTTP_API = DOCS / "http-api.md"
+PAGES = [README, CHANGELOG, *sorted(DOCS.glob("*.md"))]
+README_MAX_LINES = 420
 SDK_EXAMPLES = DOCS / "sdk-examples.md"
 UNIT = DOCS / "deploy" / "gateway.service"
 K8S = DOCS / "deploy" / "k8s-sidecar.yaml"
@@ -74,7 +87,7 @@ def top_level(code: str, key: str) -> bool:
     return re.search(rf"^{key}:", code, re.M) is not None
 
 
-RECIPE_BLOCKS = [b for b in fenced(RECIPES) if b.lang == "yaml"]
+RECIPE_BLOCKS = [b for b in fenced(RECIPES) + fenced(CONFIGURATION) if b.lang == "yaml"]
 ROUTE_BLOCKS = [b for b in RECIPE_BLOCKS if top_level(b.code, "providers")]
 KEY_BLOCKS = [b for b in RECIPE_BLOCKS if top_level(b.code, "keys")]
 SDK_BLOCKS = fenced(SDK_EXAMPLES)
@@ -160,7 +173,9 @@ def test_recipe_passes_gateway_check(block: Block, tmp_path: Path) -> None:
 @pytest.mark.parametrize("block", KEY_BLOCKS, ids=[b.id for b in KEY_BLOCKS])
 def test_recipe_keys_pass_gateway_check(block: Block, tmp_path: Path) -> None:
     routes = (ROOT / "routes.yaml").read_text()
-    result = gateway_check(tmp_path, routes, block.code)
+    # An abbreviated digest (`5e88...`) stands for a real one.
+    keys = re.sub(r"sha256: [0-9a-f]*\.\.\.", "sha256: " + "ab" * 32, block.code)
+    result = gateway_check(tmp_path, routes, keys)
     assert result.returncode == 0, f"{block.id} fails `gateway check`:\n{result.stderr}"
 
 
@@ -168,7 +183,8 @@ def test_recipes_cover_every_provider_and_the_combined_example() -> None:
     assert len(ROUTE_BLOCKS) >= 9
     orphans = [b.id for b in RECIPE_BLOCKS if b not in ROUTE_BLOCKS and b not in KEY_BLOCKS]
     assert not orphans, f"yaml blocks no test validates: {orphans}"
-    parsed = [yaml.safe_load(b.code) for b in ROUTE_BLOCKS]
+    assert [b for b in KEY_BLOCKS if b.path == CONFIGURATION], "configuration.md lost keys.yaml"
+    parsed = [yaml.safe_load(b.code) for b in ROUTE_BLOCKS if b.path == RECIPES]
     urls = [p["base_url"] for doc in parsed for p in doc["providers"].values()]
     for provider, url in PROVIDER_URLS.items():
         assert any(url in u for u in urls), f"no {provider} recipe with base_url {url}"
@@ -445,3 +461,287 @@ def test_readme_keys_reference_parses_with_a_real_digest(tmp_path: Path) -> None
         routes = "providers: {}\nmodels: {}\n"
         result = gateway_check(tmp_path, routes, keys)
         assert result.returncode == 0, f"{block.id} fails `gateway check`:\n{result.stderr}"
+
+
+# ---------------------------------------------------------------- the docs' lists
+
+
+def section(path: Path, heading: str) -> str:
+    """The text under a markdown heading, up to the next heading of its level or above."""
+    text = path.read_text()
+    level = len(heading) - len(heading.lstrip("#"))
+    start = text.index(heading + "\n")
+    stop = re.compile(rf"^#{{1,{level}}} ", re.M).search(text, start + len(heading))
+    return text[start : stop.start() if stop else len(text)]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of every markdown table row in text, header and rule rows left out."""
+    rows = []
+    for line in text.splitlines():
+        if not line.startswith("|") or re.fullmatch(r"[|\-: ]+", line):
+            continue
+        rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+    return [r for r in rows if r and r[0] not in ("flag", "field", "metric", "where", "status")]
+
+
+def ticked(text: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", text)
+
+
+def test_readme_stands_alone_and_is_short() -> None:
+    text = README.read_text()
+    assert len(text.splitlines()) <= README_MAX_LINES
+    for page in PAGES:
+        assert not re.search(r"\bSPEC\b", page.read_text()), f"{page.name} cites a SPEC"
+    # Any CPython the pyz was not built with refuses it: no "3.11+" promise.
+    assert not re.search(r"\d\.\d+\+", text), "the README promises Python versions"
+    for heading in ("## Two commands", "## Command line", "## HTTP API", "## Development"):
+        assert heading + "\n" in text
+    assert "make run " in text and "make test " in text
+
+
+def github_anchor(heading: str) -> str:
+    text = heading.strip().lower().replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_every_link_resolves() -> None:
+    link = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+    for page in PAGES:
+        for target in link.findall(page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
+            assert path.exists(), f"{page.name} links to {target}, which does not exist"
+            assert ROOT in path.parents, f"{page.name} links outside the repository: {target}"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
+                anchors = {github_anchor(h) for h in headings}
+                assert anchor in anchors, f"{page.name}: no heading {anchor!r} in {path.name}"
+
+
+def test_command_line_table_is_the_options_table() -> None:
+    rows = table_rows(section(README, "## Command line"))
+    documented = set()
+    for row in rows:
+        flags = re.findall(r"--[a-z-]+", row[0])
+        variables = re.findall(r"GATEWAY_[A-Z_]+", row[1]) if len(row) > 1 else []
+        if flags and variables:
+            documented.add((flags[0], variables[0]))
+    assert documented == {(o.flag, o.var) for o in OPTIONS}
+
+
+def test_every_variable_named_is_read_and_every_one_read_is_named() -> None:
+    sources = "\n".join(p.read_text() for p in (ROOT / "gateway").rglob("*.py"))
+    read = set(re.findall(r"[\"'](GATEWAY_[A-Z_]+|OTEL_[A-Z_]+)[\"']", sources))
+    read |= {o.var for o in OPTIONS}
+    readme = README.read_text()
+    assert not read - set(re.findall(r"\b[A-Z_]+\b", readme)), "variables the README omits"
+    # GATEWAY_KEY is the example apps' own variable (the secret they send).
+    named = {v for page in PAGES for v in re.findall(r"\bGATEWAY_[A-Z_]+\b", page.read_text())}
+    assert not named - read - {"GATEWAY_KEY"}, "docs name variables the gateway never reads"
+
+
+def rejected_fields(tmp_path: Path) -> dict[str, set[str]]:
+    """What `gateway check` accepts at each level, from its own unknown-key messages."""
+    routes = """providers:
+  p:
+    base_url: builtin:echo
+    zz_bogus: 1
+    timeout: {connect: 1, zz_bogus: 1}
+  q:
+    base_url: https://example.com/v1
+    auth: {oauth2: {token_url: "https://example.com/t", client_id: a, client_secret: b, zz_bogus: 1}}
+models:
+  m:
+    zz_bogus: 1
+    cooldown: {failures: 1, zz_bogus: 1}
+    providers:
+      - {provider: p, zz_bogus: 1, price: {input: 1, output: 1, zz_bogus: 1}}
+  n:
+    providers: [{provider: q}]
+"""
+    keys = """keys:
+  - name: a
+    key: sk-abc
+    zz_bogus: 1
+    token_quota: {tokens: 5, period: day, zz_bogus: 1}
+    budget: {usd: 5, period: day, zz_bogus: 1}
+"""
+    result = gateway_check(tmp_path, routes, keys)
+    found = re.findall(r"unknown key 'zz_bogus' in (.+?) \(allowed: ([^)]*)\)", result.stderr)
+    where = {
+        "provider 'p'": "provider",
+        "provider 'p' timeout": "timeout",
+        "provider 'q' auth.oauth2": "oauth2",
+        "model 'm'": "model",
+        "model 'm' provider entry": "entry",
+        "model 'm' price": "price",
+        "model 'm' cooldown": "cooldown",
+        "a key entry": "key",
+        "token_quota": "token_quota",
+        "budget": "budget",
+    }
+    fields = {where[w]: set(allowed.split(", ")) for w, allowed in found}
+    assert set(fields) == set(where.values()), result.stderr
+    return fields
+
+
+def test_fields_table_is_what_gateway_check_accepts(tmp_path: Path) -> None:
+    accepted = rejected_fields(tmp_path)
+    rows = table_rows(section(CONFIGURATION, "## Fields"))
+    documented: dict[str, set[str]] = {}
+    meaning: dict[str, str] = {}
+    for where, names, text in rows:
+        documented.setdefault(where, set()).update(ticked(names))
+        meaning[where] = meaning.get(where, "") + " " + names + " " + text
+    for where in ("provider", "model", "entry", "key"):
+        assert documented[where] == accepted[where], f"{where} fields differ"
+    nested = {"timeout": "provider", "oauth2": "provider", "cooldown": "model",
+              "price": "entry", "token_quota": "key", "budget": "key"}  # fmt: skip
+    for inner, where in nested.items():
+        for name in accepted[inner]:
+            assert re.search(rf"\b{name}\b", meaning[where]), f"{inner}.{name} undocumented"
+    # The annotated files show every field too.
+    for block in [b for b in fenced(CONFIGURATION) if b.lang == "yaml"]:
+        doc = yaml.safe_load(block.code)
+        if "providers" in doc:
+            shown = {k for p in doc["providers"].values() for k in p}
+            assert shown == accepted["provider"], "the annotated routes.yaml lacks a field"
+            assert {k for m in doc["models"].values() for k in m} == accepted["model"]
+            entries = [e for m in doc["models"].values() for e in m["providers"]]
+            assert {k for e in entries for k in e} == accepted["entry"]
+        else:
+            assert {k for key in doc["keys"] for k in key} | {"key"} == accepted["key"]
+
+
+async def served_and_refused_lines(
+    gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> tuple[dict[str, Any], dict[str, Any], RunningGateway]:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    gw = await serve_echo(gateway)
+    async with httpx.AsyncClient(timeout=10) as client:
+        ok = await client.post(
+            gw.base_url + "/chat/completions",
+            json={"model": "echo", "messages": [{"role": "user", "content": "hello"}]},
+        )
+        refused = await client.post(
+            gw.base_url + "/chat/completions",
+            json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert ok.status_code == 200 and refused.status_code == 400
+    lines = [yaml.safe_load(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    (served,) = [line for line in lines if line.get("status") == 200]
+    (refusal,) = [line for line in lines if line.get("status") == 400]
+    return served, refusal, gw
+
+
+async def test_access_log_fields_are_what_is_written(
+    gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    served, refused, _ = await served_and_refused_lines(gateway, caplog)
+    tables = section(OPERATIONS, "## Access log").split("A request refused")
+    assert [r[0].strip("`") for r in table_rows(tables[0])] == list(served)
+    assert [r[0].strip("`") for r in table_rows(tables[1])] == list(refused)
+    readme = section(README, "## Observability").split("- **Metrics**")[0]
+    assert set(served) | set(refused) <= set(ticked(readme)), "the README's list differs"
+
+
+async def test_metrics_list_is_what_metrics_serves(gateway: GatewayFactory) -> None:
+    gw = await serve_echo(gateway)
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(gw.url + "/metrics")).text
+    served = {}
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
+        served[name + "_total" if kind == "counter" else name] = kind
+    rows = table_rows(section(OPERATIONS, "## Metrics"))
+    assert {r[0].strip("`"): r[1] for r in rows} == served
+    readme = section(README, "## Observability")
+    assert {n for n in ticked(readme) if n.startswith("gateway_")} == set(served)
+
+
+async def test_console_csp_is_what_the_console_sends(gateway: GatewayFactory) -> None:
+    gw = await serve_echo(gateway)
+    async with httpx.AsyncClient(timeout=10) as client:
+        page = await client.get(gw.url + "/console")
+    assert page.status_code == 200
+    csp = page.headers["content-security-policy"]
+    assert f"Content-Security-Policy: {csp}\n" in OPERATIONS.read_text()
+    assert csp in " ".join(SECURITY.read_text().split())
+    for page_text in (p.read_text() for p in PAGES):
+        for said in re.findall(r"Content-Security-Policy:\s*([^`\n]+(?:\n[^`\n]+)?)`", page_text):
+            assert " ".join(said.split()) == csp, f"a narrower CSP is described: {said!r}"
+
+
+def test_every_gateway_error_is_in_the_http_api_page() -> None:
+    import inspect
+
+    import gateway.errors as errors
+
+    rows = {(r[0], r[1].strip("`")) for r in table_rows(section(HTTP_API, "## Errors"))}
+    for cls in vars(errors).values():
+        if inspect.isclass(cls) and issubclass(cls, errors.GatewayError):
+            assert (str(cls.status), cls.code) in rows, f"{cls.__name__} is undocumented"
+
+
+def extras() -> dict[str, list[str]]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {
+        name: [re.split(r"[<>=!~\[ ;]", dep, maxsplit=1)[0] for dep in deps]
+        for name, deps in project["optional-dependencies"].items()
+    }
+
+
+def test_install_commands_name_what_installs() -> None:
+    # No package named `gateway` is on any registry: say the plain packages, or the extra
+    # from a checkout.
+    messages = [ROOT / "gateway" / "cli.py", ROOT / "gateway" / "config" / "providers.py"]
+    for path in PAGES + messages:
+        text = path.read_text()
+        assert "gateway[" not in text, f"{path.name} names the unpublished gateway[...]"
+        for extra in re.findall(r"pip install -e '\.\[(\w+)\]'", text):
+            assert extra in extras(), f"{path.name}: no extra {extra!r} in pyproject.toml"
+    docs = "\n".join(p.read_text() for p in PAGES)
+    for extra in ("redis", "otel", "gcp", "aws"):
+        plain = "pip install " + " ".join(extras()[extra])
+        assert plain in " ".join(docs.split()), f"the docs never say {plain!r}"
+    cli = messages[0].read_text()
+    assert "pip install " + " ".join(extras()["redis"]) in cli
+    providers = messages[1].read_text()
+    assert all(f'"{" ".join(extras()[e])}"' in providers for e in ("gcp", "aws"))
+
+
+# ---------------------------------------------------------------- state and Python
+
+
+def test_systemd_unit_keeps_state_in_a_writable_directory() -> None:
+    s = unit_settings()
+    (state_dir,) = s["Service.StateDirectory"]
+    env = dict(e.partition("=")[::2] for e in s.get("Service.Environment", []))
+    state = (
+        env.get("GATEWAY_STATE")
+        or re.search(r"--state[ =](\S+)", " ".join(s["Service.ExecStart"]))[1]
+    )  # type: ignore[index]
+    # ProtectSystem=strict leaves only the unit's own directories writable.
+    assert state.startswith(f"/var/lib/{state_dir}/"), state
+
+
+def test_k8s_sidecar_keeps_state_on_a_writable_volume_and_runs_the_pyz_python() -> None:
+    pod = k8s_pod(k8s_docs())
+    gateway = k8s_gateway(pod)
+    env = {e["name"]: e.get("value") for e in gateway.get("env", [])}
+    state = env["GATEWAY_STATE"]
+    mounts = [
+        m for m in gateway["volumeMounts"] if state.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    assert mounts and not mounts[-1].get("readOnly"), "the state path is not on a volume"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mounts[-1]["name"]]
+    assert "emptyDir" in volume or "persistentVolumeClaim" in volume
+    # The pyz runs only on the CPython it was built with: the venv's, as `make pyz` builds.
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert re.fullmatch(rf"python:{re.escape(here)}(-[a-z]+)?", gateway["image"])
+    assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
