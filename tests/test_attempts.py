@@ -1,4 +1,5 @@
-"""A request's attempts are bounded in time as well as in number (`attempts_timeout`)."""
+"""A request's attempts are bounded in time as well as in number (`attempts_timeout`), and
+each attempt closes what it holds in one place."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import httpx
 import pytest
 
 from gateway import latecommit as keepalive
+from gateway.attempt import AttemptCancelled
+from gateway.config.routes import Cooldown, Model, Provider, Target
+from gateway.errors import GatewayError
+from gateway.exchange import Opened
+from gateway.health import Health
+from gateway.plan import candidate
 from tests.conftest import GatewayFactory
 from tests.upstream import DONE, Hang, Sse, Upstream, chunk
 
@@ -158,3 +165,49 @@ async def test_keepalives_repeat_until_content_then_the_stream_follows(
     want = (chunk("late") + DONE).replace(b'"model": "upstream-model"', b'"model": "m"')
     assert body == want, body
     assert raw.startswith(b": keep-alive\n\n" * keepalives)  # none after the content
+
+
+class _Span:
+    def __init__(self) -> None:
+        self.ended: list[tuple[int, str | None]] = []
+
+    def end(self, status: int, error: GatewayError | None = None) -> None:
+        self.ended.append((status, None if error is None else error.code))
+
+
+class _Response:
+    status = 429
+
+    def __init__(self) -> None:
+        self.closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+
+
+def test_an_attempt_closes_what_it_holds_in_one_place() -> None:
+    """Opened.close: the upstream response, the entry's in-flight count and the span,
+    with the failure counted against the entry only when asked (a hedge's loser and a
+    cancelled attempt count nothing)."""
+    provider = Provider(name="p", base_url="http://127.0.0.1:9")
+    model = Model(
+        slug="m", id="m", name="m", targets=(Target(provider, "up"),),
+        cooldown=Cooldown(failures=1, seconds=30),
+    )  # fmt: skip
+    cand = candidate("m", model, model.targets[0])
+    health = Health(clock=lambda: 0.0)
+    for failed in (False, True):
+        health.begin(cand.key)
+        span, resp = _Span(), _Response()
+        opened = Opened(cand, health, 0.0, span, resp)  # type: ignore[arg-type]
+        assert health.state(cand.key).in_flight == 1
+        opened.close(failed, AttemptCancelled("gone") if not failed else None)
+        assert health.state(cand.key).in_flight == 0
+        assert resp.closes == 1
+        assert span.ended == [(429, None if failed else "cancelled")]
+        assert health.available(cand.key) is not failed  # one failure opens the breaker
+    # Closed before the upstream's head: no response, the span's status is the given one.
+    health.begin(cand.key)
+    span = _Span()
+    Opened(cand, health, 0.0, span).close(False, AttemptCancelled("gone"), 0)  # type: ignore[arg-type]
+    assert span.ended == [(0, "cancelled")] and health.state(cand.key).in_flight == 0
