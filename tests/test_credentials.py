@@ -406,5 +406,5 @@ def test_check_names_a_missing_extra(tmp_path: Path, kind: str, module: str, ext
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0
-    assert f"pip install 'gateway[{extra}]'" in done.stderr
+    assert f"pip install -e '.[{extra}]'" in done.stderr
     assert "routes.yaml:4" in done.stderr

@@ -648,4 +648,4 @@ def test_check_probes_the_module_not_a_namespace(
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 1, (done.stdout, done.stderr)
-    assert "routes.yaml:4" in done.stderr and f"pip install 'gateway[{extra}]'" in done.stderr
+    assert "routes.yaml:4" in done.stderr and f"pip install -e '.[{extra}]'" in done.stderr

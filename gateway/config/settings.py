@@ -296,7 +296,7 @@ OPTIONS: tuple[Option, ...] = (
            DEFAULT_MAX_EVENT, "one upstream SSE event (default 16 MiB)"),
     Option("state", "--state", "GATEWAY_STATE", state, "gateway.state",
            "where keys' spend survives restarts: a file (default ./gateway.state), none "
-           "(memory only), or redis://HOST:PORT/DB (shared by replicas; gateway[redis])"),
+           "(memory only), or redis://HOST:PORT/DB (shared by replicas; needs: pip install redis hiredis)"),
     Option("state_fail", "--state-fail", "GATEWAY_STATE_FAIL", choice(*STATE_FAIL), "open",
            "Redis unreachable: serve without limits (open, the default) or answer 503"),
     Option("allow_hosts", "--allow-host", "GATEWAY_ALLOW_HOSTS", repeat(allowed_host), (),
