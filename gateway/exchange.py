@@ -26,9 +26,11 @@ if TYPE_CHECKING:
 class Request:
     """What one relayed request is: built by keyword by its endpoint, then only read.
 
-    One writer, the endpoint, at construction: nothing assigns a field after. Not frozen
-    because a frozen dataclass's __init__ sets each field through object.__setattr__ on
-    every request (measured on 3.11 for these 14 fields: 3.2 us against 0.9)."""
+    One writer, the endpoint, at construction: nothing assigns a field after. Not frozen:
+    a frozen dataclass's __init__ sets each field through object.__setattr__ on every
+    request (measured on 3.11 for these 14 fields: 3.2 us against 0.9). Keyword-only, and
+    built through __init__ itself (ProxyEndpoint): a class called with 14 keywords costs
+    9.5k instructions on 3.11, 4k so, 3.5k positionally."""
 
     send: Send
     request_id: bytes
