@@ -18,11 +18,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/gateway serve
 
+# The suite waits on sockets and timers more than it computes: two worker processes per
+# core (pytest-xdist), each test file on one worker (module fixtures start once). The
+# rewritten test modules' bytecode is kept (PYTHONDONTWRITEBYTECODE unset): each worker
+# would otherwise spend 6 s of CPU rewriting every assert again. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) * 2 )))
+
 test: $(STAMP)
 	@{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null && command -v openssl >/dev/null \
 		&& command -v redis-server >/dev/null && command -v chromedriver >/dev/null \
 		|| $(MAKE) --no-print-directory test-tools
-	SE_OFFLINE=true $(BIN)/python -m pytest -q
+	PYTHONDONTWRITEBYTECODE= SE_OFFLINE=true $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # llama.cpp's server through the gateway (tests/test_llama.py). pip builds it from source:
 # portable flags (the native build may use instructions a VM advertises but lacks), no
