@@ -26,7 +26,6 @@ from tests.conftest import GatewayFactory, RunningGateway
 from tests.helpers import free_port, until
 from tests.upstream import DONE, Sse, Upstream, chunk
 
-ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
@@ -281,7 +280,9 @@ def spawn(tmp_path: Path, routes_path: Path, keys_path: Path, *extra: str) -> Se
     cmd = [sys.executable, "-m", "gateway", "serve", "--routes", str(routes_path)]
     cmd += ["--keys", str(keys_path), "--port", str(port), *extra]
     with log.open("wb") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        # cwd: its own directory, so the default ./gateway.state (and its lock) is this
+        # test's, not the checkout's shared with every other run.
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
     return Served(proc, port, log)
 
 
