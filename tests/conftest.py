@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx._transports.default as httpx_transports
 import pytest
 import uvicorn
 
@@ -15,6 +18,29 @@ from gateway.config.settings import Settings
 from gateway.server.protocol import ServerProtocol
 from tests.helpers import loopback_socket, start_uvicorn
 from tests.upstream import Upstream
+
+# httpx builds a fresh SSL context, parsing the whole CA bundle (about 28 ms of CPU), for
+# every client it makes: the `client` fixture's, the tests' own and each openai/anthropic
+# SDK client's, about a thousand a run, a fifth of the suite's CPU. Here the default one
+# (verify=True, no client certificate) is built once per process and shared, as httpx's
+# docs advise (one context passed as verify=): verification is the same, and no test
+# speaks TLS through httpx. The gateway's own contexts are untouched.
+_create_ssl_context = httpx_transports.create_ssl_context
+
+
+@functools.lru_cache(maxsize=8)
+def _default_ssl_context(trust_env: bool, cafile: str | None, capath: str | None) -> Any:
+    return _create_ssl_context(verify=True, cert=None, trust_env=trust_env)
+
+
+def _shared_ssl_context(verify: Any = True, cert: Any = None, trust_env: bool = True) -> Any:
+    if verify is True and cert is None:
+        env = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+        return _default_ssl_context(trust_env, *env)
+    return _create_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+
+
+httpx_transports.create_ssl_context = _shared_ssl_context
 
 
 class RunningGateway:
