@@ -171,8 +171,8 @@ def failed(span: Any, api: Any, status: int, error: GatewayError | None = None) 
 
 
 class AttemptSpan:
-    """One attempt's span: ended by the attempt when it fails, else by the relay when
-    it has served or discarded the answer."""
+    """One attempt's span, ended once by the attempt's Opened.close: when the attempt
+    fails or is cancelled, else when the relay has served or discarded its answer."""
 
     def __init__(self, span: Any, api: Any) -> None:
         self.span = span
