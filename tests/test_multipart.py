@@ -298,13 +298,15 @@ def test_work_is_linear_in_the_body(shape: str) -> None:
     else:  # heads close to the limit without their blank line until the end
         pad = b"X-Pad: " + b"a" * (MAX_PART_HEAD - 100) + b"\r\n"
         raw = form(MODEL, *(pad + field(f"f{i}", b"") for i in range(500)), boundary=boundary)
-    started = time.perf_counter()
+    # This process's CPU time, not the wall clock: other tests running beside it (the
+    # suite runs in several processes) cannot stretch it.
+    started = time.process_time()
     got = fields(raw, b"--" + boundary)
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert got[0][0] == b"model"
-    # Linear work here is 1-60 ms; a rescan from the start per part or per line would be
-    # minutes. The bound leaves room for a loaded 2-core machine.
-    assert elapsed < 2.0, (shape, len(raw), elapsed)
+    # Linear work here is 1-60 ms of CPU; a rescan from the start per part or per line
+    # would be minutes.
+    assert elapsed < 10.0, (shape, len(raw), elapsed)
 
 
 # Property: the stdlib's email parser sees the same form --------------------------------
@@ -396,7 +398,9 @@ def test_well_formed_forms_parse_as_email_reads_them(
 ) -> None:
     boundary, raw, expected = made
     if any(b"--" + boundary in value for _, value in expected):
-        assert refusal(raw, boundary) == "stray_boundary"  # a value holding the boundary
+        # A value holding the boundary: refused, whichever rule sees it first (a stray
+        # boundary, or the part head it seems to begin).
+        assert refusal(raw, boundary) in ("stray_boundary", "part_head")
         return
     got = [(name.decode(), raw[start:end]) for name, start, end in fields(raw, b"--" + boundary)]
     assert got == expected
