@@ -70,16 +70,20 @@ async def test_concurrent_requests_pass_a_small_limit_by_at_most_one_overshoot(
     )
     gw = await gateway(routes(upstream, priced=True), keys(a=limits))
     body = chat_body(max_tokens=MAX_TOKENS)
-    # At most 100 sockets (the test's own open-file limit): the rest queue in the client
-    # and arrive while the first two still run, as the first 100 do.
-    limits_ = httpx.Limits(max_connections=min(concurrent, 100))
-    async with httpx.AsyncClient(timeout=30, limits=limits_) as client:
-        answers = await asyncio.gather(
-            *(
-                client.post(f"{gw.base_url}/chat/completions", json=body, headers=auth("a"))
-                for _ in range(concurrent)
+    # At most 100 requests open at once (the test's own open-file limit): the rest wait
+    # for a slot and arrive while the first two still run, as the first 100 do. A
+    # semaphore, not httpx's pool limit: its queue is rescanned for every request.
+    slots = asyncio.Semaphore(100)
+
+    async def post(client: httpx.AsyncClient) -> httpx.Response:
+        async with slots:
+            return await client.post(
+                f"{gw.base_url}/chat/completions", json=body, headers=auth("a")
             )
-        )
+
+    limits_ = httpx.Limits(max_connections=None, max_keepalive_connections=100)
+    async with httpx.AsyncClient(timeout=30, limits=limits_) as client:
+        answers = await asyncio.gather(*(post(client) for _ in range(concurrent)))
         served = [r for r in answers if r.status_code == 200]
         refused = [r for r in answers if r.status_code != 200]
         for r in refused:
