@@ -923,6 +923,16 @@ def state_of(conn: H1Connection) -> State:
     return conn.state
 
 
+def reusable(conn: H1Connection) -> bool:
+    """What Pool.release asks of a connection (H1Connection.recycle), without recycling
+    it: DONE with nothing left unread."""
+    return state_of(conn) is State.DONE and not conn.chunks
+
+
+def closed(conn: H1Connection) -> bool:
+    return state_of(conn) is State.CLOSED
+
+
 def connect() -> tuple[Traced, FakeTransport]:
     conn = Traced()
     transport = FakeTransport()
@@ -949,7 +959,7 @@ def test_send_moves_idle_to_await_head_and_writes_the_request() -> None:
     conn.send(REQUEST)
     assert state_of(conn) is State.AWAIT_HEAD
     assert transport.writes == [REQUEST]
-    assert not conn.reusable()
+    assert not reusable(conn)
     assert not conn.head_done
 
 
@@ -987,22 +997,22 @@ def test_final_head_then_body_then_done_then_reused() -> None:
     assert conn.head_done and conn.status == 200
     conn.data_received(response[head_end : head_end + 5])
     assert state_of(conn) is State.BODY
-    assert not conn.reusable() and not conn.done
+    assert not reusable(conn) and not conn.ended
     conn.data_received(response[head_end + 5 :])
-    assert state_of(conn) is State.DONE and conn.done
-    assert not conn.reusable()  # body bytes still buffered
+    assert state_of(conn) is State.DONE and conn.ended
+    assert not reusable(conn)  # body bytes still buffered
     assert body_of(conn) == b"hello world"
-    assert conn.reusable()
+    assert reusable(conn)
     assert release_to_pool(conn)
     assert state_of(conn) is State.IDLE
     # The next request on the same connection starts clean.
     conn.send(REQUEST)
-    assert conn.status == 0 and conn.headers == [] and not conn.done and conn.error is None
+    assert conn.status == 0 and conn.headers == [] and not conn.ended and conn.error is None
     conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
     conn.data_received(b"0\r\n\r\n")
     assert state_of(conn) is State.DONE
     assert body_of(conn) == b"abc"
-    assert conn.reusable()
+    assert reusable(conn)
     assert conn.trail == [
         State.IDLE, State.AWAIT_HEAD, State.BODY, State.DONE,
         State.IDLE, State.AWAIT_HEAD, State.BODY, State.DONE,
@@ -1022,10 +1032,10 @@ def test_final_head_then_body_then_done_then_reused() -> None:
 def test_response_that_closes_is_never_reusable(response: bytes) -> None:
     conn, _ = sent()
     conn.data_received(response)
-    assert conn.done
+    assert conn.ended
     assert state_of(conn) is State.MUST_CLOSE
     assert body_of(conn) == b"ok"
-    assert not conn.reusable()
+    assert not reusable(conn)
 
 
 @pytest.mark.parametrize(
@@ -1042,10 +1052,10 @@ def test_bytes_after_the_end_mark_must_close(extra: bytes, same_read: bool) -> N
         conn.data_received(OK)
         assert state_of(conn) is State.DONE
         conn.data_received(extra)
-    assert conn.done  # the response itself ended at its framing...
+    assert conn.ended  # the response itself ended at its framing...
     assert conn.error is None
     assert body_of(conn) == b"ok"  # ...with exactly its own body
-    assert not conn.reusable()  # ...but the connection is never reused
+    assert not reusable(conn)  # ...but the connection is never reused
     assert State.MUST_CLOSE in conn.trail
     assert state_of(conn) is State.CLOSED
     assert transport.closed or transport.aborted
@@ -1056,7 +1066,7 @@ def test_stray_line_end_after_the_end_in_the_same_read_must_close(extra: bytes) 
     conn, _ = sent()
     conn.data_received(OK + extra)
     assert body_of(conn) == b"ok"
-    assert not conn.reusable()
+    assert not reusable(conn)
 
 
 def test_bytes_while_idle_make_it_unusable() -> None:
@@ -1066,8 +1076,8 @@ def test_bytes_while_idle_make_it_unusable() -> None:
     assert release_to_pool(conn)
     assert state_of(conn) is State.IDLE
     conn.data_received(answer("LEAKED"))
-    assert not conn.reusable()
-    assert conn.closed
+    assert not reusable(conn)
+    assert closed(conn)
     assert State.ERROR in conn.trail
     assert transport.closed or transport.aborted
     assert not conn.chunks  # nothing of it is kept for a later request
@@ -1078,7 +1088,7 @@ def test_bytes_while_idle_make_it_unusable() -> None:
 def test_bytes_on_a_fresh_connection_make_it_unusable() -> None:
     conn, transport = connect()
     conn.data_received(OK)
-    assert conn.closed and not conn.reusable()
+    assert closed(conn) and not reusable(conn)
     assert transport.closed or transport.aborted
     assert not conn.chunks
 
@@ -1091,7 +1101,7 @@ def test_malformed_response_is_an_error() -> None:
     assert not conn.error.before_response  # bytes came: a retry could repeat the request
     assert conn.trail[-2:] == [State.ERROR, State.CLOSED]
     assert transport.closed or transport.aborted
-    assert not conn.chunks and not conn.done
+    assert not conn.chunks and not conn.ended
 
 
 def test_connection_lost_mid_body_is_an_error() -> None:
@@ -1100,7 +1110,7 @@ def test_connection_lost_mid_body_is_an_error() -> None:
     conn.connection_lost(None)
     assert isinstance(conn.error, ConnectionLost)
     assert not conn.error.before_response
-    assert not conn.done
+    assert not conn.ended
     assert conn.trail[-2:] == [State.ERROR, State.CLOSED]
     assert body_of(conn) == b"abc"  # what came is readable; then the reader gets the error
 
@@ -1116,20 +1126,20 @@ def test_connection_lost_before_any_byte_may_be_retried() -> None:
 def test_eof_framed_body_ends_at_connection_lost() -> None:
     conn, _ = sent()
     conn.data_received(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil ")
-    assert state_of(conn) is State.BODY and not conn.done
+    assert state_of(conn) is State.BODY and not conn.ended
     conn.data_received(b"the end")
     conn.connection_lost(None)
-    assert conn.done
+    assert conn.ended
     assert conn.error is None
     assert body_of(conn) == b"until the end"
-    assert conn.closed and not conn.reusable()
+    assert closed(conn) and not reusable(conn)
 
 
 def test_eof_framed_body_cut_by_a_reset_is_an_error() -> None:
     conn, _ = sent()
     conn.data_received(b"HTTP/1.1 200 OK\r\n\r\npartial")
     conn.connection_lost(ConnectionResetError())
-    assert not conn.done
+    assert not conn.ended
     assert isinstance(conn.error, ConnectionLost)
 
 
@@ -1175,8 +1185,8 @@ def test_switching_protocols_is_an_error(head: bytes) -> None:
     conn.data_received(head + b"\x81\x05hello")
     assert isinstance(conn.error, ConnectionLost)
     assert "switched protocols" in str(conn.error)
-    assert not conn.head_done and not conn.chunks and not conn.done
-    assert State.ERROR in conn.trail and conn.closed
+    assert not conn.head_done and not conn.chunks and not conn.ended
+    assert State.ERROR in conn.trail and closed(conn)
     assert transport.closed or transport.aborted
 
 
@@ -1189,7 +1199,7 @@ def test_too_many_head_fields_is_an_error() -> None:
     # The control: exactly MAX_HEAD_FIELDS fields are fine.
     conn, _ = sent()
     conn.data_received(HEAD_START + fields(MAX_HEAD_FIELDS - 2, 1) + b"content-length: 2\r\n\r\nok")
-    assert conn.error is None and conn.done and len(conn.headers) == MAX_HEAD_FIELDS
+    assert conn.error is None and conn.ended and len(conn.headers) == MAX_HEAD_FIELDS
 
 
 def test_head_over_the_limit_across_reads_is_an_error() -> None:
@@ -1216,7 +1226,7 @@ def test_endless_informational_heads_are_bounded() -> None:
         assert fed <= MAX_HEAD_BYTES, "1xx heads accepted past the head limit"
         conn.data_received(PROCESSING)
         fed += len(PROCESSING)
-    assert conn.closed and not conn.head_done
+    assert closed(conn) and not conn.head_done
 
 
 def test_head_over_the_limit_in_one_read_is_an_error() -> None:
@@ -1251,14 +1261,14 @@ def test_ambiguous_framing_is_an_error_and_delivers_no_body(response: bytes, spl
     conn, transport = sent()
     pieces = [response[i : i + 1] for i in range(len(response))] if split else [response]
     for piece in pieces:
-        if conn.closed:
+        if closed(conn):
             break
         conn.data_received(piece)
     assert isinstance(conn.error, ConnectionLost), (conn.state, list(conn.chunks))
     assert not conn.error.before_response
-    assert not conn.done
+    assert not conn.ended
     assert not conn.chunks
-    assert State.ERROR in conn.trail and conn.closed
+    assert State.ERROR in conn.trail and closed(conn)
     assert transport.closed or transport.aborted
 
 
@@ -1318,14 +1328,14 @@ def test_reading_pauses_at_high_water_and_resumes_at_low_water() -> None:
     for _ in range(size // len(piece)):
         conn.data_received(piece)
     assert transport.pauses == 1 and transport.resumes == 0
-    assert conn.done
+    assert conn.ended
     taken = 0
     while conn.buffered > LOW_WATER:
         taken += len(conn.take())
         assert transport.resumes == (1 if conn.buffered <= LOW_WATER else 0)
     assert transport.resumes == 1
     assert taken + len(body_of(conn)) == size
-    assert conn.reusable()
+    assert reusable(conn)
 
 
 def unread_body() -> Traced:
@@ -1375,9 +1385,9 @@ def unanswered() -> Traced:
 def test_pool_never_keeps_a_connection_that_is_not_reusable(make: Callable[[], Traced]) -> None:
     conn = make()
     transport = cast(FakeTransport, conn.transport)
-    assert not conn.reusable()
+    assert not reusable(conn)
     assert not release_to_pool(conn)
-    assert conn.closed
+    assert closed(conn)
     assert transport.closed or transport.aborted
 
 

@@ -26,7 +26,7 @@ from gateway.body import GATEWAY_FIELDS, parse_body
 from gateway.errors import BadRequest, UpstreamResponseTooLarge, ValidationFailed
 from gateway.families import CHAT
 from gateway.upstream.connection import H1Connection, State
-from gateway.wire.sse import EventSplitter, Splicer, event_spans, splice_model
+from gateway.wire.sse import EventSplitter, Splicer, event_spans, splice_model, split_events
 
 # Bounded: the whole file runs in well under half a minute.
 FAST = settings(
@@ -544,7 +544,7 @@ def splits(draw: st.DrawFn, data: bytes) -> list[bytes]:
 def by_whole_stream(stream: bytes, model_json: bytes) -> bytes:
     """The reference: the whole stream split into events at once, each one rewritten."""
     splitter = EventSplitter()
-    events = splitter.feed(stream)
+    events = split_events(splitter.feed_block(stream))
     rest = splitter.rest()
     if rest:
         events.append(rest)
@@ -671,7 +671,7 @@ def test_sse_event_limit_does_not_depend_on_reads(
     """An event over --max-event-bytes is refused, or not, whatever the reads; the limit
     is drawn around the size of the stream's events, where it matters."""
     assume(stream)
-    sizes = [len(e) for e in EventSplitter().feed(stream)] or [len(stream)]
+    sizes = [len(e) for e in split_events(EventSplitter().feed_block(stream))] or [len(stream)]
     if data is None:  # the explicit example: cut after its last CR
         limit = max(sizes) - limit_delta
         cut = stream.rindex(b"\r") + 1
@@ -781,7 +781,9 @@ async def _by_h1(reads: list[bytes], eof: bool) -> tuple[Parsed, H1Connection]:
     while conn.chunks:
         body += conn.take()
     headers = [(n, v.rstrip(b" \t")) for n, v in conn.headers]
-    return Parsed(conn.status, headers, bytes(body), conn.done, conn.reusable()), conn
+    # Reusable: what Pool.release asks (H1Connection.recycle), DONE with nothing unread.
+    reusable = conn.state is State.DONE and not conn.chunks
+    return Parsed(conn.status, headers, bytes(body), conn.ended, reusable), conn
 
 
 def by_h11(data: bytes, eof: bool) -> Parsed | None:

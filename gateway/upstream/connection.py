@@ -131,15 +131,6 @@ class H1Connection(asyncio.Protocol):
                 self._to(MUST_CLOSE)
             self._to(CLOSED)
 
-    @property
-    def done(self) -> bool:
-        """The response was read to its end (the hot path reads `ended` directly)."""
-        return self.ended
-
-    @property
-    def closed(self) -> bool:
-        return self.state is CLOSED
-
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -332,9 +323,6 @@ class H1Connection(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
         return chunk
-
-    def reusable(self) -> bool:
-        return self.state is DONE and not self.chunks
 
     def recycle(self) -> bool:
         """DONE -> IDLE when reusable: True when the connection may serve a next request."""

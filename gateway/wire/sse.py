@@ -59,9 +59,6 @@ class EventSplitter:
         self._limit = limit
         self._buf = bytearray()  # the unfinished event
 
-    def feed(self, chunk: bytes) -> list[bytes]:
-        return split_events(self.feed_block(chunk))
-
     def feed_block(self, chunk: bytes) -> bytes:
         """The complete events the chunk finishes, as one block of bytes (b"" if none).
         UpstreamResponseTooLarge when an event passes the limit (line endings around it
