@@ -30,7 +30,7 @@ test: $(STAMP)
 		|| $(MAKE) --no-print-directory test-tools
 	PYTHONDONTWRITEBYTECODE= SE_OFFLINE=true $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# llama.cpp's server through the gateway (tests/test_llama.py). pip builds it from source:
+# llama.cpp's server through the gateway (tests/e2e/test_llama.py). pip builds it from source:
 # portable flags (the native build may use instructions a VM advertises but lacks), no
 # tests or examples; about 10 minutes on 2 cores, once per venv. No wheel cache: pip's
 # cache knows nothing of CMAKE_ARGS and would hand back a build made with other flags.
@@ -54,7 +54,7 @@ $(LLAMA_STAMP): $(STAMP) pyproject.toml
 	@touch $@
 
 test-llama: $(LLAMA_STAMP)
-	$(BIN)/python -m pytest -q -m llama tests/test_llama.py
+	$(BIN)/python -m pytest -q -m llama tests/e2e/test_llama.py
 
 # The upstream client's tests run against a real nginx, TLS ones need openssl, the
 # shared limits (--state redis://) a real redis-server, and the console a real browser
@@ -69,7 +69,7 @@ test-tools:
 # The README's picture of the console, taken by its browser test.
 screenshot: $(STAMP)
 	GATEWAY_SCREENSHOT=$(CURDIR)/docs/console.png SE_OFFLINE=true \
-		$(BIN)/python -m pytest -q tests/test_console.py -k browser
+		$(BIN)/python -m pytest -q tests/console/test_console.py -k browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests

@@ -1,4 +1,4 @@
-"""The hostile-client corpus of tests/test_hostile_clients.py, sent byte for byte to the
+"""The hostile-client corpus of tests/server/test_hostile_clients.py, sent byte for byte to the
 gateway and to nginx; prints what each did, as markdown tables.
 
 The tests hold the gateway to its expected answers; this only records nginx next to it
@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.test_hostile_clients import (  # noqa: E402 (after the path is set)
+from tests.server.test_hostile_clients import (  # noqa: E402 (after the path is set)
     CORPUS,
     ECHO_ROUTES,
     TIMEOUT,

@@ -17,7 +17,7 @@ from gateway.config import load_config
 from gateway.config.settings import Settings
 from gateway.server.protocol import ServerProtocol
 from tests.helpers import loopback_socket, start_uvicorn
-from tests.upstream import Upstream
+from tests.scripted_upstream import Upstream
 
 # httpx builds a fresh SSL context, parsing the whole CA bundle (about 28 ms of CPU), for
 # every client it makes: the `client` fixture's, the tests' own and each openai/anthropic

@@ -16,7 +16,7 @@ from gateway.exchange import Opened
 from gateway.health import Health
 from gateway.plan import candidate
 from tests.conftest import GatewayFactory
-from tests.upstream import DONE, Hang, Sse, Upstream, chunk
+from tests.scripted_upstream import DONE, Hang, Sse, Upstream, chunk
 
 
 def two_hanging(a: Upstream, b: Upstream, **model: object) -> str:

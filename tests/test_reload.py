@@ -24,7 +24,7 @@ import yaml
 
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.helpers import free_port, until
-from tests.upstream import DONE, Sse, Upstream, chunk
+from tests.scripted_upstream import DONE, Sse, Upstream, chunk
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
