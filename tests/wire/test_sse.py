@@ -1,15 +1,18 @@
-"""Block-wise SSE rewriting must equal event-by-event rewriting, byte for byte."""
+"""gateway/wire/sse.py: events split and the `model` spliced from raw bytes; block-wise
+rewriting must equal event-by-event rewriting, byte for byte."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 
 import pytest
 
-from gateway.wire.sse import EventSplitter, Splicer, splice_model, split_events
+from gateway.wire.sse import EventSplitter, Splicer, event_spans, splice_model, split_events
 from gateway.wire.usage import Tally
 
+MODEL = b'"model"'
 SLUG = b'"my/slug"'
 
 
@@ -84,3 +87,150 @@ def test_tally_block_reads_usage_and_hides_only_the_injected_chunk() -> None:
     counting = Tally(hide_usage_chunk=True, count_content=True)
     assert counting.block(block) == chunk(1) + chunk(2) + b"data: [DONE]\n\n"
     assert counting.content_chars == len("t1") + len("t2")
+
+
+# --------------------------------------------------------------------------- sse
+
+STREAM = (
+    b'data: {"model":"up","choices":[{"delta":{"content":"{\\n}"}}]}\n\n'
+    b"event: ping\r\ndata: 1\r\n\r\n"
+    b": comment with \r\n\r\n"
+    b'data: {"model": "up"}\r\r'
+    b"id: 7\rdata: x\r\n\n"
+    b"data: two\ndata: lines\r\r\n"
+    b"data: [DONE]\n\n"
+    b"data: unterminated"
+)
+EXPECTED_EVENTS = [
+    b'data: {"model":"up","choices":[{"delta":{"content":"{\\n}"}}]}\n\n',
+    b"event: ping\r\ndata: 1\r\n\r\n",
+    b": comment with \r\n\r\n",
+    b'data: {"model": "up"}\r\r',
+    b"id: 7\rdata: x\r\n\n",
+    b"data: two\ndata: lines\r\r\n",
+    b"data: [DONE]\n\n",
+]
+REST = b"data: unterminated"
+
+
+def _events(splitter: EventSplitter, chunk: bytes) -> list[bytes]:
+    """The events one read completes, as the attempt reads them (feed_block, event_spans)."""
+    block = splitter.feed_block(chunk)
+    return [block[start:end] for start, end in event_spans(block)]
+
+
+def _feed(chunks: Iterable[bytes]) -> tuple[list[bytes], bytes]:
+    splitter = EventSplitter()
+    events: list[bytes] = []
+    for c in chunks:
+        events.extend(_events(splitter, c))
+    return events, splitter.rest()
+
+
+def _norm(event: bytes) -> bytes:
+    return event.strip(b"\r\n")
+
+
+def test_event_splitter_whole_stream() -> None:
+    events, rest = _feed([STREAM])
+    assert events == EXPECTED_EVENTS
+    assert rest == REST
+
+
+def test_event_splitter_every_split_point() -> None:
+    expected = [_norm(e) for e in EXPECTED_EVENTS]
+    for i in range(len(STREAM) + 1):
+        events, rest = _feed([STREAM[:i], STREAM[i:]])
+        assert b"".join(events) + rest == STREAM, i
+        assert [_norm(e) for e in events] == expected, i
+        assert _norm(rest) == REST, i
+
+
+def test_event_splitter_every_pair_of_split_points() -> None:
+    expected = [_norm(e) for e in EXPECTED_EVENTS]
+    n = len(STREAM)
+    for i in range(0, n + 1, 3):
+        for j in range(i, n + 1, 2):
+            events, rest = _feed([STREAM[:i], STREAM[i:j], STREAM[j:]])
+            assert b"".join(events) + rest == STREAM, (i, j)
+            assert [_norm(e) for e in events] == expected, (i, j)
+
+
+def test_event_splitter_byte_by_byte() -> None:
+    events, rest = _feed([STREAM[i : i + 1] for i in range(len(STREAM))])
+    assert b"".join(events) + rest == STREAM
+    assert [_norm(e) for e in events] == [_norm(e) for e in EXPECTED_EVENTS]
+
+
+def test_event_splitter_never_holds_a_complete_event_back() -> None:
+    splitter = EventSplitter()
+    for event in EXPECTED_EVENTS:
+        out = _events(splitter, event)
+        assert b"".join(out).strip(b"\r\n") == event.strip(b"\r\n")
+        assert len(out) == 1
+
+
+def test_event_splitter_rest_is_emptied() -> None:
+    splitter = EventSplitter()
+    assert _events(splitter, b"data: a\n") == []
+    assert splitter.rest() == b"data: a\n"
+    assert splitter.rest() == b""
+    assert _events(splitter, b"data: b\n\n") == [b"data: b\n\n"]
+
+
+def test_event_splitter_crlf_is_one_line_ending() -> None:
+    # `\r\n` alone is not a blank line.
+    assert _feed([b"data: a\r\ndata: b\r\n"]) == ([], b"data: a\r\ndata: b\r\n")
+
+
+PLAIN_SLUG = b'"slug"'
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (b'data: {"model":"up","a":1}\n\n', b'data: {"model":"slug","a":1}\n\n'),
+        (b'data:{"model":"up"}\r\n\r\n', b'data:{"model":"slug"}\r\n\r\n'),
+        (b'data: { "model" :  "up" , "x":2}\r\r', b'data: { "model" :  "slug" , "x":2}\r\r'),
+        (
+            b'data: {"choices":[{"model":"in"}],"model":"up"}\n\n',
+            b'data: {"choices":[{"model":"in"}],"model":"slug"}\n\n',
+        ),
+        (
+            b'event: model\ndata: {"model":"up"}\n\n',
+            b'event: model\ndata: {"model":"slug"}\n\n',
+        ),
+        (
+            b': "model" comment\nid: 1\ndata: {"model":"up"}\n\n',
+            b': "model" comment\nid: 1\ndata: {"model":"slug"}\n\n',
+        ),
+        (
+            b'data: {"model":"a"}\ndata: {"model":"b"}\n\n',
+            b'data: {"model":"slug"}\ndata: {"model":"slug"}\n\n',
+        ),
+    ],
+)
+def test_splice_model_rewrites_top_level_model(event: bytes, expected: bytes) -> None:
+    assert splice_model(event, PLAIN_SLUG) == expected
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b"data: [DONE]\n\n",
+        b"data: [DONE]\r\n\r\n",
+        b': {"model":"up"}\n\n',
+        b'event: {"model":"up"}\n\n',
+        b'id: {"model":"up"}\n\n',
+        b'data: "model" is a word\n\n',
+        b'data: ["model", "up"]\n\n',
+        b'data: {"choices":[{"model":"in"}]}\n\n',
+        b'data: {"text":"\\"model\\": \\"up\\""}\n\n',
+        b'data: {"model_id":"up"}\n\n',
+        b'xdata: {"model":"up"}\n\n',
+        b'data: {"model":\n\n',
+        b"",
+    ],
+)
+def test_splice_model_leaves_other_lines_alone(event: bytes) -> None:
+    assert splice_model(event, PLAIN_SLUG) == event
