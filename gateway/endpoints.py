@@ -30,8 +30,8 @@ from gateway.families import (
 from gateway.families.responses import ANONYMOUS
 from gateway.incoming import Incoming
 from gateway.info import NotFoundEndpoint
-from gateway.limits import NOTHING, Reservation, ask_for
 from gateway.plan import build_plan
+from gateway.reservation import NOTHING, Reservation, ask_for
 from gateway.respond import send_error, server_timing
 from gateway.runtime import Runtime
 from gateway.state.redis import UNENFORCED

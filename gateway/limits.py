@@ -16,18 +16,16 @@ loop cannot lose updates.
 
 from __future__ import annotations
 
-import enum
 import math
-import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.config.keys import Key
-from gateway.config.routes import Price
 from gateway.errors import QuotaExhausted, RateLimited
+from gateway.reservation import NOTHING, Ask, Reservation
 from gateway.types import Headers
 
 
@@ -110,86 +108,6 @@ class KeyUsage:
     count_calls: Bucket | None = None  # count_tokens requests' own per-minute limit
 
 
-@dataclass(frozen=True, slots=True)
-class Ask:
-    """What a request asks of its key's quota and budget at admission: its prompt
-    estimate (what must fit) and that plus its output allowance (what it holds), in
-    tokens and in USD at the dearest candidate entry's prices."""
-
-    prompt_tokens: int = 0
-    hold_tokens: int = 0
-    prompt_usd: float = 0.0
-    hold_usd: float = 0.0
-    # The dearest candidate's prices: what a request that was never served but must be
-    # charged (its client left) is charged at.
-    price: Price | None = None
-
-
-NOTHING = Ask()
-
-
-def ask_for(key: Key, prompt: int, allowance: int, prices: Iterable[Price | None]) -> Ask:
-    """A request's ask of its key: for a budget its tokens are priced at the dearest of
-    its candidate entries (the one it might end up served by)."""
-    hold = prompt + allowance
-    if key.budget_usd is None:
-        return Ask(prompt, hold)
-    priced = [price for price in prices if price is not None]
-    if not priced:
-        return Ask(prompt, hold)
-    dearest = max(priced, key=lambda price: price.cost(prompt, 0, allowance))
-    return Ask(
-        prompt, hold, dearest.cost(prompt, 0, 0), dearest.cost(prompt, 0, allowance), dearest
-    )
-
-
-class Hold(enum.Enum):
-    """A reservation's life: HELD from admission until the request ends, then SETTLED
-    (replaced by the real charge) or RELEASED (nothing was served: nothing charged).
-    Both ends are final; a second settle is a no-op."""
-
-    HELD = "held"
-    SETTLED = "settled"
-    RELEASED = "released"
-
-
-class Settles:
-    """A limits backend that settles reservations (Limiter, RedisState)."""
-
-    def settle(self, reservation: Reservation, tokens: int, usd: float) -> None:
-        raise NotImplementedError
-
-
-@dataclass(slots=True)
-class Reservation:
-    """One request's hold on its key's limits, its one owner from admission to the end
-    of the request: the endpoint settles or releases it exactly once."""
-
-    backend: Settles
-    key: Key
-    tokens: int = 0  # held of the quota
-    usd: float = 0.0  # held of the budget
-    partial: bool = False  # capped at what remained
-    id: str = ""  # the hold's name where it is kept outside this process (Redis)
-    state: Hold = Hold.HELD
-
-    def settle(self, tokens: int, usd: float) -> None:
-        """The request ended: its hold is replaced by what it really cost."""
-        if self.state is Hold.HELD:
-            self.state = Hold.SETTLED
-            self.backend.settle(self, tokens, usd)
-
-    def release(self) -> None:
-        """The request ended with nothing served: its hold goes, nothing is charged."""
-        if self.state is Hold.HELD:
-            self.state = Hold.RELEASED
-            self.backend.settle(self, 0, 0.0)
-
-
-def hold_id() -> str:
-    return os.urandom(9).hex()
-
-
 def _reset(seconds: float) -> bytes:
     """OpenAI's reset format: `1s`, `6m0s`, `120ms`."""
     if seconds < 1:
@@ -213,7 +131,7 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class Limiter(Settles):
+class Limiter:
     def __init__(
         self,
         clock: Callable[[], float] = time.monotonic,

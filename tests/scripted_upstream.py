@@ -38,6 +38,9 @@ class Json:
     status: int = 200
     headers: Sequence[tuple[str, str]] = ()
     delay: float = 0.0  # before the status line
+    # Held until the test sets it (bounded by the test's own wait), before the status
+    # line: a reply that must still be pending while other requests are answered.
+    gate: asyncio.Event | None = None
 
     def payload(self) -> bytes:
         if isinstance(self.body, bytes):
@@ -222,6 +225,8 @@ class Upstream:
             await writer.drain()
             return False
         if isinstance(reply, Json):
+            if reply.gate is not None:
+                await asyncio.wait_for(reply.gate.wait(), 30)
             if reply.delay and await self._peer_gone(reader, reply.delay):
                 return False
             body = reply.payload()

@@ -18,7 +18,7 @@ RANKS: list[set[str]] = [
     {"families"},  # the API families as data
     {"config"},  # settings and YAML into frozen objects
     {"server", "upstream", "auth", "health", "strategies", "incoming", "respond"},
-    {"limits", "body", "plan"},
+    {"reservation", "limits", "body", "plan"},
     {"state", "exchange", "telemetry"},
     {"attempt", "latecommit"},
     {"relay"},

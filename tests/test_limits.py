@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from gateway.config.keys import Key
 from gateway.config.routes import Price
 from gateway.errors import QuotaExhausted
-from gateway.limits import Ask, Hold, Limiter, Reservation, ask_for
+from gateway.limits import Limiter
+from gateway.reservation import Ask, Hold, Reservation, ask_for
 
 QUOTA = 1_000
 BUDGET = 0.01

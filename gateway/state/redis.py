@@ -55,23 +55,19 @@ from gateway.errors import StateUnavailable
 from gateway.families.responses import TTL as RESPONSE_TTL
 from gateway.families.responses import Creator, not_found
 from gateway.limits import (
-    NOTHING,
-    Ask,
     Bucket,
     KeyUsage,
     Period,
     PeriodNames,
-    Reservation,
-    Settles,
     budget_spent,
     header_map,
-    hold_id,
     over_rpm,
     over_tpm,
     period_kinds,
     quota_spent,
     report,
 )
+from gateway.reservation import NOTHING, Ask, Reservation, hold_id
 from gateway.state.pipeline import AutoPipeline, pack
 from gateway.state.scripts import ADMIT_SCRIPT, CHARGE_SCRIPT, FIND_SCRIPT, REMEMBER_SCRIPT
 from gateway.tasks import cancel
@@ -122,7 +118,7 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class RedisState(Settles):
+class RedisState:
     def __init__(
         self,
         url: str,

@@ -47,6 +47,10 @@ def chat_body(content: str = "hi", **extra: Any) -> dict[str, Any]:
 
 
 async def key_usage(client: httpx.AsyncClient, gw: RunningGateway, name: str) -> dict[str, Any]:
+    """/v1/key once every request has ended: a client may read its answer before the
+    endpoint settles that request's hold (the same event loop: in_flight at 0 means
+    every endpoint's finally has run)."""
+    await until(lambda: gw.runtime.metrics.in_flight.value == 0)
     r = await client.get(f"{gw.base_url}/key", headers=auth(name))
     assert r.status_code == 200, r.text
     return r.json()
@@ -62,7 +66,10 @@ async def test_concurrent_requests_pass_a_small_limit_by_at_most_one_overshoot(
 ) -> None:
     """Before SPEC §13 every one of 30 concurrent requests on a 1,000-token quota was
     admitted (each checked against a spend nobody had charged yet)."""
-    upstream.default = Json(dict(chat_completion(), usage=USAGE), delay=0.5)
+    # The upstream holds every answer until all the others were answered: the requests
+    # overlap however slowly a loaded machine runs them.
+    gate = asyncio.Event()
+    upstream.default = Json(dict(chat_completion(), usage=USAGE), gate=gate)
     limits = (
         {"token_quota": {"tokens": 1000, "period": "day"}}
         if limit == "quota"
@@ -82,8 +89,13 @@ async def test_concurrent_requests_pass_a_small_limit_by_at_most_one_overshoot(
             )
 
     limits_ = httpx.Limits(max_connections=None, max_keepalive_connections=100)
-    async with httpx.AsyncClient(timeout=30, limits=limits_) as client:
-        answers = await asyncio.gather(*(post(client) for _ in range(concurrent)))
+    async with httpx.AsyncClient(timeout=60, limits=limits_) as client:
+        posts = [asyncio.ensure_future(post(client)) for _ in range(concurrent)]
+        # Every request but those the upstream holds has its answer: then it may answer.
+        await until(lambda: sum(p.done() for p in posts) >= concurrent - 2, within=50)
+        assert len(upstream.requests) == 2
+        gate.set()
+        answers = await asyncio.gather(*posts)
         served = [r for r in answers if r.status_code == 200]
         refused = [r for r in answers if r.status_code != 200]
         for r in refused:
@@ -103,7 +115,8 @@ async def test_concurrent_requests_pass_a_small_limit_by_at_most_one_overshoot(
 async def test_a_small_quota_serves_one_request_at_a_time(
     gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
 ) -> None:
-    upstream.script(Json(dict(chat_completion(), usage=USAGE), delay=0.5))
+    gate = asyncio.Event()  # the first answer waits until the second was refused
+    upstream.script(Json(dict(chat_completion(), usage=USAGE), gate=gate))
     upstream.default = Json(dict(chat_completion(), usage={"total_tokens": 10}))
     gw = await gateway(routes(upstream), keys(a={"token_quota": 3000}))
     url = f"{gw.base_url}/chat/completions"
@@ -113,7 +126,10 @@ async def test_a_small_quota_serves_one_request_at_a_time(
     r = await client.post(url, json=chat_body(), headers=auth("a"))
     error = assert_envelope(r, 429, "subscription_limit")
     assert error["details"]["held"] == 3000
+    gate.set()
     assert (await first).status_code == 200
+    # Its hold is settled once its endpoint ends, which may be just after the answer.
+    await until(lambda: gw.runtime.limiter.usage["a"].held_tokens == 0)
     r = await client.post(url, json=chat_body(), headers=auth("a"))
     assert r.status_code == 200, r.text  # settled at 800: the next one fits
     info = await key_usage(client, gw, "a")
