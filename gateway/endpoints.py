@@ -242,7 +242,15 @@ class ProxyEndpoint:
             if trace is not None:
                 slug = out.slug or (parsed.slugs[0] if parsed.slugs else None)
                 gone = ClientLeft("the client left") if watch.gone else None
-                trace.end(slug, out.status, out.provider, out.upstream_model, out.usage, gone)
+                trace.end(
+                    slug,
+                    out.status,
+                    out.provider,
+                    out.upstream_model,
+                    out.usage,
+                    gone,
+                    parsed.session_id,
+                )
 
 
 class AzureDeployment:

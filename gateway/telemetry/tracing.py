@@ -142,8 +142,11 @@ class RequestTrace:
         upstream_model: str | None = None,
         usage: dict[str, Any] | None = None,
         error: GatewayError | None = None,
+        session: str | None = None,
     ) -> None:
         span = self.span
+        if session:
+            span.set_attribute("gen_ai.conversation.id", session)
         if slug:
             span.update_name(f"{self.operation} {slug}")
             span.set_attribute("gen_ai.request.model", slug)

@@ -191,6 +191,33 @@ async def test_access_line_session_from_header_and_minted_request_id(
     assert l2["session_id"] is None
 
 
+@pytest.mark.parametrize(
+    ("headers", "session"),
+    [
+        ({"x-claude-code-session-id": "cc-1"}, "cc-1"),  # Claude Code
+        ({"session-id": "codex-1", "thread-id": "codex-thread"}, "codex-1"),  # Codex
+        ({"session_id": "codex-2"}, "codex-2"),
+        ({"thread-id": "codex-thread"}, "codex-thread"),
+        ({"x-session-id": "mine", "x-claude-code-session-id": "cc-2"}, "mine"),
+    ],
+)
+async def test_access_line_session_from_the_agents_headers(
+    gateway: GatewayFactory,
+    upstream: Upstream,
+    client: httpx.AsyncClient,
+    access: AccessLog,
+    headers: dict[str, str],
+    session: str,
+) -> None:
+    """SPEC §14: the first of the body's session_id, then x-session-id,
+    x-claude-code-session-id, session-id, session_id, thread-id."""
+    gw = await gateway(two_providers(upstream), keys_yaml())
+    r = await chat(client, gw, headers=headers)
+    assert r.status_code == 200, r.text
+    await access.wait(1)
+    assert access.by_id(r.headers["x-request-id"])["session_id"] == session
+
+
 async def test_access_line_of_a_stream_with_usage(
     gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient, access: AccessLog
 ) -> None:

@@ -116,7 +116,7 @@ async def test_a_request_a_failed_attempt_and_the_serving_one(
     r = await client.post(
         f"{gw.base_url}/chat/completions",
         json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-        headers={"traceparent": parent, "tracestate": "vendor=1"},
+        headers={"traceparent": parent, "tracestate": "vendor=1", "session-id": "codex-s"},
     )
     assert r.status_code == 200, r.text
     await until(lambda: len(receiver.spans) >= 3, within=10)
@@ -131,6 +131,7 @@ async def test_a_request_a_failed_attempt_and_the_serving_one(
     assert a["gen_ai.response.model"] == "up-two"
     assert a["gen_ai.provider.name"] == "p2"
     assert a["gen_ai.usage.input_tokens"] == 5 and a["gen_ai.usage.output_tokens"] == 2
+    assert a["gen_ai.conversation.id"] == "codex-s"  # the request's session (SPEC §14)
     assert "error.type" not in a and not server["error"]
     # One child per attempt: the failed one with error.type, the one that served.
     assert [s["parent"] for s in attempts] == [server["span_id"]] * 2
