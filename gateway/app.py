@@ -93,6 +93,7 @@ def create_app(settings: Settings, config: Config) -> Gateway:
     for path, endpoint in relayed.items():
         hot[path] = shared.setdefault(endpoint.upstream_path, ProxyEndpoint(runtime, endpoint))
     by_id = ResponseById(runtime)
+    model_list, model_retrieve = ModelList(runtime), ModelRetrieve(runtime)
     # The router sees only what the dict did not take: a Route per relayed path (52)
     # would cost start-up regex compiles for paths it never gets.
     routes = [
@@ -102,8 +103,10 @@ def create_app(settings: Settings, config: Config) -> Gateway:
             for tail in ("", "{tail:path}")
         ),
         Route("/openai/deployments/{slug}/{rest:path}", AzureDeployment(runtime)),
-        Route("/v1/models", ModelList(runtime)),
-        Route("/v1/models/{slug:path}", ModelRetrieve(runtime)),
+        # The model list under every prefix the families are served under (SPEC §14): an
+        # SDK whose base URL is the host root or /api/v1 lists models there.
+        *(Route(prefix + "/models", model_list) for prefix in PREFIXES),
+        *(Route(prefix + "/models/{slug:path}", model_retrieve) for prefix in PREFIXES),
         Route("/v1/router/models", RouterModels(runtime)),
         Route("/v1/router/models/{model_id:path}/providers", RouterProviders(runtime)),
         Route("/v1/key", KeyInfo(runtime)),

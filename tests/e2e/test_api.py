@@ -353,6 +353,21 @@ async def test_models_list_only_allowed_slugs(api: Api) -> None:
     assert [m["id"] for m in r.json()["data"]] == ["e"]
 
 
+@pytest.mark.parametrize("prefix", ["", "/api/v1", "/openai/v1"])
+async def test_models_under_every_prefix(api: Api, prefix: str) -> None:
+    """SPEC §14: an SDK whose base URL is the host root, /api/v1 or /openai/v1 lists and
+    retrieves models there, with the same key rules as /v1."""
+    listed = await api.get(f"{prefix}/models")
+    assert listed.status_code == 200, listed.text
+    assert listed.json() == (await api.get("/v1/models")).json()
+    limited = await api.get(f"{prefix}/models", LIMITED)
+    assert [m["id"] for m in limited.json()["data"]] == ["e"]
+    one = await api.get(f"{prefix}/models/team/special")
+    assert one.status_code == 200 and one.json()["id"] == "team/special"
+    assert (await api.get(f"{prefix}/models/nope")).status_code == 404
+    assert (await api.get(f"{prefix}/models", None)).status_code == 401
+
+
 async def test_model_retrieve(api: Api) -> None:
     for slug in ("e", "m", "team/special"):
         r = await api.get(f"/v1/models/{slug}")
