@@ -30,7 +30,9 @@ def candidate(slug: str, model: Model, target: Target) -> Candidate:
     upstream = model.upstream_model(target, slug)
     # What a wildcard's `*` captured is the client's choice: its entry is kept in the
     # pattern's bounded LRU (Health.captured) and labelled by the pattern.
-    captured = model.slug if target.model is None and model.is_wildcard else ""
+    captured = (
+        model.slug if (target.model is None or target.templated) and model.is_wildcard else ""
+    )
     provider = target.provider.name
     key = (provider, upstream, captured)
     return Candidate(slug, model, target, upstream, key, (provider, captured or upstream))

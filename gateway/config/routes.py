@@ -50,12 +50,18 @@ class Price:
         return (usd + completion * self.output) / 1_000_000
 
 
+TEMPLATE = "{*}"  # in a wildcard entry's `model`: where the captured part goes
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     provider: Provider
     model: str | None  # None: the slug itself, or what a wildcard's `*` matched
     weight: float = 1.0
     price: Price | None = None
+    # `model` holds `{*}` (SPEC §14): what the wildcard captured goes inside it, so
+    # `claude-*` with `model: "claude-{*}"` passes Claude Code's names unchanged.
+    templated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +89,13 @@ class Model:
         return "*" in self.slug
 
     def upstream_model(self, target: Target, slug: str) -> str:
-        if target.model is not None:
-            return target.model
+        model = target.model
+        if model is not None and not target.templated:
+            return model
         if self.is_wildcard:
             prefix, _, suffix = self.slug.partition("*")
-            return slug[len(prefix) : len(slug) - len(suffix)]
+            captured = slug[len(prefix) : len(slug) - len(suffix)]
+            return captured if model is None else model.replace(TEMPLATE, captured)
         return slug
 
 
@@ -196,6 +204,13 @@ def _parse_targets(
         if upstream is not None and not isinstance(upstream, str | int | float):
             src.problem(line_of(item, "model"), "model must be a string")
             upstream = None
+        templated = isinstance(upstream, str) and TEMPLATE in upstream
+        if templated and "*" not in slug:
+            src.problem(
+                line_of(item, "model"),
+                f"model {slug!r}: {TEMPLATE} in model needs a wildcard slug to capture from",
+            )
+            templated = False
         weight = 1.0
         if "weight" in item:
             w = number(src, item, "weight", 0)
@@ -207,6 +222,7 @@ def _parse_targets(
                 model=None if upstream is None else str(upstream),
                 weight=weight,
                 price=price,
+                templated=templated,
             )
         )
     return tuple(targets)

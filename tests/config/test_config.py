@@ -881,3 +881,17 @@ def test_max_connections_is_read_and_checked() -> None:
     )
     found = [str(p) for p in problems]
     assert any("max_connections must be at least 1" in p for p in found), found
+
+
+def test_a_model_template_needs_a_wildcard_slug(tmp_path: Path) -> None:
+    routes = (
+        "providers:\n  p: {base_url: 'http://127.0.0.1:9/v1'}\n"
+        "models:\n"
+        "  'claude-*':\n    providers: [{provider: p, model: 'claude-{*}'}]\n"
+        "  exact:\n    providers: [{provider: p, model: 'x-{*}'}]\n"
+    )
+    problems = [str(p) for p in load_problems(tmp_path, routes)]
+    assert len(problems) == 1 and "routes.yaml:7:" in problems[0], problems
+    assert "needs a wildcard slug" in problems[0]
+    templated = load(tmp_path, routes.rsplit("  exact:", 1)[0]).routes.wildcards
+    assert [t.templated for m in templated for t in m.targets] == [True]

@@ -83,3 +83,20 @@ def test_lookup_work_does_not_grow_with_the_number_of_patterns() -> None:
     counted = WildcardIndex(Counting(), index.prefix_lengths)
     assert counted.match("team04242/gpt-4o") is not None
     assert lookups == 1
+
+
+def test_a_model_template_puts_the_capture_inside_it() -> None:
+    """SPEC §14: `claude-*` with `model: "claude-{*}"` passes Claude Code's names whole."""
+    claude = Model(
+        slug="claude-*",
+        id="claude-*",
+        name="claude-*",
+        targets=(Target(PROVIDER, "claude-{*}", templated=True),),
+    )
+    bedrock = Target(PROVIDER, "anthropic.claude-{*}-v1:0", templated=True)
+    assert claude.upstream_model(claude.targets[0], "claude-sonnet-4-5") == "claude-sonnet-4-5"
+    assert claude.upstream_model(bedrock, "claude-haiku-4") == "anthropic.claude-haiku-4-v1:0"
+    plain = pattern("openai/*")
+    assert plain.upstream_model(plain.targets[0], "openai/gpt-4o") == "gpt-4o"  # as before
+    fixed = Target(PROVIDER, "claude-{*}")  # not parsed as a template: taken as written
+    assert claude.upstream_model(fixed, "claude-x") == "claude-{*}"

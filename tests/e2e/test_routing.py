@@ -480,3 +480,21 @@ async def test_openai_sdk_does_not_retry_no_provider_available(
     assert info.value.code == "no_provider_available"
     assert len(seen) == 1
     assert len(upstream.requests) == 3
+
+
+async def test_a_model_template_passes_claude_codes_names_whole(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    """SPEC §14: `claude-*` with `model: "claude-{*}"` sends the client's name unchanged,
+    and the answer carries the slug the client asked for."""
+    routes = (
+        f"providers:\n  p: {{base_url: '{upstream.url}'}}\n"
+        "models:\n  'claude-*':\n    providers: [{provider: p, model: 'claude-{*}'}]\n"
+    )
+    gw = await gateway(routes)
+    body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}
+    r = await client.post(f"{gw.base_url}/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert upstream.requests[-1].json()["model"] == "claude-sonnet-4-5"
+    assert r.json()["model"] == "claude-sonnet-4-5"
+    assert r.headers["x-upstream-model"] == "claude-sonnet-4-5"
