@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 from gateway.strategies import Strategies
 from gateway.telemetry.tracing import Tracing
 from gateway.upstream.client import Upstream
-from gateway.wire.usage import cache_written, usage_parts
+from gateway.wire.usage import prompt_kinds, usage_parts
 
 log = logging.getLogger("gateway")
 
@@ -124,34 +124,25 @@ class Runtime:
         if out.hedged:
             m.hedges.inc()
         owner = key.name if key is not None else ""
-        cache: tuple[int, int] | None = None
-        usage = out.usage
-        if usage is not None:
-            prompt, read, completion = usage_parts(usage)
+        if out.usage is not None:
+            prompt, _, completion = usage_parts(out.usage)
             if prompt:
                 m.tokens(owner, "prompt").inc(prompt)
-                # Kinds from the parts already read: a second pass over the usage cost
-                # ~5k instructions a request (callgrind), twice with the access log.
-                written = cache_written(usage)
-                cache = (read, written)
-                entry = out.provider or ""
-                uncached = prompt - read - written
-                if uncached > 0:
-                    m.prompt_tokens(owner, label, entry, "uncached").inc(uncached)
-                if read:
-                    m.prompt_tokens(owner, label, entry, "cache_read").inc(read)
-                if written:
-                    m.prompt_tokens(owner, label, entry, "cache_write").inc(written)
             if completion:
                 m.tokens(owner, "completion").inc(completion)
+            if prompt:
+                read, written, uncached = prompt_kinds(out.usage)
+                entry = out.provider or ""
+                for kind, count in (("cache_read", read), ("cache_write", written),
+                                    ("uncached", uncached)):  # fmt: skip
+                    if count:
+                        m.prompt_tokens(owner, label, entry, kind).inc(count)
             if out.cost_usd:
                 m.cost(owner, label, out.provider or "").inc(out.cost_usd)
         elif tokens:
             m.tokens(owner, "estimated").inc(tokens)
         m.changed()
-        self.access.served(
-            req, out, key.name if key else None, duration, tokens, client_gone, cache
-        )
+        self.access.served(req, out, key.name if key else None, duration, tokens, client_gone)
 
     def unenforced(self, key: Key, request_id: bytes) -> None:
         """A limited key's request served without its limits (Redis away, failing open):
