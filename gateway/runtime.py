@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 from gateway.strategies import Strategies
 from gateway.telemetry.tracing import Tracing
 from gateway.upstream.client import Upstream
-from gateway.wire.usage import prompt_kinds, usage_parts
+from gateway.wire.usage import usage_parts
 
 log = logging.getLogger("gateway")
 
@@ -130,13 +130,6 @@ class Runtime:
                 m.tokens(owner, "prompt").inc(prompt)
             if completion:
                 m.tokens(owner, "completion").inc(completion)
-            if prompt:
-                read, written, uncached = prompt_kinds(out.usage)
-                entry = out.provider or ""
-                for kind, count in (("cache_read", read), ("cache_write", written),
-                                    ("uncached", uncached)):  # fmt: skip
-                    if count:
-                        m.prompt_tokens(owner, label, entry, kind).inc(count)
             if out.cost_usd:
                 m.cost(owner, label, out.provider or "").inc(out.cost_usd)
         elif tokens:

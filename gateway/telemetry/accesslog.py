@@ -16,7 +16,6 @@ import orjson
 
 from gateway.errors import GatewayError
 from gateway.exchange import Outcome, Request
-from gateway.wire.usage import prompt_kinds
 
 log = logging.getLogger("gateway.access")
 
@@ -111,7 +110,6 @@ class AccessLog:
         if not self.enabled():
             return
         usage = out.usage or {}
-        kinds = None if out.usage is None else prompt_kinds(out.usage)
         self._write(
             {
                 "time": self._utc_now(),
@@ -136,8 +134,6 @@ class AccessLog:
                 "tokens_charged": charged or None,
                 "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
                 "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
-                "cache_read_tokens": kinds[0] if kinds else None,
-                "cache_write_tokens": kinds[1] if kinds else None,
                 "cost_usd": None if out.cost_usd is None else round(out.cost_usd, 8),
                 "client_disconnected": client_gone,
             }

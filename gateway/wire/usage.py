@@ -131,15 +131,6 @@ def _count(value: Any) -> int:
     return value if value.__class__ is int and value > 0 else 0
 
 
-def prompt_kinds(usage: dict[str, Any]) -> tuple[int, int, int]:
-    """(cache read, cache write, uncached) prompt tokens of a usage object of any family
-    (SPEC §14): OpenAI's and the Responses API's totals hold their cached part; Anthropic's
-    input_tokens holds neither its cache reads nor its cache writes."""
-    prompt, cached, _ = usage_parts(usage)
-    written = _count(usage.get("cache_creation_input_tokens"))
-    return cached, written, max(0, prompt - cached - written)
-
-
 def usage_parts(usage: dict[str, Any]) -> tuple[int, int, int]:
     """(prompt, cached prompt, completion) tokens of a usage object of any family: chat's
     prompt/completion (cached in prompt_tokens_details), responses' input/output (cached
