@@ -17,7 +17,6 @@ from gateway.errors import (
     ClientLeft,
     GatewayError,
     MethodNotAllowed,
-    ResponseNotFound,
 )
 from gateway.exchange import Outcome, Request
 from gateway.families import (
@@ -27,7 +26,7 @@ from gateway.families import (
     Body,
     Endpoint,
 )
-from gateway.families.responses import ANONYMOUS
+from gateway.families.responses import ANONYMOUS, not_found
 from gateway.incoming import Incoming
 from gateway.info import NotFoundEndpoint
 from gateway.plan import build_plan
@@ -148,10 +147,7 @@ class ProxyEndpoint:
                     # stays parse_body: this is a copy).
                     parsed = dataclasses.replace(parsed, slugs=(creator.slug,))
                 elif not parsed.slugs:
-                    raise ResponseNotFound(
-                        f"no response {previous!r} is known to this gateway",
-                        {"response_id": previous},
-                    )
+                    raise not_found(previous)
             plan = build_plan(
                 config.routes, parsed, key, runtime.health, runtime.strategies, family, pinned
             )

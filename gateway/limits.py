@@ -206,6 +206,7 @@ class Limiter:
         state = self._state(key, now)
         wall = self.wall()
         tokens, usd, partial = 0, 0.0, False
+        used, spent = 0, 0.0  # this period's, read below for the limits the key has
         if key.token_quota is not None:
             used = self.period(state, key.quota_period, wall).tokens
             left = key.token_quota - used - state.held_tokens
