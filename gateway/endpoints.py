@@ -148,8 +148,20 @@ class ProxyEndpoint:
                     parsed = dataclasses.replace(parsed, slugs=(creator.slug,))
                 elif not parsed.slugs:
                     raise not_found(previous)
+            affinity = None
+            if parsed.session_id is not None and pinned is None:
+                affinity = await runtime.affinity.lookup(
+                    config.routes, owner, parsed.session_id, parsed.slugs
+                )
             plan = build_plan(
-                config.routes, parsed, key, runtime.health, runtime.strategies, family, pinned
+                config.routes,
+                parsed,
+                key,
+                runtime.health,
+                runtime.strategies,
+                family,
+                pinned,
+                affinity,
             )
             rate_headers: list[tuple[bytes, bytes]] = []
             if key is not None and counts_only:
@@ -235,6 +247,12 @@ class ProxyEndpoint:
                 else:
                     reservation.release()
             runtime.served(req, out, key, tokens, time.perf_counter() - t0, watch.gone)
+            session = parsed.session_id
+            if session is not None and out.slug and out.upstream_model and out.status < 400:
+                provider = out.provider or ""
+                runtime.affinity.record(
+                    config.routes, owner, session, out.slug, (provider, out.upstream_model)
+                )
             if trace is not None:
                 slug = out.slug or (parsed.slugs[0] if parsed.slugs else None)
                 gone = ClientLeft("the client left") if watch.gone else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -61,6 +62,15 @@ def _apply_prefs(order: list[int], model: Model, prefs: ProviderPrefs | None) ->
     return first + [i for i in keep if i not in first]
 
 
+def _pinned_first(order: list[int], cands: list[Candidate], entry: tuple[str, str]) -> list[int]:
+    """The session's pinned entry first, the strategy's order after it (SPEC §14)."""
+    for pos, i in enumerate(order):
+        cand = cands[i]
+        if (cand.target.provider.name, cand.upstream_model) == entry:
+            return [i, *order[:pos], *order[pos + 1 :]] if pos else order
+    return order  # not among what the request allows: the strategy places it
+
+
 def _over(price: Price | None, ceiling: tuple[float | None, float | None]) -> bool:
     """Pricier than provider.max_price; an entry without a price passes."""
     if price is None:
@@ -106,9 +116,12 @@ def build_plan(
     strategies: Strategies,
     family: Family = CHAT,
     pinned: tuple[str, str] | None = None,
+    affinity: Mapping[str, tuple[str, str]] | None = None,
 ) -> list[Candidate]:
     """`family`: only providers serving it (SPEC §9); `pinned`: only the (provider,
-    upstream model) entry that created the Responses id the request continues."""
+    upstream model) entry that created the Responses id the request continues;
+    `affinity`: by slug, the entry the request's session is pinned to (affinity.py),
+    tried first among what the request's own choices allow."""
     models: list[tuple[str, Model]] = []
     for slug in parsed.slugs:
         model = routes.resolve(slug)
@@ -130,6 +143,9 @@ def build_plan(
         cands = [candidate(slug, model, t) for t in model.targets]
         order = strategies.order(model, slug, [c.key for c in cands])
         order = _apply_prefs(order, model, prefs)
+        # The client's own order (provider.order, a sort) outranks a pin.
+        if affinity and slug in affinity and sort is None and not (prefs and prefs.order):
+            order = _pinned_first(order, cands, affinity[slug])
         picked = 0
         limit = model.max_attempts or len(order)
         for i in order:

@@ -7,6 +7,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from gateway.affinity import Affinity
 from gateway.config import Config
 from gateway.config.keys import Key
 from gateway.config.settings import Settings
@@ -67,6 +68,8 @@ class Runtime:
         elif settings.state != "none":
             self.state = StateFile(settings.state, self.limiter)
             self.state.load()
+        # Sessions pinned to the entry that served them last (SPEC §14), in Redis too.
+        self.affinity = Affinity(settings.affinity_sessions, self.shared)
         # Where keys' limits are counted, chosen once: every caller but the check itself
         # (sync in memory, a round trip in Redis) goes through this one.
         self.limits: Limiter | RedisState = self.limiter if self.shared is None else self.shared

@@ -14,6 +14,7 @@ from gateway.config.yamlsrc import LineList, LineMap, Source, check_keys, line_o
 STRATEGIES = ("fallback", "round_robin", "weighted", "least_busy", "latency")
 DEFAULT_COMMIT_AFTER = 5.0
 DEFAULT_ATTEMPTS_TIMEOUT = 300.0
+DEFAULT_AFFINITY_SECONDS = 3600.0  # the longest provider prompt-cache TTL (Anthropic's 1 h)
 _MODEL_KEYS = frozenset(
     {
         "id",
@@ -25,6 +26,8 @@ _MODEL_KEYS = frozenset(
         "commit_after",
         "hedge_after_ms",
         "attempts_timeout",
+        "affinity",
+        "affinity_seconds",
     }
 )
 # Names and slugs travel in response headers (x-gateway-provider): no control characters.
@@ -83,6 +86,9 @@ class Model:
     hedge_after_ms: int | None = None
     # Seconds all attempts of one request may take before the answer starts.
     attempts_timeout: float = DEFAULT_ATTEMPTS_TIMEOUT
+    # Prompt-cache affinity (SPEC §14): a session's requests stay on the entry that
+    # served it last, for this long after its last request; 0 turns it off.
+    affinity_seconds: float = DEFAULT_AFFINITY_SECONDS
 
     @property
     def is_wildcard(self) -> bool:
@@ -305,6 +311,15 @@ def _parse_model(
             opts["attempts_timeout"] = float(value)
     if "hedge_after_ms" in raw:
         opts["hedge_after_ms"] = number(src, raw, "hedge_after_ms", 1, integer=True)
+    if "affinity_seconds" in raw:
+        value = number(src, raw, "affinity_seconds", 1)
+        if value is not None:
+            opts["affinity_seconds"] = float(value)
+    if "affinity" in raw:
+        if raw["affinity"] is not False and raw["affinity"] is not True:
+            src.problem(line_of(raw, "affinity"), "affinity must be true or false")
+        elif raw["affinity"] is False:
+            opts["affinity_seconds"] = 0.0
     if not targets:
         return None
     return Model(

@@ -65,6 +65,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     metrics_admin: bool = False  # /metrics needs an admin key too (when keys exist)
     response_ids_per_key: int = 10_000  # each key's share of the Responses id map
+    affinity_sessions: int = 100_000  # sessions pinned to an entry, least recently used dropped
 
     @property
     def redis(self) -> bool:
@@ -309,6 +310,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("response_ids_per_key", "--response-ids-per-key", "GATEWAY_RESPONSE_IDS_PER_KEY",
            whole(1), 10_000,
            "Responses ids remembered per key (default 10000, least recently used dropped)"),
+    Option("affinity_sessions", "--affinity-sessions", "GATEWAY_AFFINITY_SESSIONS", whole(1),
+           100_000, "sessions pinned to a provider entry for its prompt cache (default 100000, "
+           "least recently used dropped)"),
 )  # fmt: skip
 
 

@@ -44,11 +44,12 @@ import asyncio
 import enum
 import hashlib
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.config.keys import Key
 from gateway.errors import StateUnavailable
@@ -72,6 +73,9 @@ from gateway.state.pipeline import AutoPipeline, pack
 from gateway.state.scripts import ADMIT_SCRIPT, CHARGE_SCRIPT, FIND_SCRIPT, REMEMBER_SCRIPT
 from gateway.tasks import cancel
 from gateway.types import Headers
+
+if TYPE_CHECKING:
+    from gateway.affinity import Entry, PinKey
 
 log = logging.getLogger("gateway")
 
@@ -172,6 +176,7 @@ class RedisState:
         # Written by charge()/remember() (add) and admit()/flush() (take).
         self.pending: dict[str, Charge] = {}
         self.pending_ids: dict[str, tuple[str, bytes]] = {}  # id -> (owner, value)
+        self.pending_pins: dict[str, tuple[bytes, int]] = {}  # pin key -> (entry, seconds)
         self.last_headers: dict[str, Headers] = {}  # by key name: for error answers
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
@@ -441,13 +446,40 @@ class RedisState:
 
     # -- the batch: pending charges and ids, one pipelined round trip
 
+    # -- prompt-cache affinity (gateway.affinity): pins every replica shares
+
+    def pin(self, key: PinKey, entry: Entry, seconds: float) -> None:
+        """Sent at once in the next batch, with its TTL: the session's next request
+        may reach another replica."""
+        pins = self.pending_pins
+        name = _pin_key(key)
+        pins.pop(name, None)  # the newest is sent last
+        pins[name] = ("\n".join(entry).encode(), max(1, math.ceil(seconds)))
+        while len(pins) > MAX_PENDING_IDS:
+            del pins[next(iter(pins))]
+        self._wake.set()
+
+    async def pinned(self, keys: Sequence[PinKey]) -> list[Entry | None]:
+        """Each key's pinned entry; one not sent yet is this process's newest. Redis
+        away: only those (affinity is a preference, never a refusal)."""
+        names = [_pin_key(key) for key in keys]
+        replies = await self._round_trip(lambda: self._calls([pack(b"MGET", *names)]))
+        found: list[Any] = [None] * len(names) if isinstance(replies, _Unreachable) else replies[0]
+        out: list[Entry | None] = []
+        for name, reply in zip(names, found, strict=True):
+            pending = self.pending_pins.get(name)
+            raw = pending[0] if pending is not None else reply
+            parts = bytes(raw).decode().split("\n") if raw else []
+            out.append((parts[0], parts[1]) if len(parts) == 2 else None)
+        return out
+
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            if not self.pending_ids:
+            if not self.pending_ids and not self.pending_pins:
                 # A charge waits a little: the key's next check may carry it for free.
                 await asyncio.sleep(CHARGE_EVERY)
             self._wake.clear()
@@ -465,8 +497,12 @@ class RedisState:
     async def _flush(self) -> bool:
         charges, self.pending = self.pending, {}
         ids, self.pending_ids = self.pending_ids, {}
-        if not charges and not ids:
+        pins, self.pending_pins = self.pending_pins, {}
+        if not charges and not ids and not pins:
             return True
+        pin_calls = [
+            pack(b"SET", name, value, b"EX", seconds) for name, (value, seconds) in pins.items()
+        ]
 
         id_calls = [
             ([PREFIX + "response:" + response_id, _owner_ids(owner)],
@@ -483,9 +519,13 @@ class RedisState:
                 *(self._script_one(REMEMBER_SCRIPT, call) for call in id_calls),
                 return_exceptions=True,
             )
+            # A pin Redis cannot store (full) is only a preference lost.
+            pinned = asyncio.gather(
+                *(self.pipeline.call(call) for call in pin_calls), return_exceptions=True
+            )
             await self._script(CHARGE_SCRIPT, calls)
             results = list(await stored)
-            for result in results:
+            for result in (*results, *await pinned):
                 if isinstance(result, BaseException) and not isinstance(
                     result, self._response_error
                 ):
@@ -506,6 +546,8 @@ class RedisState:
             self._add(pending.key, pending.tokens, pending.usd, pending.holds)
         ids.update(self.pending_ids)
         self.pending_ids = ids
+        pins.update(self.pending_pins)
+        self.pending_pins = pins
         return False
 
     async def close(self) -> None:
@@ -526,6 +568,11 @@ def _dropped(response_id: str) -> None:
 
 def _taken(response_id: str, owner: str) -> None:
     pass
+
+
+def _pin_key(key: PinKey) -> str:
+    # Hashed: a session id is the client's (up to MAX_SESSION_ID characters).
+    return PREFIX + "pin:" + hashlib.sha1("\n".join(key).encode()).hexdigest()
 
 
 def _owner_ids(owner: str) -> str:
