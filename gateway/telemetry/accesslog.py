@@ -105,8 +105,10 @@ class AccessLog:
         duration: float,
         charged: int = 0,
         client_gone: bool = False,
+        cache: tuple[int, int] | None = None,
     ) -> None:
-        """The line of a request that reached the relay."""
+        """The line of a request that reached the relay; `cache`: its prompt tokens read
+        from and written to the provider's cache (Runtime.served reads them once)."""
         if not self.enabled():
             return
         usage = out.usage or {}
@@ -134,6 +136,8 @@ class AccessLog:
                 "tokens_charged": charged or None,
                 "prompt_tokens": usage.get("prompt_tokens", usage.get("input_tokens")),
                 "completion_tokens": usage.get("completion_tokens", usage.get("output_tokens")),
+                "cache_read_tokens": None if cache is None else cache[0],
+                "cache_write_tokens": None if cache is None else cache[1],
                 "cost_usd": None if out.cost_usd is None else round(out.cost_usd, 8),
                 "client_disconnected": client_gone,
             }

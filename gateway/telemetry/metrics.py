@@ -192,6 +192,14 @@ class Metrics:
             Counter,
             ("key", "limit"),
         )
+        self.prompt_tokens = Family(
+            "gateway_prompt_tokens",
+            "Prompt tokens by key, model, provider and kind: cache_read, cache_write, "
+            "uncached (the provider's prompt cache at work)",
+            "counter",
+            Counter,
+            ("key", "slug", "provider", "kind"),
+        )
         self.cost = Family(
             "gateway_cost_usd",
             "USD spent at the entries' prices, by key, model and provider",
@@ -233,6 +241,7 @@ class Metrics:
             in_flight,
             self.provider_up,
             self.rejections,
+            self.prompt_tokens,
             self.cost,
             unenforced,
             ids_dropped,

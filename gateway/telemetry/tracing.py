@@ -22,7 +22,7 @@ from typing import Any
 from gateway.errors import GatewayError
 from gateway.families import Family
 from gateway.types import Headers
-from gateway.wire.usage import usage_parts
+from gateway.wire.usage import prompt_kinds, usage_parts
 
 log = logging.getLogger("gateway")
 
@@ -158,6 +158,9 @@ class RequestTrace:
             prompt, _, completion = usage_parts(usage)
             span.set_attribute("gen_ai.usage.input_tokens", prompt)
             span.set_attribute("gen_ai.usage.output_tokens", completion)
+            read, written, _ = prompt_kinds(usage)
+            span.set_attribute("gen_ai.usage.cache_read.input_tokens", read)
+            span.set_attribute("gen_ai.usage.cache_write.input_tokens", written)
         if status:
             span.set_attribute("http.response.status_code", status)
         failed(span, self.tracing.api, status, error)

@@ -131,6 +131,22 @@ def _count(value: Any) -> int:
     return value if value.__class__ is int and value > 0 else 0
 
 
+def cache_written(usage: dict[str, Any]) -> int:
+    """Prompt tokens written to the provider's cache (Anthropic's
+    cache_creation_input_tokens; usage_parts counts them inside the prompt)."""
+    written = usage.get("cache_creation_input_tokens")
+    return written if written.__class__ is int and written > 0 else 0
+
+
+def prompt_kinds(usage: dict[str, Any]) -> tuple[int, int, int]:
+    """(cache read, cache write, uncached) prompt tokens of a usage object of any family
+    (SPEC §14): OpenAI's and the Responses API's totals hold their cached part; Anthropic's
+    input_tokens holds neither its cache reads nor its cache writes."""
+    prompt, cached, _ = usage_parts(usage)
+    written = cache_written(usage)
+    return cached, written, max(0, prompt - cached - written)
+
+
 def usage_parts(usage: dict[str, Any]) -> tuple[int, int, int]:
     """(prompt, cached prompt, completion) tokens of a usage object of any family: chat's
     prompt/completion (cached in prompt_tokens_details), responses' input/output (cached

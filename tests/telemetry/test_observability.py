@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.helpers import free_port
-from tests.scripted_upstream import DONE, Drop, Json, Sse, Upstream, chunk
+from tests.scripted_upstream import DONE, Drop, Json, Sse, Upstream, chat_completion, chunk
 
 ACCESS = "gateway.access"
 UPSTREAM_SECRET_A = "sk-upstream-secret-aaaa"
@@ -838,3 +838,40 @@ async def test_server_timing_on_every_other_response(
     r = await client.request(method, f"{gw.url}{path}", headers=auth())
     assert r.status_code == status
     assert "gateway" in server_timing(r)
+
+
+@pytest.mark.parametrize(
+    ("usage", "read", "written", "uncached"),
+    [
+        ({"prompt_tokens": 100, "completion_tokens": 2, "total_tokens": 102,
+          "prompt_tokens_details": {"cached_tokens": 80}}, 80, 0, 20),
+        ({"input_tokens": 4, "output_tokens": 2, "cache_read_input_tokens": 90,
+          "cache_creation_input_tokens": 30}, 90, 30, 4),
+    ],
+)  # fmt: skip
+async def test_prompt_cache_tokens_reach_the_metric_and_the_log(
+    gateway: GatewayFactory,
+    upstream: Upstream,
+    client: httpx.AsyncClient,
+    access: AccessLog,
+    usage: dict[str, Any],
+    read: int,
+    written: int,
+    uncached: int,
+) -> None:
+    """SPEC §14: gateway_prompt_tokens_total{key,slug,provider,kind} and the access log's
+    cache_read_tokens / cache_write_tokens, from OpenAI's and Anthropic's usage."""
+    upstream.script(Json({**chat_completion(), "usage": usage}))
+    gw = await gateway(two_providers(upstream), keys_yaml())
+    r = await chat(client, gw)
+    assert r.status_code == 200, r.text
+    await access.wait(1)
+    line = access.by_id(r.headers["x-request-id"])
+    assert (line["cache_read_tokens"], line["cache_write_tokens"]) == (read, written)
+    text = (await client.get(f"{gw.url}/metrics")).text
+    for kind, count in (("cache_read", read), ("cache_write", written), ("uncached", uncached)):
+        series = f'gateway_prompt_tokens_total{{key="svc",slug="m",provider="a",kind="{kind}"}}'
+        if count:
+            assert f"{series} {float(count)}" in text or f"{series} {count}" in text, text
+        else:
+            assert series not in text

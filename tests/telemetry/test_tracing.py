@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from tests.conftest import GatewayFactory
 from tests.helpers import until
-from tests.scripted_upstream import Json, Sse, Upstream, chunk
+from tests.scripted_upstream import Json, Sse, Upstream, chat_completion, chunk
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
@@ -110,7 +110,9 @@ async def test_a_request_a_failed_attempt_and_the_serving_one(
 ) -> None:
     first, second = await make_upstream(), await make_upstream()
     first.script(Json({"error": {"message": "down"}}, status=503))
-    second.script(Json())
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+             "prompt_tokens_details": {"cached_tokens": 3}}  # fmt: skip
+    second.script(Json({**chat_completion(), "usage": usage}))
     gw = await gateway(routes(first, second))
     parent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
     r = await client.post(
@@ -132,6 +134,8 @@ async def test_a_request_a_failed_attempt_and_the_serving_one(
     assert a["gen_ai.provider.name"] == "p2"
     assert a["gen_ai.usage.input_tokens"] == 5 and a["gen_ai.usage.output_tokens"] == 2
     assert a["gen_ai.conversation.id"] == "codex-s"  # the request's session (SPEC §14)
+    assert a["gen_ai.usage.cache_read.input_tokens"] == 3  # OpenAI's cached_tokens
+    assert a["gen_ai.usage.cache_write.input_tokens"] == 0
     assert "error.type" not in a and not server["error"]
     # One child per attempt: the failed one with error.type, the one that served.
     assert [s["parent"] for s in attempts] == [server["span_id"]] * 2
