@@ -33,6 +33,7 @@ class ServerLimits:
     header_timeout: float = 10.0  # from the head's first byte to its end
     body_timeout: float = 30.0  # longest pause between request body bytes
     max_connections: int = 10_000
+    max_message_bytes: int = 8 * 1024 * 1024  # a WebSocket message or frame (1009 past it)
 
 
 DEFAULT_LIMITS = ServerLimits()
