@@ -28,6 +28,7 @@ from gateway.reload import Reloader
 from gateway.runtime import Runtime
 from gateway.server.admission import ServerLimits
 from gateway.sidecar import Sidecar
+from gateway.sockets import ResponsesSocket, denial
 
 
 class Gateway:
@@ -44,8 +45,10 @@ class Gateway:
         hot: dict[str, ASGIApp],
         runtime: Runtime,
         relayed: Mapping[str, Endpoint],
+        socket: ResponsesSocket,
     ) -> None:
         self.router = router
+        self.socket = socket  # every `websocket` scope (Codex's WebSocket mode)
         self.hot = hot
         self.state = runtime
         # Without keys, the loopback sidecar's Host/Origin/Content-Type gate (SPEC §13)
@@ -73,10 +76,20 @@ class Gateway:
             endpoint = self.hot.get(scope["path"])
             if endpoint is not None:
                 return endpoint(scope, receive, send)
+        elif scope["type"] == "websocket":
+            # The sidecar's gate holds for WebSockets too (browsers open them across
+            # origins without a preflight); its refusals are handshake denials.
+            if not self.state.config.keys.entries:
+                answer = self.sidecar.check({**scope, "method": "GET"}, receive, denial(send))
+                if answer is not None:
+                    return answer
+            return self.socket(scope, receive, send)
         return self.router(scope, receive, send)
 
     def route(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """Routing alone, for the sidecar to call with its CORS headers added."""
+        if scope["type"] == "websocket":
+            return self.socket(scope, receive, send)
         endpoint = self.hot.get(scope["path"]) if scope["type"] == "http" else None
         if endpoint is not None:
             return endpoint(scope, receive, send)
@@ -134,7 +147,7 @@ def create_app(settings: Settings, config: Config) -> Gateway:
             await runtime.stop()
 
     router = Router(routes, default=NotFoundEndpoint(runtime), lifespan=lifespan)
-    return Gateway(router, hot, runtime, relayed)
+    return Gateway(router, hot, runtime, relayed, ResponsesSocket(runtime, shared["/responses"]))
 
 
 def app_from_env() -> Gateway:

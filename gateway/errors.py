@@ -155,6 +155,12 @@ class RequestTimeout(GatewayError):
     code = "request_timeout"
 
 
+class UpgradeRequired(GatewayError):
+    status = 426
+    type = "invalid_request_error"
+    code = "upgrade_required"
+
+
 class Overloaded(GatewayError):
     status = 503
     type = "server_error"

@@ -23,7 +23,7 @@ RANKS: list[set[str]] = [
     {"attempt", "latecommit"},
     {"relay"},
     {"runtime"},
-    {"endpoints", "info", "console", "sidecar", "reload"},
+    {"endpoints", "info", "console", "sidecar", "reload", "sockets"},
     {"app"},
     {"cli", "__main__"},
 ]

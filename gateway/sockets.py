@@ -1,0 +1,317 @@
+"""Codex's WebSocket mode (SPEC §14): `GET /v1/responses` upgraded to a WebSocket
+(RFC 6455, spoken by server/websocket.py), each `response.create` frame served like a
+`POST /v1/responses` with that body.
+
+A frame goes through the very endpoint a POST does (ProxyEndpoint: the key's limits,
+routing, affinity, usage, the ids map), over an in-memory ASGI exchange: its body is
+the frame without `type`, with `stream: true`; the SSE events that come back are sent
+as text frames, one event's data per frame; an error answer becomes an `error` event
+and the socket stays open. The key is checked once, at the handshake.
+
+A socket runs one response at a time (OpenAI's rule too): frames that arrive meanwhile
+wait, bounded (MAX_WAITING), and reading stops while they do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, MutableMapping
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from gateway.auth import authenticate
+from gateway.config.keys import Key
+from gateway.config.routes import Routes
+from gateway.errors import GatewayError, NotFound, UpgradeRequired
+from gateway.families import PREFIXES, RESPONSES
+from gateway.incoming import Incoming
+from gateway.respond import send_error, server_timing
+from gateway.types import Message, Receive, Scope, Send
+from gateway.wire.sse import EventSplitter, event_spans, payload_of
+
+if TYPE_CHECKING:
+    from gateway.endpoints import ProxyEndpoint
+    from gateway.runtime import Runtime
+
+# The paths the mode is served on: the responses path under every prefix.
+PATHS = frozenset(prefix + "/responses" for prefix in PREFIXES)
+MAX_WAITING = 8  # frames queued behind the running response; then reading stops
+MAX_WARMUPS = 16  # warm-up bodies a socket keeps for the turns that continue them
+# Headers of the handshake that are the socket's, not a turn's: never sent upstream.
+_SOCKET_ONLY = frozenset({
+    b"upgrade", b"connection", b"sec-websocket-key", b"sec-websocket-version",
+    b"sec-websocket-extensions", b"sec-websocket-protocol", b"openai-beta",
+    b"content-length", b"content-type", b"transfer-encoding", b"x-request-id",
+})  # fmt: skip
+_JSON = (b"content-type", b"application/json")
+_ids = itertools.count()
+
+
+class Turn(enum.Enum):
+    """A socket's state: IDLE -> RUNNING (a frame is being answered) -> IDLE; either
+    -> CLOSED when the client leaves (a running turn is then told its client left)."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+def serves_responses(routes: Routes, key: Key | None) -> bool:
+    """Whether any slug this key may use has an entry serving the Responses API: if
+    none does, the upgrade gets 426 at once (Codex falls back to HTTP after one try)."""
+    for model in (*routes.models.values(), *routes.wildcards):
+        if not any("responses" in t.provider.apis for t in model.targets):
+            continue
+        if key is None or key.models is None or key.allows(model.slug):
+            return True
+        if "*" in model.slug and any(fnmatchcase(g, model.slug) for g in key.models):
+            return True  # a glob the wildcard's names can meet
+    return False
+
+
+def denial(send: Send) -> Send:
+    """The handshake refused with an HTTP answer: the ASGI denial-response messages."""
+
+    async def deny(message: MutableMapping[str, Any]) -> None:
+        kind = message["type"]
+        if kind.startswith("http."):  # the rest (websocket.accept...) passes as it is
+            message = {**message, "type": "websocket." + kind}
+        await send(message)
+
+    return deny
+
+
+class ResponsesSocket:
+    """The ASGI endpoint of every `websocket` scope (other paths: 404 at the handshake)."""
+
+    def __init__(self, runtime: Runtime, endpoint: ProxyEndpoint) -> None:
+        self.runtime = runtime
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return  # gone before the handshake was answered
+        t0 = time.perf_counter()
+        runtime = self.runtime
+        config = runtime.config
+        rid = Incoming(scope["headers"]).request_id
+        key: Key | None = None
+        try:
+            if scope["path"] not in PATHS:
+                raise NotFound("WebSocket is served on /v1/responses only")
+            key = authenticate(config.keys, Incoming(scope["headers"]).token())
+            if not serves_responses(config.routes, key):
+                raise UpgradeRequired(
+                    "no model this key may use serves the Responses API: use HTTP",
+                    headers={"x-should-retry": "false"},
+                )
+        except GatewayError as exc:
+            await send_error(denial(send), exc, rid, [server_timing(t0)], RESPONSES)
+            runtime.refused(exc, key, rid, "GET " + scope["path"][:512], time.perf_counter() - t0)
+            return
+        await send({"type": "websocket.accept"})
+        await Socket(self.endpoint, scope, receive, send).run()
+
+
+class Socket:
+    """One accepted socket: reads frames (a task of its own, so a running turn hears the
+    client leave) and answers them in order."""
+
+    def __init__(self, endpoint: ProxyEndpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        self.endpoint = endpoint
+        self.receive = receive
+        self.send = send
+        self.headers = [(n, v) for n, v in scope["headers"] if n not in _SOCKET_ONLY]
+        self.scope = {
+            **{k: v for k, v in scope.items() if k not in ("subprotocols", "extensions")},
+            "type": "http",
+            "method": "POST",
+            "scheme": "https" if scope.get("scheme") == "wss" else "http",
+        }
+        self.state = Turn.IDLE  # written by run() and _read() alone
+        self.frames: asyncio.Queue[str | None] = asyncio.Queue(MAX_WAITING)
+        self.closed = asyncio.Event()
+        # Warm-up ids this socket answered itself -> their bodies (see _warm_up).
+        self.warmups: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    async def run(self) -> None:
+        reader = asyncio.ensure_future(self._read())
+        try:
+            while True:
+                frame = await self.frames.get()
+                if frame is None:
+                    return
+                self.state = Turn.RUNNING
+                await self._turn(frame)
+                if self.closed.is_set():
+                    return
+                self.state = Turn.IDLE
+        finally:
+            self.state = Turn.CLOSED
+            reader.cancel()
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                self.closed.set()
+                await self.frames.put(None)
+                return
+            if kind == "websocket.receive":
+                text = message.get("text")
+                if text is None:
+                    raw = message.get("bytes") or b""
+                    text = raw.decode("utf-8", "replace")
+                await self.frames.put(text)  # waits (and so stops reading) when full
+
+    async def _error(self, status: int, kind: str, code: str, text: str) -> None:
+        error = {"type": kind, "code": code, "message": text, "param": None}
+        await self._event({"type": "error", "status": status, "error": error})
+
+    async def _event(self, event: dict[str, Any]) -> None:
+        await self.send({"type": "websocket.send", "text": orjson.dumps(event).decode()})
+
+    async def _turn(self, frame: str) -> None:
+        try:
+            data = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            await self._error(400, "invalid_request_error", "invalid_json", "the frame is not JSON")
+            return
+        if not isinstance(data, dict) or data.get("type") != "response.create":
+            kind = data.get("type") if isinstance(data, dict) else None
+            await self._error(400, "invalid_request_error", "unsupported_event",
+                              f"unsupported event type {str(kind)[:64]!r}: send response.create")  # fmt: skip
+            return
+        del data["type"]
+        if data.pop("generate", True) is False:
+            await self._warm_up(data)
+            return
+        previous = data.get("previous_response_id")
+        if isinstance(previous, str) and previous in self.warmups:
+            data = _continued(self.warmups[previous], data)
+        data["stream"] = True
+        await self._serve(orjson.dumps(data))
+
+    async def _warm_up(self, body: dict[str, Any]) -> None:
+        """`generate: false` (Codex's warm-up) over SSE: answered here, nothing sent
+        upstream; a turn that continues it gets its body merged in (_continued)."""
+        rid = f"resp_gw{os.urandom(12).hex()}{next(_ids)}"
+        self.warmups[rid] = body
+        while len(self.warmups) > MAX_WARMUPS:
+            self.warmups.popitem(last=False)
+        response: dict[str, Any] = {
+            "id": rid,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "in_progress",
+            "model": body.get("model"),
+            "output": [],
+            "usage": None,
+        }
+        await self._event({"type": "response.created", "sequence_number": 0,
+                           "response": response})  # fmt: skip
+        response = {**response, "status": "completed"}
+        await self._event({"type": "response.completed", "sequence_number": 1,
+                           "response": response})  # fmt: skip
+
+    async def _serve(self, body: bytes) -> None:
+        headers = [*self.headers, _JSON, (b"content-length", str(len(body)).encode())]
+        scope = {**self.scope, "headers": headers}
+        sent = False
+        closed = self.closed
+
+        async def receive() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await closed.wait()
+            return {"type": "http.disconnect"}
+
+        relay = FrameRelay(self._event, self.send)
+        await self.endpoint(scope, receive, relay)
+
+
+class FrameRelay:
+    """The ASGI send of one turn: an SSE answer's events out as text frames (each
+    event's data, unchanged), any other answer as one `error` event."""
+
+    def __init__(
+        self,
+        event: Callable[[dict[str, Any]], Awaitable[None]],
+        send: Send,
+        limit: int = 1 << 20,
+    ) -> None:
+        self.event = event
+        self.send = send
+        self.status = 0
+        self.stream = False
+        self.splitter = EventSplitter(1 << 62)  # the relay bounded each event already
+        self.body = bytearray()
+        self.limit = limit  # an error answer's bytes kept (the gateway's own are small)
+
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message["status"]
+            content = next((v for n, v in message.get("headers", ()) if n == b"content-type"), b"")
+            self.stream = self.status == 200 and content.startswith(b"text/event-stream")
+            return
+        if kind != "http.response.body":
+            return
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        if self.stream:
+            block = self.splitter.feed_block(chunk) if chunk else b""
+            if not more:
+                block += self.splitter.rest()
+            for start, end in event_spans(block):
+                payload = payload_of(block[start:end])
+                if payload and payload != b"[DONE]":
+                    text = payload.decode("utf-8", "replace")
+                    await self.send({"type": "websocket.send", "text": text})
+            return
+        if len(self.body) < self.limit:
+            self.body += chunk[: self.limit - len(self.body)]
+        if not more:
+            await self.event(_answer_event(self.status, bytes(self.body)))
+
+
+def _answer_event(status: int, body: bytes) -> dict[str, Any]:
+    """A whole answer as an event: 200 JSON as response.completed, else `error`."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if status == 200 and isinstance(data, dict):
+        return {"type": "response.completed", "response": data}
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        error = {"type": "api_error", "code": None, "param": None,
+                 "message": f"the upstream answered {status}"}  # fmt: skip
+    return {"type": "error", "status": status, "error": error}
+
+
+def _continued(warmup: dict[str, Any], turn: dict[str, Any]) -> dict[str, Any]:
+    """A turn continuing a warm-up this gateway answered: the warm-up's fields the turn
+    does not set, its input before the turn's, and no previous_response_id (no upstream
+    ever saw that id)."""
+    merged = {**warmup, **turn}
+    del merged["previous_response_id"]
+    before, after = warmup.get("input"), turn.get("input")
+    if isinstance(before, str):
+        before = [{"role": "user", "content": before}]
+    if isinstance(after, str):
+        after = [{"role": "user", "content": after}]
+    if isinstance(before, list) or isinstance(after, list):
+        merged["input"] = [*(before or []), *(after or [])]
+    return merged
