@@ -8,7 +8,17 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from gateway.config.providers import Provider, ProviderDraft, Secret, Timeouts, parse_provider
+from gateway.config.providers import (
+    COUNT_ESTIMATE,
+    SHAPING_KEYS,
+    Provider,
+    ProviderDraft,
+    Secret,
+    Shaping,
+    Timeouts,
+    parse_provider,
+    parse_rules,
+)
 from gateway.config.yamlsrc import LineList, LineMap, Source, check_keys, line_of, number
 
 STRATEGIES = ("fallback", "round_robin", "weighted", "least_busy", "latency")
@@ -32,7 +42,7 @@ _MODEL_KEYS = frozenset(
 )
 # Names and slugs travel in response headers (x-gateway-provider): no control characters.
 _NAME = re.compile(r"[^\x00-\x1f\x7f]+")
-_TARGET_KEYS = frozenset({"provider", "model", "weight", "price"})
+_TARGET_KEYS = frozenset({"provider", "model", "weight", "price", *SHAPING_KEYS})
 _PRICE_KEYS = frozenset({"input", "output", "cached_input"})
 _COOLDOWN_KEYS = frozenset({"failures", "seconds"})
 
@@ -65,6 +75,12 @@ class Target:
     # `model` holds `{*}` (SPEC §14): what the wildcard captured goes inside it, so
     # `claude-*` with `model: "claude-{*}"` passes Claude Code's names unchanged.
     templated: bool = False
+    # The entry's own shaping keys over its provider's (SPEC §14): what it removes from a
+    # request (None: nothing, the plain path), whether the gateway answers count_tokens
+    # with its estimate, and whether the upstream speaks the Responses WebSocket mode.
+    shaping: Shaping | None = None
+    count_estimate: bool = False
+    websocket: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +238,7 @@ def _parse_targets(
             w = number(src, item, "weight", 0)
             weight = float(w) if w is not None else 1.0
         price = _price(src, item, slug) if "price" in item else None
+        rules = parse_rules(src, item, f"model {slug!r} provider entry").over(draft.provider.rules)
         targets.append(
             Target(
                 provider=draft.provider,
@@ -229,6 +246,9 @@ def _parse_targets(
                 weight=weight,
                 price=price,
                 templated=templated,
+                shaping=rules.shaping(),
+                count_estimate=rules.count_tokens == COUNT_ESTIMATE,
+                websocket=bool(rules.websocket),
             )
         )
     return tuple(targets)
