@@ -13,8 +13,8 @@ differences are what a proxy's hot path pays for on every request:
 And what a server facing hostile clients must hold to (SPEC §7, §13): heads bounded in
 size and fields (431/414), head and body deadlines (408; CRLFs that begin no request
 start a head's deadline too), a cap on connections (idle ones closed first, then 503),
-no protocol upgrades (a WebSocket one gets 404 at once, any other is served as plain
-HTTP), nginx's framing refusals (505, 501, 400 for Host and Transfer-Encoding, 404 for
+no upgrade but WebSocket's (RFC 6455: the transport is handed to a WebSocketCycle
+once the handshake's request is read; any other upgrade is served as plain HTTP), nginx's framing refusals (505, 501, 400 for Host and Transfer-Encoding, 404 for
 `%2F`), and a malformed request answered only after the pipelined ones before it.
 """
 
@@ -31,7 +31,6 @@ import httptools
 from gateway.errors import (
     BadRequest,
     HeaderTooLarge,
-    NotFound,
     RequestTimeout,
     UriTooLong,
 )
@@ -44,10 +43,14 @@ from gateway.server.admission import (
 )
 from gateway.server.cycle import Cycle, FlowControl, closing
 from gateway.server.upgrade import BodyOnly, is_websocket, resume_head
+from gateway.server.websocket import check_handshake
+from gateway.server.websocket_cycle import WebSocketCycle
 from gateway.types import Message
 
 HIGH_WATER = 64 * 1024  # buffered request body bytes at which reading pauses
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
+# 2.4: websocket.http.response (the denial response), reason in websocket.disconnect.
+_ASGI_WEBSOCKET = {"version": "3.0", "spec_version": "2.4"}
 LINGER_SECONDS = 2.0  # after a refusal: the longest the client's bytes are drained
 # on_header adds 1 per Host field and this per Transfer-Encoding field: a head whose sum
 # is not 1 (one Host, no Transfer-Encoding) is judged by admission.framing_refusal.
@@ -103,7 +106,8 @@ class ServerProtocol(asyncio.Protocol):
         self.expect = False
         self.framing = 0  # Host and Transfer-Encoding fields seen (see _CODING)
         self.parsing: Cycle | None = None
-        self.upgrading = False  # the head asked for an upgrade (which is not honoured)
+        self.upgrading = False  # the head asked for an upgrade (honoured for WebSocket)
+        self.websocket: WebSocketCycle | None = None  # the transport's next protocol
 
     def _new_parser(self) -> httptools.HttpRequestParser:
         parser = httptools.HttpRequestParser(self)
@@ -160,6 +164,9 @@ class ServerProtocol(asyncio.Protocol):
                 room = max(0, limit - self.head_reads) + 1
                 head = self.headers  # a new list per head: tells this head from the next
                 self._feed(data[:room])
+                if self.websocket is not None:  # a handshake ended in it: the rest is its
+                    self.websocket.data_received(data[room:])
+                    return
                 if self.head_since and self.headers is head and self.refusal is None:
                     self._refuse_head(431)
                     return
@@ -271,11 +278,6 @@ class ServerProtocol(asyncio.Protocol):
                 self._refuse(refusal)
                 raise _Refused
         self.upgrading = parser.should_upgrade()
-        if self.upgrading and is_websocket(self.headers):
-            # Nothing here speaks WebSocket; clients (Codex CLI) fall back at once on a
-            # 404, while a 4xx that looks retryable costs them seconds.
-            self._refuse(closing(b"404 Not Found", NotFound("WebSocket is not served here")))
-            raise _Refused
         url = self.url
         if url[:1] == b"/":
             # A fragment (which clients should not send) belongs to neither part.
@@ -289,6 +291,9 @@ class ServerProtocol(asyncio.Protocol):
                 self._refuse(encoded_slash())
                 raise _Refused
             path = urllib.parse.unquote(path)
+        if self.upgrading and is_websocket(headers):
+            self._open_websocket(version, raw_path, query, path)
+            return
         scope: Message = {
             "type": "http",
             "asgi": _ASGI,
@@ -340,11 +345,46 @@ class ServerProtocol(asyncio.Protocol):
         cycle.more_body = False
         cycle.wake()
 
-    # upgrades, which are never honoured
+    # upgrades: WebSocket's, and others served as plain HTTP
+
+    def _open_websocket(self, version: str, raw_path: bytes, query: bytes, path: str) -> None:
+        """A WebSocket handshake's request: checked here (a refusal ends the connection
+        as any other does); the app answers it once llhttp stops after the head."""
+        handshake = check_handshake(self.parser.get_method().decode("ascii"), version, self.headers)
+        if isinstance(handshake, bytes):
+            self._refuse(handshake)
+            raise _Refused
+        if self.cycle is not None:
+            error = BadRequest("a WebSocket handshake waits for the answers before it")
+            self._refuse(closing(b"400 Bad Request", error))
+            raise _Refused
+        scope: Message = {
+            "type": "websocket",
+            "asgi": _ASGI_WEBSOCKET,
+            "http_version": version,
+            "server": self.server,
+            "client": self.client,
+            "scheme": "wss" if self.scheme == "https" else "ws",
+            "root_path": self.root_path,
+            "path": self.root_path + path if self.root_path else path,
+            "raw_path": raw_path,
+            "query_string": query,
+            "headers": self.headers,
+            "subprotocols": list(handshake.subprotocols),
+            "state": self.app_state.copy(),
+            "extensions": {"websocket.http.response": {}},
+        }
+        self.websocket = WebSocketCycle(
+            self.transport, self.loop, self.app, scope, handshake, self.limits, self.state
+        )
 
     def _upgrade(self, rest: bytes) -> None:
-        """llhttp stopped after an upgrade request's head: serve it as plain HTTP with
-        its body (server.upgrade's BodyOnly)."""
+        """llhttp stopped after an upgrade request's head: a WebSocket handshake's goes
+        to its WebSocketCycle; any other is served as plain HTTP with its body
+        (server.upgrade's BodyOnly)."""
+        if self.websocket is not None:
+            self._hand_over(self.websocket, rest)
+            return
         head = resume_head(self.headers)
         self.upgrading = False
         if head is None or self.parsing is None:
@@ -353,6 +393,21 @@ class ServerProtocol(asyncio.Protocol):
             return  # nothing after the head is read: the connection ends with the answer
         self.parser = httptools.HttpRequestParser(BodyOnly(self))
         self._feed(head + rest)
+
+    def _hand_over(self, websocket: WebSocketCycle, rest: bytes) -> None:
+        """The transport is the WebSocket's from here: its reads, flow and end go to it,
+        and it stands for the connection in the server's count (--max-connections)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.head_since = self.body_at = self.idle_since = 0.0
+        connections = self.state.connections
+        connections.discard(self)
+        connections.add(websocket)
+        self.transport.set_protocol(websocket)
+        if self.flow.drain is not None:  # an earlier answer still over the high-water mark
+            websocket.pause_writing()
+        websocket.start(rest)
 
     def hold_reading(self) -> None:
         """Stop reading until finished() lets go (a cycle reading its body cannot)."""
@@ -529,11 +584,14 @@ class ServerProtocol(asyncio.Protocol):
         if other is None:
             return False
         if idle:
-            other.transport.close()
+            other.close_idle()
         else:
             other._refuse(overloaded())
         other.state.connections.discard(other)
         return True
+
+    def close_idle(self) -> None:
+        self.transport.close()
 
     def shutdown(self) -> None:
         """uvicorn's drain: close when idle, else once the current response ends."""

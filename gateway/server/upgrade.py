@@ -1,7 +1,7 @@
-"""Upgrade requests, which the gateway never honours (SPEC §7).
+"""Upgrade requests (SPEC §7): only WebSocket's is honoured.
 
-A WebSocket upgrade is refused at once (ServerProtocol answers 404). Any other upgrade
-request (`h2c`) is served as plain HTTP with its body: llhttp stops after such a head,
+A WebSocket handshake goes to server.websocket_cycle (ServerProtocol hands it the
+transport). Any other upgrade request (`h2c`) is served as plain HTTP with its body: llhttp stops after such a head,
 so a fresh parser reads the body behind a synthetic head that carries only the framing
 (`resume_head`), its callbacks going to BodyOnly.
 """

@@ -215,8 +215,8 @@ CORPUS: tuple[Case, ...] = (
     ),
     Case(
         "websocket-upgrade",
-        "GET /v1/responses with `Upgrade: websocket`, then a frame",
-        (get("/v1/responses", *WEBSOCKET) + b"\x81\x05hello",),
+        "GET /v1/chat/completions with `Upgrade: websocket`, then a frame",
+        (get("/v1/chat/completions", *WEBSOCKET) + b"\x81\x05hello",),
         "404 not_found, close",
     ),
     # pipelining
@@ -925,13 +925,14 @@ async def test_h2c_upgrade_is_served_as_http_with_its_body(
     assert not names & {"upgrade", "http2-settings", "connection"}, sent.headers
 
 
-async def test_websocket_upgrade_is_404_at_once(
+async def test_websocket_upgrade_off_responses_is_404_at_once(
     gateway: GatewayFactory, upstream: Upstream
 ) -> None:
     # Default deadlines (10 s head, 30 s body), longer than the wait: nothing is waited for.
+    # (The handshake reaches the app, which serves WebSocket on /v1/responses only.)
     gw = await gateway(one_provider(upstream, slug=SLUG))
     async with opened(gw.port, 1) as [(reader, writer)]:
-        writer.write(get("/v1/responses", *WEBSOCKET))  # and the client waits
+        writer.write(get("/v1/chat/completions", *WEBSOCKET))  # and the client waits
         rest = await ended(reader)
     answers, stray = parse_answers(rest)
     assert ([a.status for a in answers], stray) == ([404], b"")

@@ -1034,19 +1034,38 @@ async def test_content_length_mismatch_does_not_hurt_the_server() -> None:
 # upgrade requests
 
 
-async def test_websocket_upgrade_is_404_at_once_then_closed() -> None:
-    app = Recorder()
+async def test_websocket_upgrade_is_answered_by_the_app_then_closed() -> None:
+    """A WebSocket handshake reaches the app as a `websocket` scope (server.websocket_cycle);
+    a path it does not serve it answers 404 through the denial-response extension, and
+    the connection ends (tests/server/test_websocket_conn.py has the rest)."""
+    scopes: list[Message] = []
+
+    async def app(scope: Message, receive: Receive, send: Send) -> None:
+        scopes.append(scope)
+        answer = json.dumps({"error": {"code": "not_found"}}).encode()
+        await send(
+            {"type": "websocket.http.response.start", "status": 404, "headers": plain(answer)}
+        )
+        await send({"type": "websocket.http.response.body", "body": answer})
+
     async with serving(app) as srv, connect(srv.port) as (reader, writer):
         writer.write(
-            get("/v1/responses", "connection: upgrade", "upgrade: websocket")
+            get(
+                "/v1/other",
+                "connection: upgrade",
+                "upgrade: websocket",
+                "sec-websocket-version: 13",
+                "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==",
+            )
             + b"\x81\x05hello not http"
         )
         resp = await read_response(reader)
         assert resp.status == 404
         assert json.loads(resp.body)["error"]["code"] == "not_found"
         assert resp.get(b"connection") == [b"close"]
+        assert resp.get(b"upgrade") == []
         assert await closed(reader)
-    assert app.scopes == []  # the app never saw it
+    assert [scope["type"] for scope in scopes] == ["websocket"]
 
 
 @pytest.mark.parametrize("chunked", [False, True])
