@@ -367,27 +367,33 @@ async def test_an_app_that_never_reads_pauses_the_client() -> None:
     """Messages wait for the app up to a bound; past it the server stops reading, and
     the client's writes back up instead of the server's memory growing."""
     accepted = asyncio.Event()
-    protocols: list[WebSocketCycle] = []
+    release = asyncio.Event()
+    disconnect: list[Message] = []
 
     async def app(scope: Message, receive: Receive, send: Send) -> None:
         await receive()
         await send({"type": "websocket.accept"})
         accepted.set()
-        await asyncio.Event().wait()  # never reads again (cancelled at shutdown)
+        await within(release.wait())  # reads nothing until the test has looked
+        while (message := await receive())["type"] == "websocket.receive":
+            pass
+        disconnect.append(message)
 
-    async with serving(app) as srv, raw_socket(srv.port, handshake()) as (_reader, writer, _head):
+    async with serving(app) as srv, raw_socket(srv.port, handshake()) as (reader, writer, _):
         await within(accepted.wait())
-        [protocol] = [c for c in srv.server.server_state.connections]
+        [protocol] = list(srv.server.server_state.connections)
         assert isinstance(protocol, WebSocketCycle)
-        protocols.append(protocol)
         message = frame(Opcode.BINARY, bytes(2048))
         for _ in range(200):  # 400 KiB, far past the queue's 64 KiB
             writer.write(message)
-        await within(_until(lambda: protocol.flow.reading_paused))
+        writer.write(frame(Opcode.CLOSE, b"\x03\xe8"))
+        await within(_until(lambda: protocol.flow.reading_paused and protocol.queued))
         queued = protocol.queued
         assert 64 * 1024 <= queued < 64 * 1024 + 300 * 1024  # the bound, plus one read
-        writer.write(frame(Opcode.CLOSE, b"\x03\xe8"))
-    assert protocols[0].queued == queued  # nothing more was taken in while paused
+        release.set()  # the app reads: every message, then the close, come through
+        assert await read_frame(reader) == (Opcode.CLOSE, b"\x03\xe8")
+        assert await closed(reader)
+    assert disconnect == [{"type": "websocket.disconnect", "code": 1000, "reason": ""}]
 
 
 async def _until(check: Any) -> None:
