@@ -169,8 +169,8 @@ def test_direct_codex_tries_websocket_once(
 
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 22: Codex retries a WebSocket upgrade answered 404 (seven handshakes, 6.5 s); "
-    "426 or the WebSocket mode served makes it one",
+    reason="issue 22: more than one handshake: a 404 costs seven (6.5 s); with the WebSocket "
+    "mode served, a tool turn's second socket follows the 400 of CHAIN_OVER_SSE",
 )
 @pytest.mark.parametrize("turn", PROMPTS)
 def test_at_most_one_websocket_handshake_through_the_gateway(
