@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import BadRequest, UpgradeRequired
 from gateway.server.cycle import closing
 from gateway.types import Headers
 
@@ -58,12 +58,6 @@ _OPCODES = {int(op): op for op in Opcode}
 
 
 # --------------------------------------------------------------------------- handshake
-
-
-class UpgradeRequired(GatewayError):
-    status = 426
-    type = "invalid_request_error"
-    code = "upgrade_required"
 
 
 @dataclass(frozen=True, slots=True)
