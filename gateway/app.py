@@ -61,6 +61,7 @@ class Gateway:
             header_timeout=s.header_timeout,
             body_timeout=s.body_timeout,
             max_connections=s.max_connections or default_max_connections(),
+            max_message_bytes=s.max_event_bytes,  # a WebSocket frame or message (SPEC §7)
         )
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:

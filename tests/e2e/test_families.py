@@ -317,16 +317,6 @@ async def test_binary_speech_answer_is_relayed_as_is(
     assert r.headers["content-type"] == "audio/mpeg"
 
 
-async def test_websocket_upgrade_on_responses_is_404_at_once(
-    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
-) -> None:
-    gw = await gateway(routes(upstream))
-    headers = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
-               "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
-    r = await client.get(f"{gw.base_url}/responses", headers=headers)
-    assert r.status_code == 404
-
-
 async def test_unserved_paths_are_logged_and_counted(
     gateway: GatewayFactory,
     upstream: Upstream,
