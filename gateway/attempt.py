@@ -13,19 +13,28 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from gateway.config.providers import Shaping
 from gateway.errors import GatewayError, UpstreamResponseTooLarge, UpstreamUnavailable
 from gateway.exchange import Failure, Opened, Request
-from gateway.families import Family
+from gateway.families import Body, Family
 from gateway.health import Health
 from gateway.plan import Candidate
 from gateway.types import Headers
-from gateway.upstream.client import Upstream
+from gateway.upstream.client import Upstream, UpstreamResponse
+from gateway.wire.estimate import prompt_tokens, text_tokens
 from gateway.wire.jsonscan import MODEL_KEY, replace_value
+from gateway.wire.shaping import DROPPED, drop_betas, drop_members, dropped_header
 from gateway.wire.sse import CONTENT, ERROR, EventSplitter, event_spans, payload_of, splicer_for
 from gateway.wire.usage import Tally, content_pattern, usage_in_body
 
 if TYPE_CHECKING:
     from gateway.telemetry.tracing import AttemptSpan
+
+
+# An upstream without a token-counting endpoint answers these to one: the gateway counts
+# instead (SPEC §14).
+NO_COUNTING = frozenset({404, 405, 501})
+ESTIMATED = (b"x-gateway-count-tokens", b"estimate")  # the count is the gateway's own
 
 
 def retryable(status: int) -> bool:
@@ -78,16 +87,21 @@ async def open_attempt(
         injected = (req.inject_usage or priced) and cand.target.provider.stream_usage
         family = req.family
         body = req.parsed.for_upstream(cand.upstream_model, injected) if req.parsed.raw else b""
+        sent = req.client_headers if headers is None else headers
+        dropped = None
+        shaping = cand.target.shaping  # None unless the entry removes something
+        if shaping is not None:
+            sent, body, dropped = shape(shaping, sent, body, family.body is Body.JSON)
         resp = opened.resp = await upstream.send(
-            cand.target.provider,
-            req.path,
-            body,
-            req.client_headers if headers is None else headers,
-            deadline,
-            req.method,
+            cand.target.provider, req.path, body, sent, deadline, req.method
         )
+        if dropped is not None:
+            # With the upstream's own headers, so the answer that reaches the client says
+            # it, whether it is relayed as served or as the last failure (SPEC §14).
+            resp.headers = [*resp.headers, (DROPPED, dropped)]
         opened.latency = time.monotonic() - t0
-        if retryable(resp.status):
+        # A counting call's 501 is no failure of the entry: the gateway counts (below).
+        if retryable(resp.status) and not (family.counts_only and resp.status in NO_COUNTING):
             failure = Failure(status=resp.status, headers=resp.headers, body=await resp.read())
             return failure
         model_json = orjson.dumps(cand.slug)
@@ -97,6 +111,10 @@ async def open_attempt(
                 raw = replace_value(raw, MODEL_KEY, model_json)
                 opened.tally = Tally(False)
                 opened.tally.usage = usage_in_body(raw)
+            elif resp.status in NO_COUNTING and family.counts_only:
+                # The entry has no counting endpoint: the gateway's estimate, never a 404.
+                opened.resp = Estimated(resp)
+                raw = count_estimate(req)
             opened.body = raw
             opened.ttfb = time.monotonic() - t0
             return opened
@@ -153,6 +171,60 @@ async def open_attempt(
         if failure is not None:
             # Only an upstream's own error answer carries a Retry-After.
             opened.close(True, failure.error, failure.status, retry_after(failure.headers))
+
+
+def shape(
+    shaping: Shaping, headers: Headers, body: bytes, json_body: bool
+) -> tuple[Headers, bytes, bytes | None]:
+    """The entry's removals (SPEC §14): betas out of the headers, members out of a JSON
+    body; and the x-gateway-dropped value, None when nothing was there to remove."""
+    betas: list[str] = []
+    if shaping.drop_betas or shaping.allow_betas is not None:
+        headers, betas = drop_betas(headers, shaping.drop_betas, shaping.allow_betas)
+    fields: list[str] = []
+    if shaping.drop_fields and json_body and body:
+        body, fields = drop_members(body, shaping.drop_fields)
+    return headers, body, dropped_header(betas, fields)
+
+
+def count_estimate(req: Request) -> bytes:
+    """A counting call's answer from the gateway's estimate (SPEC §14): the same prompt
+    estimate admission reserves by (SPEC §13), in the family's shape."""
+    try:
+        tokens = prompt_tokens(orjson.loads(req.parsed.raw))
+    except orjson.JSONDecodeError:  # nested past orjson's depth, though msgspec took it
+        tokens = text_tokens(len(req.parsed.raw))
+    return req.family.count_answer(tokens)
+
+
+class Estimated:
+    """What stands in for an upstream's 404, 405 or 501 to a counting call: a 200 whose
+    body is the gateway's estimate. The upstream's answer (read whole) is closed with
+    it; of its headers only the gateway's own x-gateway-dropped is kept."""
+
+    __slots__ = ("_answer", "headers", "is_sse", "status")
+
+    def __init__(self, answer: UpstreamResponse) -> None:
+        self._answer = answer
+        self.status = 200
+        self.is_sse = False
+        kept = [header for header in answer.headers if header[0] == DROPPED]
+        self.headers: Headers = [(b"content-type", b"application/json"), ESTIMATED, *kept]
+
+    async def read(self) -> bytes:
+        return b""  # never read: the attempt holds the body (Opened.body)
+
+    async def next_chunk(self) -> bytes:
+        return b""
+
+    def ready(self) -> bool:
+        return True
+
+    def relax(self) -> None:
+        self._answer.relax()
+
+    def close(self) -> None:
+        self._answer.close()
 
 
 async def traced_attempt(

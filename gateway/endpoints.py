@@ -13,7 +13,9 @@ from typing import Any
 from gateway.auth import authenticate
 from gateway.body import ClientGone, ParsedBody, parse_body, parse_multipart, read_body
 from gateway.config.keys import Key
+from gateway.config.routes import Routes
 from gateway.errors import (
+    ApiNotSupported,
     ClientLeft,
     GatewayError,
     MethodNotAllowed,
@@ -29,7 +31,7 @@ from gateway.families import (
 from gateway.families.responses import ANONYMOUS, not_found
 from gateway.incoming import Incoming
 from gateway.info import NotFoundEndpoint
-from gateway.plan import build_plan
+from gateway.plan import Candidate, build_plan
 from gateway.reservation import NOTHING, Reservation, ask_for
 from gateway.respond import send_error, server_timing
 from gateway.runtime import Runtime
@@ -153,16 +155,21 @@ class ProxyEndpoint:
                 affinity = await runtime.affinity.lookup(
                     config.routes, owner, parsed.session_id, parsed.slugs
                 )
-            plan = build_plan(
-                config.routes,
-                parsed,
-                key,
-                runtime.health,
-                runtime.strategies,
-                family,
-                pinned,
-                affinity,
-            )
+            try:
+                plan = build_plan(
+                    config.routes,
+                    parsed,
+                    key,
+                    runtime.health,
+                    runtime.strategies,
+                    family,
+                    pinned,
+                    affinity,
+                )
+            except ApiNotSupported:
+                if not counts_only:
+                    raise
+                plan = []  # no entry of the slug counts: the gateway does (SPEC §14)
             rate_headers: list[tuple[bytes, bytes]] = []
             if key is not None and counts_only:
                 limiter.count_call(key)  # never rpm, never charged: their own limit
@@ -220,12 +227,18 @@ class ProxyEndpoint:
             owner=owner,
         )
         out = Outcome()
+        estimate = None
+        if counts_only and (not plan or plan[0].target.count_estimate):
+            estimate = _catalog_label(config.routes, parsed.slugs, plan)
         task = asyncio.current_task()
         assert task is not None
         watch = DisconnectWatch(receive, task)
         runtime.metrics.in_flight.inc()
         try:
-            await runtime.relay.run(req, out, plan)
+            if estimate is None:
+                await runtime.relay.run(req, out, plan)
+            else:
+                await runtime.relay.estimate(req, out, estimate)
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
@@ -265,6 +278,15 @@ class ProxyEndpoint:
                     gone,
                     parsed.session_id,
                 )
+
+
+def _catalog_label(routes: Routes, slugs: tuple[str, ...], plan: list[Candidate]) -> str:
+    """The catalog entry a gateway-answered count is labelled by (a wildcard's pattern,
+    never what it captured: metric labels stay bounded)."""
+    if plan:
+        return plan[0].model.slug
+    model = routes.resolve(slugs[0]) if slugs else None
+    return model.slug if model is not None else "(none)"
 
 
 class AzureDeployment:

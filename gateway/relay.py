@@ -17,7 +17,13 @@ from typing import Any
 
 import orjson
 
-from gateway.attempt import AttemptCancelled, open_attempt, traced_attempt
+from gateway.attempt import (
+    ESTIMATED,
+    AttemptCancelled,
+    count_estimate,
+    open_attempt,
+    traced_attempt,
+)
 from gateway.errors import (
     GatewayError,
     UpstreamDisconnected,
@@ -417,6 +423,16 @@ class Relay:
         out.commit(exc.status)
         extra = [NO_RETRY, attempts, *req.extra_headers, server_timing(req.t0)]
         await send_error(req.send, exc, req.request_id, extra, req.family)
+
+    async def estimate(self, req: Request, out: Outcome, label: str) -> None:
+        """A counting call the gateway answers itself, no upstream asked (SPEC §14): none
+        of the slug's entries serves the family, or the one that would serve it says
+        `count_tokens: estimate`. `label`: the catalog entry (a wildcard's pattern)."""
+        out.label = label
+        out.slug = req.parsed.slugs[0] if req.parsed.slugs else None
+        out.commit(200)
+        headers = [ESTIMATED, *req.extra_headers, *_own_headers(req, None)]
+        await send_bytes(req.send, 200, count_estimate(req), headers)
 
     async def internal_error(self, req: Request, out: Outcome) -> None:
         """A bug inside the gateway: a 500 if nothing went out yet (else the stream

@@ -48,6 +48,9 @@ class Family:
     # Token counting calls (Anthropic's count_tokens, Responses' input_tokens): never
     # charged tokens nor counted in rpm; their own count_tokens_rpm (SPEC §13).
     counts_only: bool = False
+    # The `object` member of a count the gateway answers with its estimate (SPEC §14):
+    # Responses' input_tokens has one, Anthropic's count_tokens none.
+    count_object: str | None = None
     # A created response's id is remembered: the entry and key that made it (SPEC §9, §13).
     remembers_ids: bool = False
 
@@ -59,6 +62,14 @@ class Family:
         """The one event that tells a committed stream's client it broke (the stream
         ends after it)."""
         return self.envelope.event(exc)
+
+    def count_answer(self, tokens: int) -> bytes:
+        """A counting call's answer from the gateway's own estimate, in the family's
+        shape: {"input_tokens": N}."""
+        head = (
+            b"{" if self.count_object is None else b'{"object":"%s",' % self.count_object.encode()
+        )
+        return head + b'"input_tokens":%d}' % tokens
 
     def inband_status(self, payload: bytes) -> int:
         """The status an upstream's in-band error before the commit stands for (the
@@ -140,7 +151,9 @@ AUDIO_UPLOAD = Family("audio", event_model=None, body=Body.MULTIPART)
 MODERATIONS = Family("moderations", required=("input",), event_model=None)
 RERANK = Family("rerank", required=("query", "documents"), event_model=None)
 # Counting and lookups in the responses and messages families: same family, no stream.
-RESPONSES_TOKENS = Family("responses", event_model=None, counts_only=True)
+RESPONSES_TOKENS = Family(
+    "responses", event_model=None, counts_only=True, count_object="response.input_tokens"
+)
 MESSAGES_TOKENS = Family(
     "messages",
     required=("messages",),
