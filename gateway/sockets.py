@@ -10,6 +10,13 @@ and the socket stays open. The key is checked once, at the handshake.
 
 A socket runs one response at a time (OpenAI's rule too): frames that arrive meanwhile
 wait, bounded (MAX_WAITING), and reading stops while they do.
+
+Over WebSocket a client continues a turn with only its new items and the previous
+response's id, and with `store: false` (Codex) no upstream keeps that response: the
+socket keeps the chain itself (Chains: the whole input and the output of its last
+turns, bounded) and sends the whole input upstream in its place, as OpenAI's own
+socket does from its connection-local cache. The same holds for a warm-up
+(`generate: false`), which this gateway answers itself.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ if TYPE_CHECKING:
 # The paths the mode is served on: the responses path under every prefix.
 PATHS = frozenset(prefix + "/responses" for prefix in PREFIXES)
 MAX_WAITING = 8  # frames queued behind the running response; then reading stops
-MAX_WARMUPS = 16  # warm-up bodies a socket keeps for the turns that continue them
+MAX_CHAINS = 4  # turns a socket remembers for the next to continue (Codex: the last)
 # Headers of the handshake that are the socket's, not a turn's: never sent upstream.
 _SOCKET_ONLY = frozenset({
     b"upgrade", b"connection", b"sec-websocket-key", b"sec-websocket-version",
@@ -139,8 +146,7 @@ class Socket:
         self.state = Turn.IDLE  # written by run() and _read() alone
         self.frames: asyncio.Queue[str | None] = asyncio.Queue(MAX_WAITING)
         self.closed = asyncio.Event()
-        # Warm-up ids this socket answered itself -> their bodies (see _warm_up).
-        self.warmups: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.chains = Chains(endpoint.runtime.settings.max_body_bytes)
 
     async def run(self) -> None:
         reader = asyncio.ensure_future(self._read())
@@ -192,22 +198,20 @@ class Socket:
                               f"unsupported event type {str(kind)[:64]!r}: send response.create")  # fmt: skip
             return
         del data["type"]
+        data = self.chains.expand(data)
         if data.pop("generate", True) is False:
             await self._warm_up(data)
             return
-        previous = data.get("previous_response_id")
-        if isinstance(previous, str) and previous in self.warmups:
-            data = _continued(self.warmups[previous], data)
         data["stream"] = True
-        await self._serve(orjson.dumps(data))
+        remember = data.get("store") is False
+        await self._serve(orjson.dumps(data), data if remember else None)
 
     async def _warm_up(self, body: dict[str, Any]) -> None:
         """`generate: false` (Codex's warm-up) over SSE: answered here, nothing sent
-        upstream; a turn that continues it gets its body merged in (_continued)."""
+        upstream; the turn that continues it gets its body (Chains.expand)."""
         rid = f"resp_gw{os.urandom(12).hex()}{next(_ids)}"
-        self.warmups[rid] = body
-        while len(self.warmups) > MAX_WARMUPS:
-            self.warmups.popitem(last=False)
+        fields = {k: v for k, v in body.items() if k != "input"}
+        self.chains.keep(rid, fields, items(body.get("input")), 0)
         response: dict[str, Any] = {
             "id": rid,
             "object": "response",
@@ -223,7 +227,9 @@ class Socket:
         await self._event({"type": "response.completed", "sequence_number": 1,
                            "response": response})  # fmt: skip
 
-    async def _serve(self, body: bytes) -> None:
+    async def _serve(self, body: bytes, remember: dict[str, Any] | None) -> None:
+        """One turn through the POST endpoint; `remember`: a store:false turn's body,
+        whose whole input and output the socket keeps for the turn that continues it."""
         headers = [*self.headers, _JSON, (b"content-length", str(len(body)).encode())]
         scope = {**self.scope, "headers": headers}
         sent = False
@@ -237,8 +243,52 @@ class Socket:
             await closed.wait()
             return {"type": "http.disconnect"}
 
-        relay = FrameRelay(self._event, self.send)
+        relay = FrameRelay(self._event, self.send, remember is not None)
         await self.endpoint(scope, receive, relay)
+        done = relay.completed
+        if remember is not None and done is not None:
+            rid, output = done.get("id"), done.get("output")
+            if isinstance(rid, str) and isinstance(output, list):
+                inputs = items(remember.get("input"))
+                self.chains.keep(rid, {}, [*inputs, *output], len(body) + relay.size)
+
+
+class Chains:
+    """The turns a socket may be asked to continue: id -> (fields a warm-up set, the
+    whole input and output so far). Bounded in turns and in bytes (a chain over the
+    request body limit is dropped: its next turn goes upstream as the client sent it)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held: OrderedDict[str, tuple[dict[str, Any], list[Any]]] = OrderedDict()
+
+    def keep(self, rid: str, fields: dict[str, Any], chain: list[Any], size: int) -> None:
+        if size > self.max_bytes:
+            return
+        self.held[rid] = (fields, chain)
+        while len(self.held) > MAX_CHAINS:
+            self.held.popitem(last=False)
+
+    def expand(self, turn: dict[str, Any]) -> dict[str, Any]:
+        """A turn continuing one this socket holds: the held fields the turn does not
+        set, the whole chain before its input, and no previous_response_id (no upstream
+        holds that response)."""
+        previous = turn.get("previous_response_id")
+        held = self.held.get(previous) if isinstance(previous, str) else None
+        if held is None:
+            return turn
+        fields, chain = held
+        merged = {**fields, **turn}
+        del merged["previous_response_id"]
+        merged["input"] = [*chain, *items(turn.get("input"))]
+        return merged
+
+
+def items(value: Any) -> list[Any]:
+    """A Responses `input` as a list of items (a string is one user message)."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    return list(value) if isinstance(value, list) else []
 
 
 class FrameRelay:
@@ -249,8 +299,12 @@ class FrameRelay:
         self,
         event: Callable[[dict[str, Any]], Awaitable[None]],
         send: Send,
+        keep: bool = False,
         limit: int = 1 << 20,
     ) -> None:
+        self.keep = keep  # read the completed response (a chain the socket keeps)
+        self.completed: dict[str, Any] | None = None
+        self.size = 0  # bytes relayed, when kept
         self.event = event
         self.send = send
         self.status = 0
@@ -277,6 +331,8 @@ class FrameRelay:
             for start, end in event_spans(block):
                 payload = payload_of(block[start:end])
                 if payload and payload != b"[DONE]":
+                    if self.keep:
+                        self._read(payload)
                     text = payload.decode("utf-8", "replace")
                     await self.send({"type": "websocket.send", "text": text})
             return
@@ -284,6 +340,24 @@ class FrameRelay:
             self.body += chunk[: self.limit - len(self.body)]
         if not more:
             await self.event(_answer_event(self.status, bytes(self.body)))
+
+    def _read(self, payload: bytes) -> None:
+        self.size += len(payload)
+        completed = _completed(payload)
+        if completed is not None:
+            self.completed = completed
+
+
+def _completed(payload: bytes) -> dict[str, Any] | None:
+    """The response of a `response.completed` event; None for any other event."""
+    if b'"response.completed"' not in payload[:80]:
+        return None
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    response = data.get("response") if isinstance(data, dict) else None
+    return response if isinstance(response, dict) else None
 
 
 def _answer_event(status: int, body: bytes) -> dict[str, Any]:
@@ -299,19 +373,3 @@ def _answer_event(status: int, body: bytes) -> dict[str, Any]:
         error = {"type": "api_error", "code": None, "param": None,
                  "message": f"the upstream answered {status}"}  # fmt: skip
     return {"type": "error", "status": status, "error": error}
-
-
-def _continued(warmup: dict[str, Any], turn: dict[str, Any]) -> dict[str, Any]:
-    """A turn continuing a warm-up this gateway answered: the warm-up's fields the turn
-    does not set, its input before the turn's, and no previous_response_id (no upstream
-    ever saw that id)."""
-    merged = {**warmup, **turn}
-    del merged["previous_response_id"]
-    before, after = warmup.get("input"), turn.get("input")
-    if isinstance(before, str):
-        before = [{"role": "user", "content": before}]
-    if isinstance(after, str):
-        after = [{"role": "user", "content": after}]
-    if isinstance(before, list) or isinstance(after, list):
-        merged["input"] = [*(before or []), *(after or [])]
-    return merged

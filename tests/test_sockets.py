@@ -219,3 +219,35 @@ async def test_the_handshake(
     assert body["type"] == "websocket.http.response.body"
     assert "error" in json.loads(body["body"])
     await asyncio.wait_for(ws.task, 5)
+
+
+async def test_a_store_false_chain_goes_upstream_whole(
+    gateway: GatewayFactory, make_upstream: MakeUpstream
+) -> None:
+    """Codex over WebSocket: store:false, then only new items with previous_response_id.
+    No upstream holds that response: the socket sends the whole input instead."""
+    ups = await upstreams(make_upstream, "a")
+    call = {"type": "function_call", "call_id": "c1", "name": "shell", "arguments": "{}"}
+    response = {"id": "resp_1", "object": "response", "model": "up-a", "output": [call]}
+    ups["a"].script(
+        Sse([event("response.created", response=response),
+             event("response.completed", response={**response, "status": "completed"})]),
+        answer("resp_2"), answer("resp_3"), answer("resp_4"),
+    )  # fmt: skip
+    gw = await gateway(routes(urls(ups)))
+    ws = Client(gw)
+    await ws.next()
+    await ws.turn(model="m", input="run it", store=False)
+    result = {"type": "function_call_output", "call_id": "c1", "output": "ran-42"}
+    await ws.turn(model="m", input=[result], previous_response_id="resp_1", store=False)
+    sent = ups["a"].requests[1].json()
+    assert "previous_response_id" not in sent
+    assert sent["input"] == [{"role": "user", "content": "run it"}, call, result]
+    # The chain goes on from the whole input of the turn before.
+    await ws.turn(model="m", input="next", previous_response_id="resp_2", store=False)
+    third = ups["a"].requests[2].json()["input"]
+    assert third[:3] == sent["input"] and third[-1] == {"role": "user", "content": "next"}
+    # A response this socket does not hold is the upstream's to resolve: the id goes on.
+    await ws.turn(model="m", input="x", previous_response_id="resp_elsewhere")
+    assert ups["a"].requests[3].json()["previous_response_id"] == "resp_elsewhere"
+    await ws.close()
