@@ -51,6 +51,8 @@ RESPONSE_DROP = HOP_BY_HOP | {
     b"x-upstream-request-id",
     b"x-upstream-model",
 }
+# x-gateway-* is the gateway's alone (x-gateway-provider, -attempts, -cost-usd, -dropped,
+# -count-tokens): an upstream's header of that prefix never reaches the client.
 RESPONSE_PREFIXES = (b"x-gateway-", b"x-ratelimit-")
 # What a SigV4 signature adds: an aws provider never gets the client's own beside it.
 SIGNATURE = frozenset({b"authorization", b"x-amz-date", b"x-amz-security-token",

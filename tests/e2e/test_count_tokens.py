@@ -161,3 +161,20 @@ async def test_responses_input_tokens_the_same(
     gw2 = await gateway(routes(upstream, ["chat"]))
     r = await client.post(f"{gw2.url}/v1/responses/input_tokens", json=body)
     assert r.status_code == 200 and r.json()["input_tokens"] == prompt_tokens(body)
+
+
+async def test_a_count_is_shaped_like_a_message(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    """Claude Code sends its betas on count_tokens too: the entry's removals apply, and
+    are told whether the upstream counted or the gateway did."""
+    beta = {"anthropic-beta": "context-management-2025-06-27,other-1"}
+    upstream.script(Json({"input_tokens": 9}), Json({"type": "error"}, status=404))
+    gw = await gateway(routes(upstream, ["messages"], drop_betas=["context-management-2025-06-27"]))
+    r = await count(client, gw.url, **beta)
+    assert r.json() == {"input_tokens": 9}
+    assert r.headers["x-gateway-dropped"] == "context-management-2025-06-27"
+    assert upstream.requests[0].header("anthropic-beta") == "other-1"
+    r = await count(client, gw.url, **beta)
+    estimated(r, "p")
+    assert r.headers["x-gateway-dropped"] == "context-management-2025-06-27"
