@@ -136,17 +136,7 @@ def test_shell_round_trip(outcomes: dict[tuple[str, str], Outcome], route: str) 
     assert [m["text"] for m in outcome.items("agent_message")] == [FINAL_PREFIX + TOOL_OUTPUT]
 
 
-# The WebSocket mode as served at 68c11bf relays a later turn's frame (store: false, its
-# new items and previous_response_id) to the upstream's SSE as it is: the upstream cannot
-# resolve the id (400), and Codex opens a second socket and sends the whole conversation.
-CHAIN_OVER_SSE = pytest.mark.xfail(
-    strict=False,
-    reason="issue 22: over the WebSocket a store:false turn reaches an SSE upstream as "
-    "previous_response_id plus new items (400 there); the gateway must send the whole chain",
-)
-
-
-@pytest.mark.parametrize("turn", ["text", pytest.param("tool", marks=CHAIN_OVER_SSE)])
+@pytest.mark.parametrize("turn", PROMPTS)
 def test_same_requests_direct_and_through_the_gateway(
     outcomes: dict[tuple[str, str], Outcome], turn: str
 ) -> None:
@@ -167,11 +157,6 @@ def test_direct_codex_tries_websocket_once(
     assert outcomes["direct", turn].handshakes == 1
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 22: more than one handshake: a 404 costs seven (6.5 s); with the WebSocket "
-    "mode served, a tool turn's second socket follows the 400 of CHAIN_OVER_SSE",
-)
 @pytest.mark.parametrize("turn", PROMPTS)
 def test_at_most_one_websocket_handshake_through_the_gateway(
     outcomes: dict[tuple[str, str], Outcome], turn: str
