@@ -145,6 +145,12 @@ class Runtime:
                     m.prompt_tokens(owner, label, entry, "cache_read").inc(read)
                 if written:
                     m.prompt_tokens(owner, label, entry, "cache_write").inc(written)
+                # Sessions are no metric label (unbounded): the console's per-session
+                # cache-hit ratio is counted here, from the same parts; one `is None`
+                # test for a request without a session.
+                session = req.parsed.session_id
+                if session is not None:
+                    self.traffic.prompted(owner, session, read, prompt)
             if completion:
                 m.tokens(owner, "completion").inc(completion)
             if out.cost_usd:

@@ -197,6 +197,8 @@ async def console_data(runtime: Runtime) -> dict[str, Any]:
                        "strategy": model.strategy, "apis": served,
                        "providers": rows})  # fmt: skip
     keys = config.keys.entries
+    traffic = runtime.traffic
+    points = traffic.view()
     return {
         "object": "console",
         "gateway": {
@@ -210,7 +212,13 @@ async def console_data(runtime: Runtime) -> dict[str, Any]:
         },
         "models": models,
         "providers": list(entries.values()),
-        "traffic": {"step_seconds": runtime.traffic.step, "points": runtime.traffic.view()},
+        "traffic": {
+            "step_seconds": traffic.step,
+            "points": points,
+            # Per key and per session over the window: prompt tokens, those read from
+            # the provider's cache, and their ratio (SPEC §14).
+            "prompt_cache": traffic.prompt_cache(points),
+        },
         "keys": await _key_reports(runtime, keys),
     }
 

@@ -18,7 +18,7 @@ import yaml
 from gateway.console import AdminRequired, ConsoleEndpoint
 from tests.conftest import GatewayFactory
 from tests.helpers import assert_envelope
-from tests.scripted_upstream import Upstream
+from tests.scripted_upstream import Json, Upstream, chat_completion
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -27,6 +27,11 @@ KEYS = yaml.safe_dump({"keys": [
     {"name": "ops", "key": "sk-ops", "admin": True},
 ]})  # fmt: skip
 ADMIN = {"authorization": "Bearer sk-ops"}
+# A provider's prompt cache at work: 800 of 1,000 prompt tokens read from it.
+CACHED = {"prompt_tokens": 1000, "completion_tokens": 5, "total_tokens": 1005,
+          "prompt_tokens_details": {"cached_tokens": 800}}  # fmt: skip
+# A session id is the client's own string: the page shows it as text, cut short.
+HOSTILE_SESSION = '<img src=x onerror="document.title=1">' + "-" * 40 + "tail"
 
 
 def routes(upstream: Upstream) -> str:
@@ -79,6 +84,7 @@ async def test_the_console_in_a_browser(
     gateway: GatewayFactory, upstream: Upstream, browser: Any, tmp_path: Path
 ) -> None:
     gw = await gateway(routes(upstream), KEYS)
+    upstream.script(*[Json({**chat_completion(), "usage": CACHED})] * 3)
     # Selenium blocks: the browser is driven from a thread while this loop serves it.
     await asyncio.to_thread(drive, browser, gw.url, tmp_path)
 
@@ -131,9 +137,42 @@ def drive(browser: Any, url: str, tmp_path: Path) -> None:
     assert "team" in text(browser, "tokens-table") and "team" in text(browser, "cost-table")
     assert text(browser, "traffic-p50") != "-"
 
+    # The prompt cache: the scripted upstream reads 800 of each 1,000 prompt tokens
+    # from its cache, for two sessions of the team key.
+    cached = {"model": "plain", "messages": [{"role": "user", "content": "again"}]}
+    with httpx.Client(timeout=10) as client:
+        for session in ("agent-1", "agent-1", HOSTILE_SESSION):
+            r = client.post(f"{url}/v1/chat/completions", json=cached,
+                            headers={"authorization": "Bearer sk-team",
+                                     "x-claude-code-session-id": session})  # fmt: skip
+            assert r.status_code == 200
+    assert wait_for(lambda: "agent-1" in text(browser, "cache-sessions-table")), text(
+        browser, "cache-panel"
+    )
+    cells = [
+        [td.text for td in tr.find_elements("css selector", "td")]
+        for tr in browser.find_elements("css selector", "#cache-sessions-table tr")[1:]
+    ]
+    assert cells[0][:4] == ["team", "agent-1", "2,000", "1,600"] and cells[0][4].startswith("80%")
+    shown = HOSTILE_SESSION[:40] + "…"
+    assert cells[1][:4] == ["team", shown, "1,000", "800"] and cells[1][4].startswith("80%")
+    row = browser.find_elements("css selector", "#cache-sessions-table tr")[2]
+    assert row.find_element("css selector", "span.mono").get_attribute("title") == HOSTILE_SESSION
+    assert not browser.find_elements("css selector", "#cache-panel img")  # text, not markup
+    assert browser.title == "gateway console"
+    keys = [[td.text for td in tr.find_elements("css selector", "td")]
+            for tr in browser.find_elements("css selector", "#cache-keys-table tr")[1:]]  # fmt: skip
+    # The echo requests above count their prompts too (no cache): the team's ratio
+    # is over all its prompt tokens.
+    team = next(k for k in keys if k[0] == "team")
+    prompt = int(team[1].replace(",", ""))
+    assert prompt > 3000 and team[2] == "2,400"
+    for shown_ratio in (team[3], text(browser, "cache-ratio")):
+        assert abs(float(shown_ratio.partition("%")[0]) - 100 * 2400 / prompt) < 0.1, shown_ratio
+
     browser.find_element("css selector", '#nav button[data-tab="keys"]').click()
     keys = text(browser, "keys-table")
-    assert "100 rpm" in keys and "$5/month" in keys and "4 requests" in keys
+    assert "100 rpm" in keys and "$5/month" in keys and "7 requests" in keys  # 4 echo, 3 cached
     browser.find_element("css selector", '#nav button[data-tab="providers"]').click()
     assert "closed" in text(browser, "providers-table")
 
@@ -142,6 +181,8 @@ def drive(browser: Any, url: str, tmp_path: Path) -> None:
     browser.save_screenshot(str(tmp_path / "console.png"))
     if os.environ.get("GATEWAY_SCREENSHOT"):  # `make screenshot`: the README's picture
         browser.save_screenshot(os.environ["GATEWAY_SCREENSHOT"])
+    assert "tracing off" in text(browser, "status")
+    assert not browser.find_element("id", "error").is_displayed(), text(browser, "error")
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     # The one expected: the 401 of the first visit, before the key was given.
     assert all("401" in e["message"] for e in errors), errors
@@ -170,6 +211,55 @@ async def test_console_data_needs_an_admin_key(
     assert {k["name"] for k in data["keys"]} == {"team", "ops"}
     assert data["traffic"]["step_seconds"] == 10 and data["traffic"]["points"]
     assert "sk-team" not in str(data) and "sk-ops" not in str(data)
+
+
+async def test_the_prompt_cache_per_key_and_session_in_the_console_data(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    gw = await gateway(
+        f"providers:\n  p: {{base_url: {upstream.url}, apis: [chat, responses, messages]}}\n"
+        "models:\n  m:\n    providers:\n      - {provider: p, model: up}\n",
+        KEYS,
+    )
+    # 1,000 prompt tokens each, in each family's words, from the scripted upstream.
+    upstream.script(
+        Json({**chat_completion(), "usage": CACHED}),
+        Json({"id": "resp_1", "object": "response", "model": "up", "output": [],
+              "usage": {"input_tokens": 1000, "output_tokens": 5,
+                        "input_tokens_details": {"cached_tokens": 600}}}),
+        Json({"id": "msg_1", "type": "message", "role": "assistant", "model": "up",
+              "content": [], "usage": {"input_tokens": 50, "output_tokens": 5,
+                                       "cache_read_input_tokens": 900,
+                                       "cache_creation_input_tokens": 50}}),
+        Json({**chat_completion(), "usage": CACHED}),
+    )  # fmt: skip
+    team = {"authorization": "Bearer sk-team"}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    sent = [
+        ("/v1/chat/completions", {**chat, "session_id": "body-session"}, {}),
+        ("/v1/responses", {"model": "m", "input": "hi"}, {"session-id": "codex-thread"}),
+        ("/v1/messages", {**chat, "max_tokens": 10}, {"x-claude-code-session-id": "claude"}),
+        ("/v1/chat/completions", chat, {}),  # no session: the key's ratio only
+    ]
+    for path, body, headers in sent:
+        r = await client.post(gw.url + path, json=body, headers={**team, **headers})
+        assert r.status_code == 200, r.text
+    data = (await client.get(f"{gw.url}/console/data", headers=ADMIN)).json()
+    cache = data["traffic"]["prompt_cache"]
+    assert cache["keys"] == [
+        {"key": "team", "prompt": 4000, "cache_read": 3100, "hit_ratio": 0.775}
+    ]
+    assert cache["sessions"] == [
+        {"key": "team", "session": "body-session", "prompt": 1000, "cache_read": 800,
+         "hit_ratio": 0.8},
+        {"key": "team", "session": "claude", "prompt": 1000, "cache_read": 900,
+         "hit_ratio": 0.9},
+        {"key": "team", "session": "codex-thread", "prompt": 1000, "cache_read": 600,
+         "hit_ratio": 0.6},
+    ]  # fmt: skip
+    assert data["traffic"]["points"][-1]["prompt_cache"] == {
+        "team": {"prompt": 4000, "cache_read": 3100}
+    }
 
 
 async def test_the_last_error_and_the_breaker_reach_the_console(
