@@ -26,6 +26,15 @@ from gateway.wire.usage import prompt_kinds, usage_parts
 
 log = logging.getLogger("gateway")
 
+# The conventions the spans follow, named on the tracer (each span's instrumentation
+# scope carries it): the OpenTelemetry GenAI semantic conventions v0.1.0 (SPEC §14), the
+# first release of open-telemetry/semantic-conventions-genai, which publishes its schemas
+# as https://opentelemetry.io/schemas/gen-ai/<version>. Not a core semconv URL (1.x):
+# GenAI left the core after v1.41.0, whose registry has the cache-write count as
+# gen_ai.usage.cache_creation.input_tokens; the GenAI repository renamed it
+# gen_ai.usage.cache_write.input_tokens (its #440) before v0.1.0, the name used here.
+SCHEMA_URL = "https://opentelemetry.io/schemas/gen-ai/0.1.0"
+
 # gen_ai.operation.name by API family (the GenAI conventions' values where one fits).
 OPERATIONS = {
     "chat": "chat",
@@ -43,7 +52,7 @@ def _operation(family: Family) -> str:
 class Tracing:
     def __init__(self, provider: Any, api: Any, propagator: Any) -> None:
         self.provider = provider
-        self.tracer = provider.get_tracer("gateway")
+        self.tracer = provider.get_tracer("gateway", schema_url=SCHEMA_URL)
         self.api = api  # opentelemetry.trace, imported by from_env
         self.propagator = propagator  # W3C trace context, made once
 

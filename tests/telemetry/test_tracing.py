@@ -14,6 +14,8 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from gateway.families import CHAT, MESSAGES, RESPONSES
+from gateway.telemetry.tracing import SCHEMA_URL, Tracing
 from tests.conftest import GatewayFactory
 from tests.helpers import until
 from tests.scripted_upstream import Json, Sse, Upstream, chat_completion, chunk
@@ -28,7 +30,8 @@ class Receiver:
     def __init__(self) -> None:
         self.spans: list[dict[str, Any]] = []
         self.resources: list[dict[str, Any]] = []
-        spans, resources = self.spans, self.resources
+        self.scopes: list[tuple[str, str]] = []  # (instrumentation scope, its schema URL)
+        spans, resources, scopes = self.spans, self.resources, self.scopes
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
@@ -41,6 +44,7 @@ class Receiver:
                 for rs in request.resource_spans:
                     resources.append({a.key: _value(a.value) for a in rs.resource.attributes})
                     for ss in rs.scope_spans:
+                        scopes.append((ss.scope.name, ss.schema_url))
                         for span in ss.spans:
                             spans.append(_span(span))
                 self.send_response(200)
@@ -152,6 +156,9 @@ async def test_a_request_a_failed_attempt_and_the_serving_one(
         assert got.header("traceparent") == f"00-{CLIENT_TRACE}-{span['span_id']}-01"
         assert got.header("tracestate") == "vendor=1"
     assert receiver.resources[0]["service.name"] == "gateway"
+    # The conventions named where a collector looks for them (SPEC §14).
+    assert set(receiver.scopes) == {("gateway", SCHEMA_URL)}
+    assert SCHEMA_URL == "https://opentelemetry.io/schemas/gen-ai/0.1.0"
 
 
 async def test_a_refusal_and_a_stream_have_spans_too(
@@ -198,3 +205,43 @@ def test_without_the_variable_nothing_is_loaded(tmp_path: Any) -> None:
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=30)  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def test_the_tracer_names_the_genai_conventions_and_every_familys_cache_tokens() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider, trace, TraceContextTextMapPropagator())
+    usages = [  # (family, usage, cache read, cache write, all prompt tokens)
+        (CHAT, {"prompt_tokens": 1000, "completion_tokens": 5,
+                "prompt_tokens_details": {"cached_tokens": 800}}, 800, 0, 1000),
+        (RESPONSES, {"input_tokens": 1000, "output_tokens": 5,
+                     "input_tokens_details": {"cached_tokens": 600}}, 600, 0, 1000),
+        (MESSAGES, {"input_tokens": 50, "output_tokens": 5, "cache_read_input_tokens": 900,
+                    "cache_creation_input_tokens": 50}, 900, 50, 1000),
+    ]  # fmt: skip
+    for family, usage, _, _, _ in usages:
+        request = tracing.request(family, [])
+        span, _ = request.attempt("p", "up", "127.0.0.1", 443, [])
+        span.end(200)
+        request.end("m", 200, "p", "up", usage, session="s")
+    tracing.close()
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 6
+    for span in spans:
+        assert span.instrumentation_scope is not None
+        assert span.instrumentation_scope.name == "gateway"
+        assert span.instrumentation_scope.schema_url == SCHEMA_URL
+    servers = [s for s in spans if s.kind == trace.SpanKind.SERVER]
+    for span, (_, _, read, written, prompt) in zip(servers, usages, strict=True):
+        attributes = span.attributes or {}
+        assert attributes["gen_ai.usage.cache_read.input_tokens"] == read
+        assert attributes["gen_ai.usage.cache_write.input_tokens"] == written
+        # The conventions' input_tokens holds the cached ones, Anthropic's included.
+        assert attributes["gen_ai.usage.input_tokens"] == prompt
