@@ -92,9 +92,15 @@ async def open_attempt(
         shaping = cand.target.shaping  # None unless the entry removes something
         if shaping is not None:
             sent, body, dropped = shape(shaping, sent, body, family.body is Body.JSON)
-        resp = opened.resp = await upstream.send(
-            cand.target.provider, req.path, body, sent, deadline, req.method
-        )
+        socket = req.socket
+        resp: UpstreamResponse
+        if socket is not None and cand.target.websocket:
+            # A WebSocket turn to an entry that speaks it: over the socket's own link.
+            resp = opened.resp = await socket.send(cand.target.provider, body, sent, deadline)
+        else:
+            resp = opened.resp = await upstream.send(
+                cand.target.provider, req.path, body, sent, deadline, req.method
+            )
         if dropped is not None:
             # With the upstream's own headers, so the answer that reaches the client says
             # it, whether it is relayed as served or as the last failure (SPEC §14).

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.auth import authenticate
 from gateway.body import ClientGone, ParsedBody, parse_body, parse_multipart, read_body
@@ -37,6 +37,9 @@ from gateway.respond import send_error, server_timing
 from gateway.runtime import Runtime
 from gateway.state.redis import UNENFORCED
 from gateway.types import Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from gateway.upstream.websocket import UpstreamSockets
 
 log = logging.getLogger("gateway")
 
@@ -97,11 +100,12 @@ class ProxyEndpoint:
         path_slug: str | None = None,
         upstream_path: str | None = None,
         response_id: str | None = None,
+        socket: UpstreamSockets | None = None,
     ) -> None:
         """The ASGI call; the others come from AzureDeployment and ResponseById:
         `path_slug`, Azure's deployment from the path; `upstream_path`, a path of its
         own; `response_id`, a responses lookup by id (GET, DELETE or a POST without a
-        body of its own)."""
+        body of its own); `socket`, a WebSocket turn's upstream sockets (sockets.py)."""
         t0 = time.perf_counter()
         if upstream_path is None:
             upstream_path = self.path
@@ -225,6 +229,7 @@ class ProxyEndpoint:
             may_inject=may_inject,
             trace=trace,
             owner=owner,
+            socket=socket,
         )
         out = Outcome()
         estimate = None

@@ -20,6 +20,7 @@ from gateway.wire.usage import Tally, usage_tokens
 
 if TYPE_CHECKING:
     from gateway.telemetry.tracing import AttemptSpan, RequestTrace
+    from gateway.upstream.websocket import UpstreamSockets
 
 
 @dataclass(slots=True, kw_only=True)
@@ -48,6 +49,9 @@ class Request:
     may_inject: bool = False
     trace: RequestTrace | None = None  # with OpenTelemetry on (telemetry.tracing)
     owner: str = ""  # the key's name (anonymous without keys): who owns the ids made
+    # A WebSocket turn's upstream sockets (sockets.py): entries with `websocket: true`
+    # are sent the turn over them; None for every HTTP request.
+    socket: UpstreamSockets | None = None
 
 
 @dataclass(slots=True)

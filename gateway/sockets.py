@@ -41,6 +41,7 @@ from gateway.families import PREFIXES, RESPONSES
 from gateway.incoming import Incoming
 from gateway.respond import send_error, server_timing
 from gateway.types import Message, Receive, Scope, Send
+from gateway.upstream.websocket import UpstreamSockets
 from gateway.wire.sse import EventSplitter, event_spans, payload_of
 
 if TYPE_CHECKING:
@@ -146,7 +147,11 @@ class Socket:
         self.state = Turn.IDLE  # written by run() and _read() alone
         self.frames: asyncio.Queue[str | None] = asyncio.Queue(MAX_WAITING)
         self.closed = asyncio.Event()
-        self.chains = Chains(endpoint.runtime.settings.max_body_bytes)
+        runtime = endpoint.runtime
+        self.chains = Chains(runtime.settings.max_body_bytes)
+        # Entries with `websocket: true` get the turns over links of this socket's own.
+        beta = [(n, v) for n, v in scope["headers"] if n == b"openai-beta"]
+        self.links = UpstreamSockets(runtime.upstream, beta, runtime.settings.max_event_bytes)
 
     async def run(self) -> None:
         reader = asyncio.ensure_future(self._read())
@@ -163,6 +168,7 @@ class Socket:
         finally:
             self.state = Turn.CLOSED
             reader.cancel()
+            self.links.close()
 
     async def _read(self) -> None:
         while True:
@@ -198,6 +204,11 @@ class Socket:
                               f"unsupported event type {str(kind)[:64]!r}: send response.create")  # fmt: skip
             return
         del data["type"]
+        if self._speaks_websocket(data.get("model")):
+            # The upstream holds its own chains and warm-ups: the frame goes as sent.
+            data["stream"] = True
+            await self._serve(orjson.dumps(data), None)
+            return
         data = self.chains.expand(data)
         if data.pop("generate", True) is False:
             await self._warm_up(data)
@@ -205,6 +216,12 @@ class Socket:
         data["stream"] = True
         remember = data.get("store") is False
         await self._serve(orjson.dumps(data), data if remember else None)
+
+    def _speaks_websocket(self, slug: Any) -> bool:
+        """Whether the frame's model has an entry with `websocket: true`."""
+        routes = self.endpoint.runtime.config.routes  # the snapshot the turn will read
+        model = routes.resolve(slug) if isinstance(slug, str) else None
+        return model is not None and any(t.websocket for t in model.targets)
 
     async def _warm_up(self, body: dict[str, Any]) -> None:
         """`generate: false` (Codex's warm-up) over SSE: answered here, nothing sent
@@ -244,7 +261,7 @@ class Socket:
             return {"type": "http.disconnect"}
 
         relay = FrameRelay(self._event, self.send, remember is not None)
-        await self.endpoint(scope, receive, relay)
+        await self.endpoint(scope, receive, relay, socket=self.links)
         done = relay.completed
         if remember is not None and done is not None:
             rid, output = done.get("id"), done.get("output")

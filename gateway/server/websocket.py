@@ -186,8 +186,10 @@ class FrameParser:
     violation in FAILED. Unconsumed input is at most one frame header (14 bytes) plus
     the read being parsed: a payload is taken as it comes."""
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, client: bool = False) -> None:
         self.max_message = max_message_bytes
+        # The client's end (upstream/websocket.py): a server's frames are never masked.
+        self.client = client
         self.state = ParseState.HEAD
         self.buffer = bytearray()
         # The frame being read.
@@ -215,10 +217,15 @@ class FrameParser:
             state = self.state
             available = len(buf) - pos
             if state is ParseState.PAYLOAD:
+                if not self.remaining:  # a client's empty frame (the server's end in MASK)
+                    self._frame_done(events)
+                    continue
                 take = min(self.remaining, available)
                 if not take:
                     break
-                chunk = unmask(bytes(buf[pos : pos + take]), self.mask, self.offset)
+                chunk = bytes(buf[pos : pos + take])
+                if self.mask:
+                    chunk = unmask(chunk, self.mask, self.offset)
                 pos += take
                 self.offset += take
                 self.remaining -= take
@@ -265,7 +272,10 @@ class FrameParser:
         opcode = _OPCODES.get(b0 & 0x0F)
         if opcode is None:
             return Violation(PROTOCOL_ERROR, "unknown opcode")
-        if not b1 & 0x80:
+        if self.client:
+            if b1 & 0x80:
+                return Violation(PROTOCOL_ERROR, "a server frame must not be masked")
+        elif not b1 & 0x80:
             return Violation(PROTOCOL_ERROR, "a client frame must be masked")
         self.fin = bool(b0 & 0x80)
         self.opcode = opcode
@@ -303,6 +313,11 @@ class FrameParser:
                 self.decoder = _utf8() if opcode is Opcode.TEXT else None
             self.size += length
         self.remaining = length
+        if self.client:  # no masking key follows
+            self.mask = b""
+            self.offset = 0
+            self.state = ParseState.PAYLOAD  # an empty payload ends in feed's next turn
+            return None
         self.state = ParseState.MASK
         return None
 
@@ -390,23 +405,29 @@ def unmask(data: bytes, mask: bytes, offset: int = 0) -> bytes:
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(size, "little")
 
 
-def encode_frame(opcode: Opcode, payload: bytes, fin: bool = True) -> bytes:
-    """A server frame: unmasked, with the shortest length encoding."""
+def encode_frame(opcode: Opcode, payload: bytes, fin: bool = True, mask: bytes = b"") -> bytes:
+    """A frame with the shortest length encoding: a server's unmasked, a client's
+    (upstream/websocket.py) masked with `mask`, four random bytes."""
     b0 = (0x80 if fin else 0) | opcode
     size = len(payload)
+    bit = 0x80 if mask else 0
     if size < 126:
-        return bytes((b0, size)) + payload
-    if size < 65536:
-        return struct.pack("!BBH", b0, 126, size) + payload
-    return struct.pack("!BBQ", b0, 127, size) + payload
+        head = bytes((b0, bit | size))
+    elif size < 65536:
+        head = struct.pack("!BBH", b0, bit | 126, size)
+    else:
+        head = struct.pack("!BBQ", b0, bit | 127, size)
+    if mask:
+        return head + mask + unmask(payload, mask)
+    return head + payload
 
 
-def encode_close(code: int | None, reason: str = "") -> bytes:
+def encode_close(code: int | None, reason: str = "", mask: bytes = b"") -> bytes:
     if code is None:
-        return encode_frame(Opcode.CLOSE, b"")
+        return encode_frame(Opcode.CLOSE, b"", mask=mask)
     # A reason cut to fit the control frame's 125 bytes, never inside a character.
     data = reason.encode("utf-8")[: MAX_CONTROL - 2].decode("utf-8", "ignore").encode("utf-8")
-    return encode_frame(Opcode.CLOSE, code.to_bytes(2, "big") + data)
+    return encode_frame(Opcode.CLOSE, code.to_bytes(2, "big") + data, mask=mask)
 
 
 # --------------------------------------------------------------------------- connection

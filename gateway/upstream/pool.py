@@ -35,6 +35,10 @@ class Pool:
         self._idle: dict[Origin, list[H1Connection]] = {}
         self._slots: dict[Origin, asyncio.Semaphore] = {}
 
+    def tls_context(self) -> ssl.SSLContext:
+        """The one verifying context (also for upstream WebSockets)."""
+        return self._context()
+
     def _context(self) -> ssl.SSLContext:
         if self._ssl is None:
             # Verification on: the default context checks the chain and the host name.

@@ -422,3 +422,29 @@ def test_server_messages_are_text_or_binary_frames() -> None:
     assert (text.opcode, text.data) == (WsOpcode.TEXT, "héllo".encode())
     assert (binary.opcode, binary.data) == (WsOpcode.BINARY, b"\x00\x01")
     assert oracle_parse(ws.ping(b"p"))[0].opcode == WsOpcode.PING
+
+
+# --------------------------------------------------------------------------- client end
+# (upstream/websocket.py: the gateway as a client of an upstream's WebSocket)
+
+
+@given(st.binary(max_size=70_000), st.binary(min_size=4, max_size=4))
+def test_a_client_frame_is_masked_and_a_server_parser_reads_it_back(
+    payload: bytes, mask: bytes
+) -> None:
+    frame = encode_frame(Opcode.BINARY, payload, mask=mask)
+    assert frame[1] & 0x80
+    assert FrameParser(1 << 20).feed(frame) == [Received(payload)]
+
+
+def test_the_client_end_reads_unmasked_frames_and_refuses_masked_ones() -> None:
+    parser = FrameParser(1 << 20, client=True)
+    stream = encode_frame(Opcode.TEXT, b"") + encode_frame(Opcode.PING, b"p")
+    stream += encode_frame(Opcode.TEXT, b'{"type": "x"}')
+    assert parser.feed(stream) == [Received(""), Ping(b"p"), Received('{"type": "x"}')]
+    masked = encode_frame(Opcode.TEXT, b"hi", mask=b"abcd")
+    [violation] = FrameParser(1 << 20, client=True).feed(masked)
+    assert isinstance(violation, Violation) and violation.code == 1002
+    too_big = encode_frame(Opcode.TEXT, b"x" * 200)
+    [violation] = FrameParser(100, client=True).feed(too_big)
+    assert isinstance(violation, Violation) and violation.code == 1009
