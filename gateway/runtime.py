@@ -117,34 +117,43 @@ class Runtime:
         """Metrics and the access-log line for a request that reached the relay."""
         m = self.metrics
         label = out.label or "(none)"
-        stream = "true" if req.parsed.stream else "false"
-        m.requests(label, out.provider or "", str(out.status), stream).inc()
-        m.duration(label).observe(duration)
-        if out.ttfb is not None and out.provider is not None:
-            m.ttfb(label, out.provider).observe(out.ttfb)
+        owner = key.name if key is not None else ""
+        provider = out.provider or ""
+        # One lookup for the series such a request writes (Metrics.served).
+        series = m.served(owner, label, provider, out.status, req.parsed.stream)
+        series.requests.inc()
+        series.duration.observe(duration)
+        if out.ttfb is not None and series.ttfb is not None:
+            series.ttfb.observe(out.ttfb)
         if out.attempts > 1:
             m.failovers(label).inc()
         if out.hedged:
             m.hedges.inc()
-        owner = key.name if key is not None else ""
         cache: tuple[int, int] | None = None
         usage = out.usage
         if usage is not None:
             prompt, read, completion = usage_parts(usage)
             if prompt:
-                m.tokens(owner, "prompt").inc(prompt)
+                counter = series.prompt
+                if counter is None:
+                    counter = series.prompt = m.tokens(owner, "prompt")
+                counter.inc(prompt)
                 # Kinds from the parts already read: a second pass over the usage cost
                 # ~5k instructions a request (callgrind), twice with the access log.
                 written = cache_written(usage)
                 cache = (read, written)
-                entry = out.provider or ""
                 uncached = prompt - read - written
                 if uncached > 0:
-                    m.prompt_tokens(owner, label, entry, "uncached").inc(uncached)
+                    counter = series.uncached
+                    if counter is None:
+                        counter = series.uncached = m.prompt_tokens(
+                            owner, label, provider, "uncached"
+                        )
+                    counter.inc(uncached)
                 if read:
-                    m.prompt_tokens(owner, label, entry, "cache_read").inc(read)
+                    m.prompt_tokens(owner, label, provider, "cache_read").inc(read)
                 if written:
-                    m.prompt_tokens(owner, label, entry, "cache_write").inc(written)
+                    m.prompt_tokens(owner, label, provider, "cache_write").inc(written)
                 # Sessions are no metric label (unbounded): the console's per-session
                 # cache-hit ratio is counted here, from the same parts; one `is None`
                 # test for a request without a session.
@@ -152,9 +161,12 @@ class Runtime:
                 if session is not None:
                     self.traffic.prompted(owner, session, read, prompt)
             if completion:
-                m.tokens(owner, "completion").inc(completion)
+                counter = series.completion
+                if counter is None:
+                    counter = series.completion = m.tokens(owner, "completion")
+                counter.inc(completion)
             if out.cost_usd:
-                m.cost(owner, label, out.provider or "").inc(out.cost_usd)
+                m.cost(owner, label, provider).inc(out.cost_usd)
         elif tokens:
             m.tokens(owner, "estimated").inc(tokens)
         m.changed()

@@ -113,11 +113,33 @@ class Family(Generic[C]):
         return child
 
 
+class Served:
+    """The series one kind of served request writes, found together: (key, slug,
+    provider, status, stream) -> its children, so Runtime.served makes one dict lookup
+    where it made six Family calls (each packing its labels into a new tuple)."""
+
+    __slots__ = ("completion", "duration", "prompt", "requests", "ttfb", "uncached")
+
+    def __init__(self, m: Metrics, owner: str, label: str, provider: str, status: str,
+                 stream: str) -> None:  # fmt: skip
+        self.requests = m.requests(label, provider, status, stream)
+        self.duration = m.duration(label)
+        self.ttfb = m.ttfb(label, provider) if provider else None
+        # Made on first use, so a kind with no tokens shows no series.
+        self.prompt: Counter | None = None
+        self.completion: Counter | None = None
+        self.uncached: Counter | None = None
+
+
+MAX_SERVED = 4096  # Served bundles kept; past it they are made again (they only point)
+
+
 class Metrics:
     def __init__(self) -> None:
         directory = os.environ.get(DIR_ENV)
         self.directory = Path(directory) if directory else None
         self._dump_due = False
+        self._served: dict[tuple[str, str, str, int, bool], Served] = {}
 
         def histogram(bounds: tuple[float, ...]) -> Callable[[], Histogram]:
             return lambda: Histogram(bounds)
@@ -258,6 +280,17 @@ class Metrics:
         self.changed()
 
     # --workers N
+
+    def served(self, owner: str, label: str, provider: str, status: int, stream: bool) -> Served:
+        kinds = self._served
+        found = kinds.get((owner, label, provider, status, stream))
+        if found is None:
+            if len(kinds) >= MAX_SERVED:
+                kinds.clear()
+            found = kinds[owner, label, provider, status, stream] = Served(
+                self, owner, label, provider, str(status), "true" if stream else "false"
+            )
+        return found
 
     def changed(self) -> None:
         """Called after a request's values changed: schedules this worker's file write."""
