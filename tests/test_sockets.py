@@ -251,3 +251,34 @@ async def test_a_store_false_chain_goes_upstream_whole(
     await ws.turn(model="m", input="x", previous_response_id="resp_elsewhere")
     assert ups["a"].requests[3].json()["previous_response_id"] == "resp_elsewhere"
     await ws.close()
+
+
+async def test_426_counts_the_keys_allow_list(
+    gateway: GatewayFactory, make_upstream: MakeUpstream
+) -> None:
+    """The upgrade is refused at once when no slug this key may use serves responses,
+    though other keys' slugs do."""
+    up = await make_upstream()
+    doc = {
+        "providers": {"r": {"base_url": up.url, "apis": ["responses"]},
+                      "c": {"base_url": up.url, "apis": ["chat"]}},
+        "models": {"resp-m": {"providers": [{"provider": "r"}]},
+                   "chat-m": {"providers": [{"provider": "c"}]},
+                   "team/*": {"providers": [{"provider": "r"}]}},
+    }  # fmt: skip
+    keys = {"keys": [{"name": "chat", "key": "sk-chat", "models": ["chat-m"]},
+                     {"name": "wild", "key": "sk-wild", "models": ["team/a*"]},
+                     {"name": "all", "key": "sk-all"}]}  # fmt: skip
+    gw = await gateway(yaml.safe_dump(doc), yaml.safe_dump(keys))
+    for token, first in (("sk-chat", "websocket.http.response.start"),
+                         ("sk-wild", "websocket.accept"), ("sk-all", "websocket.accept")):  # fmt: skip
+        ws = Client(gw, authorization=f"Bearer {token}")
+        message = await ws.next()
+        assert message["type"] == first, token
+        if first == "websocket.accept":
+            await ws.close()
+        else:
+            assert message["status"] == 426
+            body = json.loads((await ws.next())["body"])
+            assert body["error"]["code"] == "upgrade_required"
+            await asyncio.wait_for(ws.task, 5)
