@@ -41,7 +41,6 @@ from gateway.families import PREFIXES, RESPONSES
 from gateway.incoming import Incoming
 from gateway.respond import send_error, server_timing
 from gateway.types import Message, Receive, Scope, Send
-from gateway.upstream.websocket import UpstreamSockets
 from gateway.wire.sse import EventSplitter, event_spans, payload_of
 
 if TYPE_CHECKING:
@@ -150,6 +149,9 @@ class Socket:
         runtime = endpoint.runtime
         self.chains = Chains(runtime.settings.max_body_bytes)
         # Entries with `websocket: true` get the turns over links of this socket's own.
+        # Imported with the first socket (see server.protocol's handshake import).
+        from gateway.upstream.websocket import UpstreamSockets
+
         beta = [(n, v) for n, v in scope["headers"] if n == b"openai-beta"]
         self.links = UpstreamSockets(runtime.upstream, beta, runtime.settings.max_event_bytes)
 

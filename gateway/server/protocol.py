@@ -24,7 +24,7 @@ import asyncio
 import math
 import urllib.parse
 from collections import deque
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -43,9 +43,10 @@ from gateway.server.admission import (
 )
 from gateway.server.cycle import Cycle, FlowControl, closing
 from gateway.server.upgrade import BodyOnly, is_websocket, resume_head
-from gateway.server.websocket import check_handshake
-from gateway.server.websocket_cycle import WebSocketCycle
 from gateway.types import Message
+
+if TYPE_CHECKING:
+    from gateway.server.websocket_cycle import WebSocketCycle
 
 HIGH_WATER = 64 * 1024  # buffered request body bytes at which reading pauses
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
@@ -350,6 +351,11 @@ class ServerProtocol(asyncio.Protocol):
     def _open_websocket(self, version: str, raw_path: bytes, query: bytes, path: str) -> None:
         """A WebSocket handshake's request: checked here (a refusal ends the connection
         as any other does); the app answers it once llhttp stops after the head."""
+        # Imported at the first handshake: the two modules cost start-up ~7 ms (-X
+        # importtime) that a gateway never asked for WebSockets never pays.
+        from gateway.server.websocket import check_handshake
+        from gateway.server.websocket_cycle import WebSocketCycle
+
         handshake = check_handshake(self.parser.get_method().decode("ascii"), version, self.headers)
         if isinstance(handshake, bytes):
             self._refuse(handshake)
