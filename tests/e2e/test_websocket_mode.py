@@ -13,7 +13,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import GatewayFactory
-from tests.e2e.test_routing import MakeUpstream, urls
+from tests.e2e.test_routing import MakeUpstream, until, urls
 from tests.test_sockets import answer, routes
 
 
@@ -91,3 +91,21 @@ async def test_the_sidecar_refuses_a_web_page_of_another_origin(
         await websockets.connect(f"ws://evil.example:{gw.port}/v1/responses",
                                  host="127.0.0.1", port=gw.port, open_timeout=5)  # fmt: skip
     assert misdirected.value.response.status_code == 421
+
+
+async def test_a_client_that_leaves_mid_turn_ends_the_turn_quietly(
+    gateway: GatewayFactory, make_upstream: MakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    up = await make_upstream()
+    slow = answer("resp_1", "first")
+    slow.delay = 0.3  # between events: the client leaves after the first
+    up.script(slow)
+    gw = await gateway(routes(urls({"a": up})))
+    ws = await websockets.connect(f"ws://127.0.0.1:{gw.port}/v1/responses")
+    await ws.send(json.dumps({"type": "response.create", "model": "m", "input": "hi"}))
+    first = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert first["type"] == "response.created"
+    ws.transport.abort()  # gone without a close frame
+    await until(lambda: gw.runtime.metrics.in_flight.value == 0)
+    await until(lambda: len(up.closed) == 1)  # the upstream stream was closed too
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
