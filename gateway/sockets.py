@@ -143,7 +143,7 @@ class Socket:
             "method": "POST",
             "scheme": "https" if scope.get("scheme") == "wss" else "http",
         }
-        self.state = Turn.IDLE  # written by run() and _read() alone
+        self.state = Turn.IDLE  # written by run() alone
         self.frames: asyncio.Queue[str | None] = asyncio.Queue(MAX_WAITING)
         self.closed = asyncio.Event()
         runtime = endpoint.runtime
