@@ -10,9 +10,14 @@ another. Prints a table and writes bench/results/<timestamp>.json and latest.jso
 Scenarios: 1 non-streaming throughput at 64 connections; 2 latency at one connection;
 3 streaming (22 events) throughput at 64 connections; 4 per-event relay delay of one
 paced stream (an event every 20 ms); 5 many slow streams at once (an event every 100 ms);
-6 cold start to the first answered request, and idle RSS.
+6 cold start to the first answered request, and idle RSS; 9 SPEC §15's paced streams
+(a role event, then 64 content deltas 20 ms apart): time to first token, per-frame delay
+and the largest gap at one keep-alive connection, and the streams held at once at rungs
+of 64 to 2,048 with no frame over 100 ms late and no gap over 200 ms. The end prints
+each SPEC §15 target with its measured value.
 
-Usage: bench/run.py [--quick] [--slow-streams N] [--slow-seconds S]
+Usage: bench/run.py [--quick] [--slow-streams N] [--slow-seconds S] [--only limits|latency]
+(`make bench ARGS=--quick` works too: ARGS is read when no argument is given.)
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -48,6 +54,10 @@ JSON_BODY = b'{"model":"bench-json","messages":[{"role":"user","content":"hi"}]}
 SSE_BODY = b'{"model":"bench-sse","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 UPSTREAM_MODEL = "upstream-model"
 STARTED = time.monotonic()
+# SPEC §15's paced stream: a role event, then 64 content deltas 20 ms apart.
+PACED_EVENTS, PACED_INTERVAL_MS = 64, 20
+RUNGS = (64, 128, 256, 512, 1024, 2048)
+QUICK_RUNGS = (64, 256, 1024)
 
 
 class BenchError(Exception):
@@ -467,7 +477,7 @@ class Bench:
             lines += [f"  {name}:", f"    base_url: http://127.0.0.1:{port}/v1"]
             # As nginx's proxy has no cap: scenario 5 may hold more streams to one
             # upstream than the default 1,024 connections.
-            lines.append(f"    max_connections: {max(1024, 2 * self.slow_streams)}")
+            lines.append(f"    max_connections: {max(2 * RUNGS[-1], 2 * self.slow_streams)}")
         lines.append("models:")
         for name in ("bench-json", "bench-sse", "bench-paced"):
             lines += [f"  {name}:", "    providers:", f"      - provider: {name}"]
@@ -740,11 +750,12 @@ def stream_client(
     interval_ms: int,
     events: int,
     ramp: float,
+    extra: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
     argv = [PYTHON, str(BENCH / "sse_client.py"), "--port", str(port)]
     argv += ["--streams", str(streams), "--concurrency", str(concurrency)]
     argv += ["--interval-ms", str(interval_ms), "--events", str(events)]
-    argv += ["--ramp-seconds", str(ramp)]
+    argv += ["--ramp-seconds", str(ramp), *(extra or [])]
     return bench.procs.start(argv, "load", stdout=subprocess.PIPE)
 
 
@@ -832,6 +843,155 @@ def slow_streams(bench: Bench) -> None:
         )
 
 
+# ---------------------------------------------------------------- SPEC §15
+
+
+def first_token(bench: Bench) -> None:
+    """9: paced streams one after another on one keep-alive connection: time to first
+    token (raw, and net of the upstream's own pacing time), per-frame delay, largest gap."""
+    streams = 8 if bench.quick else 40
+    bench.results["9_first_token"] = {}
+    for target in TARGETS:
+        port = bench.ports.of(target, "paced")
+        argv = ["--role", "--keep-alive"]
+        proc = stream_client(bench, port, 2, 1, PACED_INTERVAL_MS, 4, 0.0, argv)  # warm-up
+        client_result(bench, proc, timeout=60)
+        proc = stream_client(bench, port, streams, 1, PACED_INTERVAL_MS, PACED_EVENTS, 0.0, argv)
+        got = client_result(bench, proc, timeout=streams * PACED_EVENTS * 0.02 + 60)
+        bench.results["9_first_token"][target] = got
+        errors = f", {got['errors']} ERRORS {got['error_kinds']}" if got["errors"] else ""
+        ttft, net, delay = got["ttft_ms"], got["ttft_net_ms"], got["delay_ms"]
+        progress(
+            f"9 first token, {streams} streams x {PACED_EVENTS} deltas at c1 · {target:7}: "
+            f"TTFT p50 {ttft['p50']:.3f} p99 {ttft['p99']:.3f} ms (net of the upstream "
+            f"p50 {net['p50']:.3f} p99 {net['p99']:.3f}), frame delay p50 {delay['p50']:.3f}"
+            f" p99 {delay['p99']:.3f} ms, largest gap {got['gap_ms']['max']:.1f} ms{errors}"
+        )
+
+
+def rungs(bench: Bench) -> None:
+    """10: paced streams held at once, rung by rung, until a rung fails (a frame over
+    100 ms late, a gap over 200 ms, or an error); direct's first failure is the rig's."""
+    ladder = QUICK_RUNGS if bench.quick else RUNGS
+    bench.results["10_rungs"] = {}
+    for target in TARGETS:
+        found: dict[str, Any] = {"rungs": {}, "held": 0, "failed_at": None}
+        pids = bench.pids(target) if target != "direct" else []
+        for rung in ladder:
+            ramp = max(1.0, rung / 1024)
+            cpu_start, began = cpu_seconds(pids), time.monotonic()
+            proc = stream_client(
+                bench, bench.ports.of(target, "paced"), rung, rung,
+                PACED_INTERVAL_MS, PACED_EVENTS, ramp, ["--role"],
+            )  # fmt: skip
+            got = client_result(bench, proc, timeout=ramp + PACED_EVENTS * 0.02 + 90)
+            if pids:
+                got["cpu_percent"] = round(
+                    100 * (cpu_seconds(pids) - cpu_start) / (time.monotonic() - began), 1
+                )
+            found["rungs"][str(rung)] = got
+            cpu = f"  proxy CPU {got['cpu_percent']:.0f}%" if pids else ""
+            progress(
+                f"10 rung {rung:5} paced streams · {target:7}: "
+                + ("held" if got["held"] else "FAILED")
+                + f"  frame delay p99 {got['delay_ms']['p99']:.2f} ms max"
+                f" {got['delay_ms']['max']:.1f} ms, {got['late_frames']} late,"
+                f" largest gap {got['gap_ms']['max'] or 0:.0f} ms, {got['errors']} errors{cpu}"
+            )
+            if not got["held"]:
+                found["failed_at"] = rung
+                break
+            found["held"] = rung
+        bench.results["10_rungs"][target] = found
+
+
+TARGETS_15: list[tuple[str, float, str]] = [
+    ("added TTFT p50 ms (c1)", 0.15, "<="),
+    ("added TTFT p99 ms (c1)", 0.3, "<="),
+    ("added per-frame delay p99 ms (c1)", 0.5, "<="),
+    ("added non-stream p99 ms (c1)", 0.25, "<="),
+    ("paced streams held by one worker", 1000, ">="),
+    ("non-stream req/s per core vs nginx", 0.25, ">="),
+    ("stream req/s per core vs nginx", 0.25, ">="),
+]
+
+
+def spec15(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each SPEC §15 target: the gateway's value, nginx's for comparison, met or not."""
+
+    def added(scenario: str, path: str, target: str) -> float | None:
+        got, base = (
+            metric(results, scenario, path, target),
+            metric(results, scenario, path, "direct"),
+        )
+        return None if got is None or base is None else round(got - base, 3)
+
+    def ratio(scenario: str) -> float | None:
+        g = metric(results, scenario, "rps_per_core", "gateway")
+        n = metric(results, scenario, "rps_per_core", "nginx")
+        return round(g / n, 3) if g and n else None
+
+    rungs_ = results.get("10_rungs", {})
+    rig = (rungs_.get("direct") or {}).get("failed_at")
+    values: dict[str, tuple[float | None, float | None]] = {
+        "added TTFT p50 ms (c1)": tuple(  # type: ignore[dict-item]
+            added("9_first_token", "ttft_net_ms.p50", t) for t in ("gateway", "nginx")
+        ),
+        "added TTFT p99 ms (c1)": tuple(  # type: ignore[dict-item]
+            added("9_first_token", "ttft_net_ms.p99", t) for t in ("gateway", "nginx")
+        ),
+        "added per-frame delay p99 ms (c1)": tuple(  # type: ignore[dict-item]
+            added("9_first_token", "delay_ms.p99", t) for t in ("gateway", "nginx")
+        ),
+        "added non-stream p99 ms (c1)": tuple(  # type: ignore[dict-item]
+            added("2_nonstream_c1", "p99_ms", t) for t in ("gateway", "nginx")
+        ),
+        "paced streams held by one worker": (
+            (rungs_.get("gateway") or {}).get("held"),
+            (rungs_.get("nginx") or {}).get("held"),
+        ),
+        "non-stream req/s per core vs nginx": (ratio("1_nonstream_c64"), 1.0),
+        "stream req/s per core vs nginx": (ratio("3_stream_c64"), 1.0),
+    }
+    rows = []
+    for name, goal, sense in TARGETS_15:
+        value, nginx = values[name]
+        met = None if value is None else (value <= goal if sense == "<=" else value >= goal)
+        note = ""
+        if name.startswith("paced") and rig is not None and not met:
+            gw_failed = (rungs_.get("gateway") or {}).get("failed_at")
+            if gw_failed is None or gw_failed >= rig:
+                met, note = None, f"rig-bound: direct itself fails at {rig}"
+            else:
+                note = f"direct fails at {rig} (the rig's limit)"
+        elif name.startswith("paced") and rig is not None:
+            note = f"direct fails at {rig} (the rig's limit)"
+        rows.append(
+            {"target": name, "goal": f"{sense} {goal:g}", "gateway": value, "nginx": nginx,
+             "met": met, "note": note}
+        )  # fmt: skip
+    return rows
+
+
+def print_spec15(rows: list[dict[str, Any]]) -> None:
+    def shown(value: Any) -> str:
+        return "-" if value is None else f"{value:g}"
+
+    table_rows = [["SPEC §15 target", "goal", "gateway", "nginx", "met"]]
+    for row in rows:
+        met = {True: "met", False: "NOT MET", None: "unknown"}[row["met"]]
+        table_rows.append(
+            [row["target"], row["goal"], shown(row["gateway"]), shown(row["nginx"]),
+             met + (f" ({row['note']})" if row["note"] else "")]
+        )  # fmt: skip
+    print_table(table_rows)
+    print(
+        "added = through the proxy minus direct at the same percentile; TTFT is net of the "
+        "upstream's own time between reading the request and writing the first content "
+        "(its 20 ms pacing timer), raw TTFT is in the JSON"
+    )
+
+
 # ---------------------------------------------------------------- cold start
 
 
@@ -902,6 +1062,14 @@ ROWS: list[tuple[str, ...]] = [
     ("5 slow first event p99 ms", "5_slow_streams", "first_event_ms.p99", "ms"),
     ("5 slow peak RSS MiB", "5_slow_streams", "peak_rss_mib", "size"),
     ("5 slow proxy CPU %", "5_slow_streams", "cpu_percent", "count"),
+    ("9 TTFT c1 p50 ms", "9_first_token", "ttft_ms.p50", "ms"),
+    ("9 TTFT c1 p99 ms", "9_first_token", "ttft_ms.p99", "ms"),
+    ("9 TTFT net c1 p50 ms", "9_first_token", "ttft_net_ms.p50", "ms"),
+    ("9 TTFT net c1 p99 ms", "9_first_token", "ttft_net_ms.p99", "ms"),
+    ("9 frame delay c1 p50 ms", "9_first_token", "delay_ms.p50", "ms"),
+    ("9 frame delay c1 p99 ms", "9_first_token", "delay_ms.p99", "ms"),
+    ("9 largest gap c1 ms", "9_first_token", "gap_ms.max", "ms"),
+    ("10 paced streams held", "10_rungs", "held", "count"),
     ("6 cold start ms", "6_cold_start", "ready_ms", "ms"),
     ("6 idle RSS MiB", "6_cold_start", "idle_rss_mib", "size"),
 ]
@@ -1100,6 +1268,15 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     progress("nginx proxy and gateway up")
     verify(bench)
     long, short = (2, 2) if quick else (10, 5)
+    if args.only == "latency":  # SPEC §15 alone: c1 latencies, rungs, per-core rates
+        wrk_scenario(bench, "2_nonstream_c1", "2 non-stream c1 ", "json", 1, short)
+        first_token(bench)
+        rungs(bench)
+        wrk_scenario(bench, "1_nonstream_c64", "1 non-stream c64", "json", 64, long)
+        wrk_scenario(
+            bench, "3_stream_c64", f"3 stream ({SSE_EVENT_COUNT} events) c64", "sse", 64, long
+        )
+        return _document(bench, info, quick, procs)
     wrk_scenario(bench, "1_nonstream_c64", "1 non-stream c64", "json", 64, long)
     if args.only == "limits":
         limits_scenario(bench, long)
@@ -1108,6 +1285,8 @@ def run(args: argparse.Namespace, procs: Processes, tmp: Path) -> dict[str, Any]
     cross_core_floor(bench, short)
     wrk_scenario(bench, "3_stream_c64", f"3 stream ({SSE_EVENT_COUNT} events) c64", "sse", 64, long)
     paced_scenario(bench)
+    first_token(bench)
+    rungs(bench)
     slow_streams(bench)
     workers_scenario(bench, long)
     limits_scenario(bench, long)
@@ -1129,6 +1308,7 @@ def _document(bench: Bench, info: dict[str, Any], quick: bool, procs: Processes)
         },
         "scenarios": bench.results,
         "table": table(bench.results),
+        "spec15": spec15(bench.results),
         "seconds": round(time.monotonic() - STARTED, 1),
     }
 
@@ -1141,13 +1321,16 @@ def main() -> int:
     parser.add_argument("--slow-streams", type=int, help="scenario 5 streams (default 1000)")
     parser.add_argument(
         "--only",
-        choices=["limits"],
-        help="limits: scenario 1 and scenario 8 alone (the cost of key limits by backend)",
+        choices=["limits", "latency"],
+        help="limits: scenario 1 and scenario 8 alone (the cost of key limits by backend); "
+        "latency: SPEC §15's figures alone (scenarios 1, 2, 3, 9, 10)",
     )
     parser.add_argument(
         "--slow-seconds", type=int, help="scenario 5 duration in seconds (default 30; 15 is fine)"
     )
-    args = parser.parse_args()
+    # `make bench ARGS=--quick`: make puts a command-line variable in the environment.
+    given = sys.argv[1:] or shlex.split(os.environ.get("ARGS", ""))
+    args = parser.parse_args(given)
     raise_fd_limit()
     cores = pick_cores()
     if cores is not None:
@@ -1181,6 +1364,8 @@ def main() -> int:
         "gw/direct, gw/nginx: ratio for rates and sizes, difference for times; "
         "proxy = the nginx proxy or the gateway (pinned to one core)"
     )
+    print()
+    print_spec15(document["spec15"])
     path = write_results(document)
     print(f"\nresults: {path.relative_to(ROOT)} (also bench/results/latest.json)")
     print(f"done in {document['seconds']:.0f} s")
