@@ -40,7 +40,10 @@ _LINE_MODEL = re.compile(
     # Lazy: try `"model"` at each member first (greedy backtracking cost 2.5x here).
     + rb'[ \t]*,)*?[ \t]*"model"[ \t]*:[ \t]*)('
     + _LINE_SCALAR
-    + rb")"
+    # Only a value its member's end follows on the line, as replace_value requires: a
+    # line cut after the value is rewritten by neither (else the bytes a client gets
+    # would depend on where the upstream's reads fell).
+    + rb")(?=[ \t]*[,}])"
 )
 TERMINATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
@@ -184,7 +187,15 @@ class Splicer:
             first = _LINE_MODEL.search(work)
             if first is not None and first.group(2).startswith(b'"'):
                 head = first.group(1)
-                self.learned = (head + first.group(2), head + self.model_json)
+                # With the byte that ends the member: every occurrence counted must be
+                # one the regex (and replace_value) would take too.
+                end = first.end()
+                follow = work[end : end + 1]
+                if follow == b"," or follow == b"}":
+                    self.learned = (
+                        head + first.group(2) + follow,
+                        head + self.model_json + follow,
+                    )
         if self.learned is not None:
             old, new = self.learned
             if work.count(old) == occurrences:

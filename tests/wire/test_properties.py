@@ -1136,3 +1136,20 @@ def test_nested_splice_of_a_block_is_the_splice_of_each_event(stream: bytes) -> 
 
     splicer = NestedSplicer(b'"slug"', ("response",))
     assert splicer.block(stream) == b"".join(splicer.event(e) for e in split_events(stream))
+
+
+def test_a_line_cut_after_its_model_value_is_rewritten_whatever_the_reads() -> None:
+    """Found by the property above in CI: a data line ending right after `"model":1`
+    (its object closed on the next line) was rewritten when its event came in a read of
+    its own, and not when the whole stream came at once."""
+    stream = (
+        b'data:{"model":"gpt-4o","choices":[{"index": 0, "delta": {"content": "model"}}]}'
+        b'\n\ndata:{}\ndata:{}\ndata:{}\ndata:{"model":1\n}\n\n'
+    )
+    model_json = b'"gpt-4o"'
+    reference = by_whole_stream(stream, model_json)
+    for cut in range(1, len(stream)):
+        for seed in range(3):
+            reads = [stream[:cut], stream[cut:]]
+            assert relayed(reads, model_json, random.Random(seed)) == reference, cut
+    assert b'"model":1\n' in reference  # not JSON on its line: left as it is

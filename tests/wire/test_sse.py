@@ -59,7 +59,7 @@ def test_splicer_learns_the_repeated_line_head() -> None:
     assert splicer.block(first) == by_event(first)
     assert splicer.learned is not None
     old, new = splicer.learned
-    assert old.endswith(b'"model":"upstream-model"') and new.endswith(b'"model":"my/slug"')
+    assert old.endswith(b'"model":"upstream-model",') and new.endswith(b'"model":"my/slug",')
     later = chunk(2) + chunk(3)
     assert splicer.block(later) == by_event(later)
 
