@@ -31,9 +31,6 @@ from gateway.errors import GatewayError
 from gateway.server.admission import ServerLimits
 from gateway.server.cycle import Cycle, FlowControl, closing
 from gateway.server.websocket import (
-    GOING_AWAY,
-    INTERNAL_ERROR,
-    NORMAL,
     Closed,
     Handshake,
     State,
@@ -41,6 +38,11 @@ from gateway.server.websocket import (
     build_accept,
 )
 from gateway.types import App, Message
+from gateway.wire.websocket import (
+    GOING_AWAY,
+    INTERNAL_ERROR,
+    NORMAL,
+)
 
 HIGH_WATER = 64 * 1024  # queued inbound message bytes at which reading pauses
 CLOSE_SECONDS = 2.0  # the longest wait for the peer's close frame, or for a flush after it

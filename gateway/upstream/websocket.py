@@ -23,7 +23,11 @@ from typing import TYPE_CHECKING
 import orjson
 
 from gateway.errors import GatewayError, UpstreamResponseTooLarge, UpstreamUnavailable
-from gateway.server.websocket import (
+from gateway.types import Headers
+from gateway.upstream.client import TRANSPORT_ERRORS, translate
+from gateway.upstream.connection import ConnectionLost
+from gateway.upstream.head import request_head
+from gateway.wire.websocket import (
     CloseReceived,
     FrameParser,
     Opcode,
@@ -34,10 +38,6 @@ from gateway.server.websocket import (
     encode_close,
     encode_frame,
 )
-from gateway.types import Headers
-from gateway.upstream.client import TRANSPORT_ERRORS, translate
-from gateway.upstream.connection import ConnectionLost
-from gateway.upstream.head import request_head
 
 if TYPE_CHECKING:
     from gateway.config.providers import Provider

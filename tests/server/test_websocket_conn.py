@@ -19,8 +19,11 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.server.admission import ServerLimits
-from gateway.server.websocket import Opcode, unmask
 from gateway.server.websocket_cycle import ClientDisconnected, WebSocketCycle
+from gateway.wire.websocket import (
+    Opcode,
+    unmask,
+)
 from tests.server.test_protocol import Message, Receive, Send, closed, connect, serving, within
 
 LIMIT = 4096  # max_message_bytes of the apps here
