@@ -9,12 +9,18 @@ stops it with SIGINT and reads the instruction total callgrind wrote. Cases: a b
 of 0 requests (start-up and shutdown), N chat completions, N streams (22 events each);
 per request = (case total - baseline total) / N.
 
+The same three cases also run for nginx as a `proxy_pass` in front of the same upstream
+(bench/nginx_proxy.conf.in, one process: `daemon off; master_process off;`), counted the
+same way, and the table shows the gateway's JSON and stream cost as "x nginx": a ratio
+that does not drift with the VM's speed (user-space instructions only, both sides).
+
 With --against REV the same cases run with the gateway package of that git revision
 (`git archive REV gateway`, imported through PYTHONPATH), and the table shows new/old.
 Results go to bench/results/instructions-<UTC time>.json and instructions-latest.json.
 
 Usage: bench/instructions.py [--quick] [--against REV] [--requests N] [--streams N]
                              [--connections N] [--profiles DIR] [--keyed] [--curves]
+                             [--no-nginx]
 """
 
 from __future__ import annotations
@@ -485,7 +491,25 @@ def model_of(body: bytes) -> str:
     return model
 
 
+def check_nginx_json(status: int, body: bytes) -> str | None:
+    """nginx relays the upstream's answer as it is: the upstream's model name."""
+    if status != 200 or f'"model":"{run.UPSTREAM_MODEL}"'.encode() not in body:
+        return f"status {status}: {body[:200]!r}"
+    return None
+
+
+def check_nginx_stream(status: int, body: bytes) -> str | None:
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data:")]
+    if status != 200 or len(events) != run.SSE_EVENT_COUNT or events[-1] != b"data: [DONE]":
+        return f"status {status}, stream of {len(events)} events: {body[:200]!r}"
+    return None
+
+
+NGINX = {"json": "nginx json", "stream": "nginx stream"}  # nginx's cases, by the gateway's
+
 BODIES: dict[str, tuple[bytes, Callable[[int, bytes], str | None]]] = {
+    NGINX["json"]: (run.JSON_BODY, check_nginx_json),
+    NGINX["stream"]: (run.SSE_BODY, check_nginx_stream),
     "json": (run.JSON_BODY, check_json),
     "stream": (run.SSE_BODY, check_stream),
     LIMITED: (run.SSE_BODY, check_limited_stream),
@@ -776,10 +800,100 @@ def measure(ctx: Context, tree: Tree) -> None:
         run.progress(f"{tree.label} · {case:8}: {what}; {got['seconds']:.0f} s")
 
 
+def run_nginx_case(ctx: Context, ports: dict[str, int], case: str) -> dict[str, Any]:
+    """nginx proxy_pass under callgrind, one process: start, one answered request
+    (as the gateway's /healthz), N requests of one kind, SIGTERM. (Not SIGQUIT: a single
+    process's graceful quit waits on its idle upstream keep-alive connections for good.)"""
+    kind = {"baseline": None, "json": NGINX["json"], "stream": NGINX["stream"]}[case]
+    count = ctx.counts.get(case, 0) if kind else 0
+    folder = ctx.tmp / f"nginx-{case}"
+    folder.mkdir()
+    folder.chmod(0o755)
+    listen = run.free_ports(4)
+    values = {
+        "PREFIX": folder,
+        "JSON_PORT": listen[0],
+        "SSE_PORT": listen[1],
+        "PACED_PORT": listen[2],
+        "FLOOR_PORT": listen[3],
+        "JSON_BODY": run.nginx_string(run.completion_body()),
+        "UP_JSON_PORT": ports["json"],
+        "UP_SSE_PORT": ports["stream"],
+        "UP_PACED_PORT": ports["json"],  # unused here; nginx wants an address
+    }
+    text = (run.BENCH / "nginx_proxy.conf.in").read_text()
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", str(value))
+    conf = folder / "nginx.conf"
+    conf.write_text(text)
+    log = folder / "stderr.log"
+    argv = [ctx.tools["valgrind"], "--tool=callgrind",
+            f"--callgrind-out-file={folder / CALLGRIND_FILE}", ctx.tools["nginx"],
+            "-p", str(folder), "-e", str(folder / "error.log"), "-c", str(conf),
+            "-g", "daemon off; master_process off;"]  # fmt: skip
+    began = time.monotonic()
+    proc = ctx.procs.start(argv, "proxy", log=log)
+    deadline = time.monotonic() + HEALTH_SECONDS
+    while True:  # one JSON request answered: up (its cost is in every case alike)
+        if proc.poll() is not None:
+            raise BenchError(f"nginx under valgrind exited {proc.returncode}:\n{run.tail(log)}")
+        try:
+            status, _, body = run.post(listen[0], run.JSON_BODY, timeout=REQUEST_SECONDS)
+            if status == 200:
+                break
+            raise BenchError(f"nginx proxy answered {status}: {body[:200]!r}")
+        except (ConnectionError, OSError, http.client.HTTPException):
+            if time.monotonic() > deadline:
+                raise BenchError(f"nginx under valgrind did not answer:\n{run.tail(log)}") from None
+            time.sleep(0.1)
+    up = time.monotonic()
+    port = listen[0] if case == "json" else listen[1]
+    failures, reasons = asyncio.run(load(port, kind, count, ctx.connections)) if kind else (0, [])
+    loaded = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        ctx.procs.stop(proc)
+        raise BenchError(f"nginx did not exit within {STOP_SECONDS:.0f} s of SIGTERM") from None
+    ctx.procs.stop(proc)
+    if failures:
+        raise BenchError(f"nginx {case}: {failures} of {count} failed, e.g.: {reasons[:3]}")
+    total = callgrind_total(folder, log)
+    if ctx.profiles is not None:
+        for path in folder.glob("cg.*"):
+            shutil.copy(path, ctx.profiles / f"callgrind.out.nginx-{case}")
+    return {
+        "requests": count,
+        "instructions": total,
+        "load_seconds": round(loaded - up, 1),
+        "seconds": round(time.monotonic() - began, 1),
+    }
+
+
+def measure_nginx(ctx: Context, ports: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """The baseline, JSON and stream cases for nginx proxy_pass, per request as above."""
+    cases: dict[str, dict[str, Any]] = {}
+    for case in ("baseline", *KINDS):
+        got = run_nginx_case(ctx, ports, case)
+        cases[case] = got
+        if case == "baseline":
+            what = f"{got['instructions'] / 1e6:,.1f} M instructions for start-up and shutdown"
+        else:
+            got["per_request"] = round(
+                (got["instructions"] - cases["baseline"]["instructions"]) / got["requests"], 1
+            )
+            what = f"{got['requests']} requests, {got['per_request'] / 1000:,.1f} k per request"
+        run.progress(f"nginx proxy_pass · {case:8}: {what}; {got['seconds']:.0f} s")
+    return cases
+
+
 # ---------------------------------------------------------------- table and results
 
 
-def table(trees: list[Tree], counts: dict[str, int]) -> list[list[str]]:
+def table(
+    trees: list[Tree], counts: dict[str, int], nginx: dict[str, dict[str, Any]] | None = None
+) -> list[list[str]]:
     rows = [["case", *(tree.label for tree in trees)]]
     if len(trees) == 2:
         rows[0].append("new/old")
@@ -805,6 +919,17 @@ def table(trees: list[Tree], counts: dict[str, int]) -> list[list[str]]:
     if len(ratios) == 2:
         row.append("-")
     rows.append(row)
+    if nginx:
+        for kind in KINDS:
+            base = nginx[kind]["per_request"]
+            row = [f"nginx proxy_pass {kind}, k instr/request", f"{base / 1000:,.1f}"]
+            row += ["" for _ in trees[1:]] + ([""] if len(trees) == 2 else [])
+            rows.append(row)
+            per = [tree.cases[kind]["per_request"] / base for tree in trees]
+            row = [f"gateway {kind} / nginx (x nginx)", *(f"{p:.2f}" for p in per)]
+            if len(per) == 2:
+                row.append("-")
+            rows.append(row)
     if CURVE_BASELINE in trees[0].cases:
         for name, curve in CURVES.items():
             per = [tree.cases[name]["per_request"] for tree in trees]
@@ -881,6 +1006,7 @@ def bench(args: argparse.Namespace, procs: run.Processes, tmp: Path) -> dict[str
     )
     for tree in trees:
         measure(ctx, tree)
+    nginx = None if args.no_nginx else measure_nginx(ctx, ports)
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
@@ -898,7 +1024,8 @@ def bench(args: argparse.Namespace, procs: run.Processes, tmp: Path) -> dict[str
             {"label": t.label, "commit": t.commit, "path": str(t.path), "cases": t.cases}
             for t in trees
         ],
-        "table": table(trees, counts),
+        "nginx": nginx,
+        "table": table(trees, counts, nginx),
         "seconds": round(time.monotonic() - run.STARTED, 1),
     }
 
@@ -938,6 +1065,9 @@ def main() -> int:
         "--keyed",
         action="store_true",
         help="the JSON and stream cases with a key that has no limits (default: no keys)",
+    )
+    parser.add_argument(
+        "--no-nginx", action="store_true", help="skip nginx proxy_pass's cases (the x nginx rows)"
     )
     parser.add_argument(
         "--profiles",
