@@ -2,6 +2,10 @@
 choose grow (SPEC §8). Everything runs on 127.0.0.1 against the built-in echo upstream;
 every process is stopped by its own pid.
 
+Targets (SPEC §8 and §15), each the median of three runs:
+- 10,000 models + 10,000 keys with limits: ready (process start to the first answered
+  request) <= 1 s, `gateway check` <= 1 s; 100,000 + 100,000: each <= 5 s.
+
 Curves:
 - config size: 10 -> 100k models and keys: time to the first answered request, idle RSS,
   and the longest /healthz answer while a SIGHUP reload of the same size runs (the event
@@ -12,7 +16,7 @@ Curves:
   request (VmHWM after /proc/PID/clear_refs), in bodies;
 - syscalls per relayed stream event (`strace -f -c`, less a run without streams).
 
-Usage: bench/scale.py [--quick]
+Usage: bench/scale.py [--quick] [--targets]   (--targets: the targets alone, ~2 min)
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import hashlib
 import json
 import os
 import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,13 +49,14 @@ def routes_text(models: int, wildcards: int = 0, extra: str = "") -> str:
     return "\n".join(lines) + extra + "\n"
 
 
-def keys_text(keys: int) -> str:
+def keys_text(keys: int, limits: bool = False) -> str:
     if not keys:
         return ""
     lines = ["keys:"]
+    extra = "\n    rpm: 600\n    tpm: 200000" if limits else ""
     for i in range(keys):
         digest = hashlib.sha256(f"sk-bench-{i}".encode()).hexdigest()
-        lines.append(f"  - name: k{i}\n    sha256: {digest}")
+        lines.append(f"  - name: k{i}\n    sha256: {digest}{extra}")
     return "\n".join(lines) + "\n"
 
 
@@ -136,6 +143,76 @@ async def config_point(procs: run.Processes, tmp: Path, models: int, keys: int) 
         f"{rss:6.1f} MiB, reload: longest /healthz {worst * 1000:6.1f} ms"
     )
     return point
+
+
+# (models, keys with limits, target seconds for ready and for check)
+TARGETS = ((10_000, 10_000, 1.0), (100_000, 100_000, 5.0))
+RUNS = 3
+
+
+async def ready_once(procs: run.Processes, routes: Path, keyfile: Path, log: Path) -> float:
+    """Seconds from the process's start to the first answered request (/healthz with a
+    key), polling the port every 2 ms."""
+    port = run.free_ports(1)[0]
+    argv = [*run.gateway_command(), "serve", "--routes", str(routes), "--keys", str(keyfile)]
+    argv += ["--port", str(port), "--log-level", "warning"]
+    started = time.monotonic()
+    proc = procs.start(argv, "proxy", log=log)
+    try:
+        deadline = started + 120
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise run.BenchError(f"the gateway did not start:\n{run.tail(log)}") from None
+                await asyncio.sleep(0.002)
+        client = Client(reader, writer)
+        answer = await client.request("GET", "/healthz", auth="sk-bench-0")
+        ready = time.monotonic() - started
+        client.close()
+        if b"config_version" not in answer:
+            raise run.BenchError(f"/healthz answered {answer[:200]!r}")
+    finally:
+        procs.stop(proc)
+    return ready
+
+
+def check_once(procs: run.Processes, routes: Path, keyfile: Path) -> float:
+    argv = procs.argv([*run.gateway_command(), "check", "--routes", str(routes)], "proxy")
+    argv += ["--keys", str(keyfile)]
+    started = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, timeout=120, check=False)
+    took = time.monotonic() - started
+    if done.returncode != 0:
+        raise run.BenchError(f"gateway check failed: {done.stderr.decode()[-800:]}")
+    return took
+
+
+async def target_points(procs: run.Processes, tmp: Path) -> list[dict[str, Any]]:
+    """SPEC §8/§15: big configs ready and checked in time; each figure the median of
+    RUNS runs (the VM's speed drifts), with the runs themselves kept."""
+    points = []
+    for models, keys, target in TARGETS:
+        routes, keyfile = tmp / "routes.yaml", tmp / "keys.yaml"
+        routes.write_text(routes_text(models))
+        keyfile.write_text(keys_text(keys, limits=True))
+        ready = [await ready_once(procs, routes, keyfile, tmp / "ready.log") for _ in range(RUNS)]
+        check = [check_once(procs, routes, keyfile) for _ in range(RUNS)]
+        point: dict[str, Any] = {"models": models, "keys": keys, "target_s": target}
+        for name, runs in (("ready", ready), ("check", check)):
+            median = statistics.median(runs)
+            point[f"{name}_s"] = median
+            point[f"{name}_runs_s"] = runs
+            point[f"{name}_met"] = median <= target
+        points.append(point)
+        progress(
+            f"target: {models:,} models + {keys:,} keys with limits: ready {point['ready_s']:.2f} s "
+            f"({'met' if point['ready_met'] else 'NOT met'}), check {point['check_s']:.2f} s "
+            f"({'met' if point['check_met'] else 'NOT met'}); target <= {target:g} s each"
+        )
+    return points
 
 
 async def supervisor_point(procs: run.Processes, tmp: Path, models: int) -> dict[str, Any]:
@@ -358,15 +435,18 @@ def reset_peak(pid: int) -> None:
         f.write("5")
 
 
-async def bench(quick: bool) -> dict[str, Any]:
+async def bench(quick: bool, targets_only: bool) -> dict[str, Any]:
     procs = run.Processes(run.pick_cores())
     sizes = [(10, 10), (10_000, 10), (10, 10_000), (10_000, 10_000)]
     if not quick:
         sizes += [(100_000, 0), (10, 100_000)]
-    out: dict[str, Any] = {"config": [], "supervisor": [], "churn": [], "bodies": []}
+    out: dict[str, Any] = {"targets": [], "config": [], "supervisor": [], "churn": [], "bodies": []}
     with tempfile.TemporaryDirectory(prefix="gateway-scale-") as name:
         tmp = Path(name)
         try:
+            out["targets"] = await target_points(procs, tmp)
+            if targets_only:
+                return out
             for models, keys in sizes:
                 out["config"].append(await config_point(procs, tmp, models, keys))
             out["supervisor"].append(await supervisor_point(procs, tmp, 10_000))
@@ -383,10 +463,11 @@ async def bench(quick: bool) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the smaller points only")
+    parser.add_argument("--targets", action="store_true", help="the ready/check targets only")
     args = parser.parse_args()
     run.raise_fd_limit()
     try:
-        result = asyncio.run(bench(args.quick))
+        result = asyncio.run(bench(args.quick, args.targets))
     except run.BenchError as exc:
         print(f"bench-scale: {exc}", file=sys.stderr)
         return 1

@@ -44,8 +44,8 @@ class Source:
 def _loader_classes() -> tuple[type[Any], type[Any]]:
     """(fast, stepwise) loaders with the same constructors and line numbers.
 
-    fast: libyaml's CSafeLoader where pyyaml was built with it (3x the pure loader),
-    else the pure one. stepwise: libyaml's event parser under the pure-Python composer,
+    fast: libyaml's parser and composer (CSafeLoader) where pyyaml was built with it,
+    else the pure loader. stepwise: libyaml's event parser under the pure-Python composer,
     so parsing a large file in a thread returns to the interpreter between events and
     never holds the event loop off (a reload); without libyaml, the pure loader."""
     if not getattr(yaml, "__with_libyaml__", False):
@@ -55,24 +55,37 @@ def _loader_classes() -> tuple[type[Any], type[Any]]:
     from yaml.constructor import SafeConstructor
     from yaml.resolver import Resolver
 
+    class FastLoader(yaml.CSafeLoader):
+        resolve = _resolve
+
     class StepLoader(Composer, CParser, SafeConstructor, Resolver):
+        resolve = _resolve
+
         def __init__(self, stream: str) -> None:
             CParser.__init__(self, stream)
             Composer.__init__(self)
             SafeConstructor.__init__(self)
             Resolver.__init__(self)
 
-        def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-            # Scalars are not memoized: an alias to one gives an equal immutable value,
-            # and the memo of every node grew to a dict of a million entries whose
-            # resizes held the interpreter lock 70 ms at a time (100k models).
-            if isinstance(node, yaml.ScalarNode):
-                construct = self.yaml_constructors.get(node.tag)
-                if construct is not None:
-                    return construct(self, node)
-            return SafeConstructor.construct_object(self, node, deep)
+    return FastLoader, StepLoader
 
-    return yaml.CSafeLoader, StepLoader
+
+_STR = "tag:yaml.org,2002:str"
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
+
+
+def _resolve(loader: Any, kind: type[yaml.Node], value: Any, implicit: Any) -> str:
+    """pyyaml's Resolver.resolve for a loader with no path resolvers (the safe one):
+    the same tags, without building a list of candidates for every scalar (composing
+    calls it once per node: a third of the C composer's time at 10k models)."""
+    if kind is yaml.ScalarNode:
+        if implicit[0]:
+            for tag, regexp in loader.yaml_implicit_resolvers.get(value[:1], ()):
+                if regexp.match(value):
+                    return str(tag)
+        return _STR
+    return _SEQ if kind is yaml.SequenceNode else _MAP
 
 
 def _with_lines(base: type[Any]) -> type[Any]:
@@ -105,7 +118,13 @@ def _checked(kind: str, construct: Any) -> Any:
     return checked
 
 
+# The constructor-by-constructor path: pyyaml's construct_object calls these for every
+# node. It is the reference the walker below must match (tests/config/test_yamlsrc.py),
+# and what the walker hands any node with an unusual tag to.
+
+
 def _construct_map(loader: Any, node: yaml.MappingNode) -> LineMap:
+    _expect(node, yaml.MappingNode)
     loader.flatten_mapping(node)
     out = LineMap()
     out.line = node.start_mark.line + 1
@@ -123,10 +142,93 @@ def _construct_map(loader: Any, node: yaml.MappingNode) -> LineMap:
 
 
 def _construct_seq(loader: Any, node: yaml.SequenceNode) -> LineList:
+    _expect(node, yaml.SequenceNode)
     out = LineList(loader.construct_object(child, deep=True) for child in node.value)
     out.line = node.start_mark.line + 1
     out.lines = [child.start_mark.line + 1 for child in node.value]
     return out
+
+
+def _expect(node: yaml.Node, kind: type[yaml.Node]) -> None:
+    """`!!map [1]` or `!!seq {a: 1}`: pyyaml's own words, not a TypeError's traceback."""
+    if not isinstance(node, kind):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"expected a {kind.id} node, but found {node.id}", node.start_mark
+        )
+
+
+# Keys that flatten_mapping rewrites (`<<: *base` merges, the `=` value key).
+_SPECIAL_KEYS = frozenset({"tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"})
+_SCALARS = frozenset(
+    f"tag:yaml.org,2002:{kind}" for kind in ("null", "bool", "int", "float", "timestamp")
+)
+
+
+def build(loader: Any, root: yaml.Node) -> Any:
+    """The composed document as LineMap/LineList/scalars: what pyyaml's constructors
+    (_construct_map, _construct_seq) make of it, without their per-node machinery
+    (a generic dispatch, deep-construction state and a memo entry for every node: 80 %
+    of loading 10k models and keys). Plain strings, maps and sequences are built here;
+    any other tag goes to the constructor path itself, so its values and errors are
+    pyyaml's. Aliased containers are built once and a container inside itself is the
+    same error at the same node (the loader's own memo and in-progress table)."""
+    constructors = loader.yaml_constructors
+    memo: dict[yaml.Node, Any] = loader.constructed_objects
+    busy: dict[yaml.Node, None] = loader.recursive_objects
+    duplicates: list[tuple[int, str]] = loader.duplicates
+    scalar_node, mapping_node, sequence_node = yaml.ScalarNode, yaml.MappingNode, yaml.SequenceNode
+
+    def walk(node: yaml.Node) -> Any:
+        kind, tag = node.__class__, node.tag
+        if kind is scalar_node:
+            if tag == _STR:
+                return node.value
+            if tag in _SCALARS:
+                return constructors[tag](loader, node)
+            return loader.construct_object(node, deep=True)
+        if node in memo:
+            return memo[node]
+        if node in busy:
+            raise yaml.constructor.ConstructorError(
+                None, None, "found unconstructable recursive node", node.start_mark
+            )
+        if kind is mapping_node and tag == _MAP:
+            busy[node] = None
+            out: Any = _walk_map(node)
+        elif kind is sequence_node and tag == _SEQ:
+            busy[node] = None
+            out = LineList([walk(child) for child in node.value])
+            out.line = node.start_mark.line + 1
+            out.lines = [child.start_mark.line + 1 for child in node.value]
+        else:
+            return loader.construct_object(node, deep=True)
+        memo[node] = out
+        del busy[node]
+        return out
+
+    def _walk_map(node: yaml.MappingNode) -> LineMap:
+        pairs = node.value
+        if any(key_node.tag in _SPECIAL_KEYS for key_node, _ in pairs):
+            loader.flatten_mapping(node)
+            pairs = node.value
+        out = LineMap()
+        out.line = node.start_mark.line + 1
+        out.lines = lines = {}
+        for key_node, value_node in pairs:
+            if key_node.__class__ is scalar_node and key_node.tag == _STR:
+                key = key_node.value
+            else:
+                key = walk(key_node)
+                if not isinstance(key, str):
+                    key = str(key)
+            line = key_node.start_mark.line + 1
+            if key in out:
+                duplicates.append((line, f"duplicate key {key!r}"))
+            out[key] = walk(value_node)
+            lines[key] = line
+        return out
+
+    return walk(root)
 
 
 class Loaders:
@@ -142,18 +244,119 @@ class Loaders:
         return cls._built[1 if stepwise else 0]
 
 
+class _Unusual(Exception):
+    """A document `from_events` leaves to the node path (anchors, aliases, explicit tags,
+    merge keys, complex keys, a second document, a syntax error)."""
+
+
+def from_events(loader: Any) -> tuple[Any, list[tuple[int, str]]]:
+    """The document straight from the parser's events: what `build` makes of the
+    composed nodes, and its duplicate keys, without the nodes (composing them costs more
+    than the parse itself: a node object, three resolver calls and a memo entry each).
+    Only plain documents: anything else raises _Unusual and takes the node path, which
+    then also gives pyyaml's own errors. An explicit stack: no recursion, any depth."""
+    get = loader.get_event
+    constructors = loader.yaml_constructors
+    resolvers = loader.yaml_implicit_resolvers
+    scalar_event = yaml.ScalarEvent
+    map_start, seq_start = yaml.MappingStartEvent, yaml.SequenceStartEvent
+    duplicates: list[tuple[int, str]] = []
+    # The open containers: (container, its parent's key for it, that key's line).
+    stack: list[tuple[Any, Any, int]] = []
+    current: Any = None
+    is_map = False
+    key: Any = None  # in a mapping: the key read, waiting for its value
+    key_line = 0
+    root: Any = None
+    get()  # StreamStart
+    if get().__class__ is not yaml.DocumentStartEvent:
+        return None, duplicates  # an empty stream
+    while True:
+        event = get()
+        kind = event.__class__
+        if kind is scalar_event:
+            if event.anchor is not None or (event.tag is not None and event.tag != "!"):
+                raise _Unusual
+            value = event.value
+            if event.implicit[0]:
+                for tag, regexp in resolvers.get(value[:1], ()):
+                    if regexp.match(value):
+                        if tag not in _SCALARS:
+                            raise _Unusual  # `<<`, `=`
+                        node = yaml.ScalarNode(tag, value, event.start_mark, event.end_mark)
+                        value = constructors[tag](loader, node)
+                        break
+            if is_map and key is None:
+                key = value if value.__class__ is str else str(value)
+                key_line = event.start_mark.line + 1
+                if key in current:
+                    duplicates.append((key_line, f"duplicate key {key!r}"))
+                continue
+        elif kind is map_start or kind is seq_start:
+            if event.anchor is not None or (event.tag is not None and event.tag != "!"):
+                raise _Unusual
+            if is_map and key is None:
+                raise _Unusual  # a mapping or a list as a key
+            stack.append((current, key, key_line))
+            is_map = kind is map_start
+            current = LineMap() if is_map else LineList()
+            current.line = event.start_mark.line + 1
+            current.lines = {} if is_map else []
+            key = None
+            continue
+        elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
+            value = current
+            current, key, key_line = stack.pop()
+            is_map = isinstance(current, LineMap)
+        else:  # an alias
+            raise _Unusual
+        # `value` is complete: it goes into the open container, or is the document.
+        if current is None:
+            root = value
+            break
+        if is_map:
+            current[key] = value
+            current.lines[key] = key_line
+            key = None
+        else:
+            current.append(value)
+            current.lines.append(value.line if kind is not scalar_event else
+                                 event.start_mark.line + 1)  # fmt: skip
+    get()  # DocumentEnd (the parser has checked it)
+    if get().__class__ is not yaml.StreamEndEvent:
+        raise _Unusual  # a second document: the node path says so
+    return root, duplicates
+
+
 def parse_yaml(text: str, src: Source, stepwise: bool = False) -> Any:
     """Parse one YAML document; a syntax error becomes a problem and None. `stepwise`:
     for a parse in a thread beside the event loop (see _loader_classes)."""
     loader = Loaders.get(stepwise)(text)
-    loader.duplicates = []
     try:
-        if not stepwise:
-            data = loader.get_single_data()
+        data, duplicates = from_events(loader)
+    except (_Unusual, yaml.YAMLError):
+        return parse_nodes(text, src, stepwise)  # it parses again and says what is wrong
+    finally:
+        loader.dispose()
+    for line, message in duplicates:
+        src.problem(line, message)
+    return data
+
+
+def parse_nodes(text: str, src: Source, stepwise: bool = False, reference: bool = False) -> Any:
+    """parse_yaml by composing the nodes, then `build`, or with `reference` pyyaml's
+    constructor path over them (the same result: the tests' oracle)."""
+    loader = Loaders.get(stepwise)(text)
+    loader.duplicates = []
+    node = None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            data = None
+        elif reference:
+            data = loader.construct_document(node)
         else:
-            node = loader.get_single_node()
-            data = None if node is None else loader.construct_document(node)
-            release(node)
+            data = build(loader, node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
@@ -162,8 +365,15 @@ def parse_yaml(text: str, src: Source, stepwise: bool = False) -> Any:
     except yaml.YAMLError as exc:
         src.problem(1, f"invalid YAML: {exc}")
         return None
+    except RecursionError:
+        # libyaml stops at 1,000 levels; the composers and `build` recurse in Python
+        # and can meet the interpreter's limit a few hundred levels before that.
+        src.problem(1, "invalid YAML: nested too deeply")
+        return None
     finally:
         loader.dispose()
+        if stepwise:
+            release(node)
     for line, message in loader.duplicates:
         src.problem(line, message)
     return data
