@@ -149,7 +149,7 @@ def _construct_seq(loader: Any, node: yaml.SequenceNode) -> LineList:
     return out
 
 
-def _expect(node: yaml.Node, kind: type[yaml.Node]) -> None:
+def _expect(node: Any, kind: Any) -> None:
     """`!!map [1]` or `!!seq {a: 1}`: pyyaml's own words, not a TypeError's traceback."""
     if not isinstance(node, kind):
         raise yaml.constructor.ConstructorError(
@@ -178,7 +178,7 @@ def build(loader: Any, root: yaml.Node) -> Any:
     duplicates: list[tuple[int, str]] = loader.duplicates
     scalar_node, mapping_node, sequence_node = yaml.ScalarNode, yaml.MappingNode, yaml.SequenceNode
 
-    def walk(node: yaml.Node) -> Any:
+    def walk(node: Any) -> Any:
         kind, tag = node.__class__, node.tag
         if kind is scalar_node:
             if tag == _STR:
