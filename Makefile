@@ -110,7 +110,7 @@ lint: $(STAMP)
 	$(BIN)/mypy gateway
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(ARGS)
 
 # What grows with the catalog, the keys and client-chosen slugs (SPEC §8); ARGS="--quick".
 bench-scale: $(STAMP)
