@@ -55,7 +55,9 @@ def _load(routes_path: str, keys_path: str, keys_required: bool, stepwise: bool)
     digest.update(routes_bytes)
     raw = parse_yaml(_decode(routes_bytes, routes_src), routes_src, stepwise)
     routes = parse_routes(raw, routes_src)
-    release(raw)
+    if stepwise:
+        release(raw)  # a piece at a time: the loop's thread gets the lock between pieces
+    del raw  # freed before the keys are read (at start-up in one go: nothing waits)
     problems += routes_src.problems
 
     keys_src = Source(keys_path)
@@ -71,7 +73,8 @@ def _load(routes_path: str, keys_path: str, keys_required: bool, stepwise: bool)
     digest.update(keys_bytes)
     raw = parse_yaml(_decode(keys_bytes, keys_src), keys_src, stepwise)
     keys = parse_keys(raw, keys_src)
-    release(raw)
+    if stepwise:
+        release(raw)  # a piece at a time: the loop's thread gets the lock between pieces
     problems += keys_src.problems
 
     if problems:

@@ -150,7 +150,7 @@ def _parse_key(src: Source, raw: Any, line: int) -> Key | None:
     if not isinstance(admin, bool):
         src.problem(line_of(raw, "admin"), "admin must be true or false")
         admin = False
-    limits = {k: _positive_int(src, raw, k) for k in ("rpm", "tpm")}
+    rpm, tpm = _positive_int(src, raw, "rpm"), _positive_int(src, raw, "tpm")
     count_rpm = _positive_int(src, raw, "count_tokens_rpm") or 600
     quota, quota_period = _quota(src, raw)
     budget, budget_period = _budget(src, raw)
@@ -159,7 +159,7 @@ def _parse_key(src: Source, raw: Any, line: int) -> Key | None:
     return Key(
         name=name, digest=digest, models=models, expires=expires, disabled=disabled,
         token_quota=quota, quota_period=quota_period, budget_usd=budget,
-        budget_period=budget_period, admin=admin, count_tokens_rpm=count_rpm, **limits,
+        budget_period=budget_period, admin=admin, count_tokens_rpm=count_rpm, rpm=rpm, tpm=tpm,
     )  # fmt: skip
 
 

@@ -127,6 +127,8 @@ class Rules:
 
     def over(self, base: Rules) -> Rules:
         """These rules where given, `base`'s elsewhere; the beta rule goes whole."""
+        if self is NO_RULES:
+            return base  # what the fields below would copy, field by field
         betas = self.drop_betas is not None or self.allow_betas is not None
         source = self if betas else base
         return Rules(
@@ -144,6 +146,9 @@ class Rules:
         if not drop and allow is None and not fields:
             return None
         return Shaping(drop, allow, fields)
+
+
+NO_RULES = Rules()  # a provider or an entry with no shaping key (frozen, shared)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +169,7 @@ class Provider:
     # Client headers sent to it although the header policy would not (SPEC §13), lowercase.
     forward_headers: frozenset[str] = frozenset()
     # Its shaping keys as written (SPEC §14); each entry resolves them with its own.
-    rules: Rules = Rules()
+    rules: Rules = NO_RULES
     # The upstream speaks the Responses WebSocket mode (SPEC §14); an entry may say
     # otherwise (Target.websocket is what holds for the entry).
     websocket: bool = False
@@ -323,6 +328,8 @@ _BETA = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")  # an HTTP token: no co
 
 def parse_rules(src: Source, raw: LineMap, where: str) -> Rules:
     """The SHAPING_KEYS of a provider or an entry; each problem names its line."""
+    if raw.keys().isdisjoint(SHAPING_KEYS):
+        return NO_RULES
     found: dict[str, Any] = {}
     for key in ("drop_betas", "allow_betas"):
         if key in raw:
@@ -357,7 +364,7 @@ def parse_rules(src: Source, raw: LineMap, where: str) -> Rules:
                         f"got {raw['websocket']!r}")  # fmt: skip
         else:
             found["websocket"] = raw["websocket"]
-    return Rules(**found) if found else Rules()
+    return Rules(**found) if found else NO_RULES
 
 
 def _names(

@@ -89,6 +89,9 @@ class Cooldown:
     seconds: float = 30.0
 
 
+DEFAULT_COOLDOWN = Cooldown()  # shared by every model that sets none (frozen)
+
+
 @dataclass(frozen=True, slots=True)
 class Model:
     slug: str
@@ -97,7 +100,7 @@ class Model:
     targets: tuple[Target, ...]
     strategy: str = "fallback"
     max_attempts: int | None = None
-    cooldown: Cooldown = Cooldown()
+    cooldown: Cooldown = DEFAULT_COOLDOWN
     commit_after: float = DEFAULT_COMMIT_AFTER
     hedge_after_ms: int | None = None
     # Seconds all attempts of one request may take before the answer starts.
@@ -203,6 +206,7 @@ def _parse_targets(
         src.problem(line, f"model {slug!r} needs providers: a non-empty list of {{provider: NAME}}")
         return ()
     targets: list[Target] = []
+    where = f"model {slug!r} provider entry"
     for i, item in enumerate(items):
         item_line = line_of(items, i)
         if isinstance(item, str):
@@ -211,7 +215,7 @@ def _parse_targets(
         if not isinstance(item, LineMap):
             src.problem(item_line, f"model {slug!r}: each provider entry must be a mapping")
             continue
-        check_keys(src, item, _TARGET_KEYS, f"model {slug!r} provider entry")
+        check_keys(src, item, _TARGET_KEYS, where)
         pname = item.get("provider")
         if not isinstance(pname, str):
             src.problem(item_line, f"model {slug!r}: provider entry needs provider: NAME")
@@ -238,7 +242,7 @@ def _parse_targets(
             w = number(src, item, "weight", 0)
             weight = float(w) if w is not None else 1.0
         price = _price(src, item, slug) if "price" in item else None
-        rules = parse_rules(src, item, f"model {slug!r} provider entry").over(draft.provider.rules)
+        rules = parse_rules(src, item, where).over(draft.provider.rules)
         targets.append(
             Target(
                 provider=draft.provider,
@@ -284,7 +288,8 @@ def _parse_model(
     if not isinstance(raw, LineMap):
         src.problem(line, f"model {slug!r} must be a mapping with providers: [...]")
         return None
-    check_keys(src, raw, _MODEL_KEYS, f"model {slug!r}")
+    if not raw.keys() <= _MODEL_KEYS:  # the message is made only for a mapping that needs it
+        check_keys(src, raw, _MODEL_KEYS, f"model {slug!r}")
     if slug.count("*") > 1:
         src.problem(line, f"wildcard slug {slug!r} may hold only one '*'")
     targets = _parse_targets(src, slug, raw, drafts, used)
@@ -302,7 +307,7 @@ def _parse_model(
                 src.problem(line_of(raw, key), f"{key} must be a non-empty string")
             else:
                 text[key] = raw[key]
-    cooldown = Cooldown()
+    cooldown = DEFAULT_COOLDOWN
     if "cooldown" in raw:
         c = raw["cooldown"]
         if not isinstance(c, LineMap):

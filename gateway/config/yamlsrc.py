@@ -159,6 +159,7 @@ def _expect(node: Any, kind: Any) -> None:
 
 # Keys that flatten_mapping rewrites (`<<: *base` merges, the `=` value key).
 _SPECIAL_KEYS = frozenset({"tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"})
+_INT = "tag:yaml.org,2002:int"
 _SCALARS = frozenset(
     f"tag:yaml.org,2002:{kind}" for kind in ("null", "bool", "int", "float", "timestamp")
 )
@@ -261,13 +262,13 @@ def from_events(loader: Any) -> tuple[Any, list[tuple[int, str]]]:
     scalar_event = yaml.ScalarEvent
     map_start, seq_start = yaml.MappingStartEvent, yaml.SequenceStartEvent
     duplicates: list[tuple[int, str]] = []
-    # The open containers: (container, its parent's key for it, that key's line).
-    stack: list[tuple[Any, Any, int]] = []
+    # The open containers: (container, its lines, its parent's key for it, that key's line).
+    stack: list[tuple[Any, Any, Any, int]] = []
     current: Any = None
+    lines: Any = None  # current.lines
     is_map = False
     key: Any = None  # in a mapping: the key read, waiting for its value
     key_line = 0
-    root: Any = None
     get()  # StreamStart
     if get().__class__ is not yaml.DocumentStartEvent:
         return None, duplicates  # an empty stream
@@ -278,54 +279,72 @@ def from_events(loader: Any) -> tuple[Any, list[tuple[int, str]]]:
             if event.anchor is not None or (event.tag is not None and event.tag != "!"):
                 raise _Unusual
             value = event.value
-            if event.implicit[0]:
-                for tag, regexp in resolvers.get(value[:1], ()):
+            if event.implicit[0] and value:
+                for tag, regexp in resolvers.get(value[0], ()):
                     if regexp.match(value):
-                        if tag not in _SCALARS:
+                        if tag == _INT and value.isdigit() and (value[0] != "0" or value == "0"):
+                            value = int(value)  # pyyaml's value (a leading 0 is octal there)
+                        elif tag in _SCALARS:
+                            node = yaml.ScalarNode(tag, value, event.start_mark, event.end_mark)
+                            value = constructors[tag](loader, node)
+                        else:
                             raise _Unusual  # `<<`, `=`
-                        node = yaml.ScalarNode(tag, value, event.start_mark, event.end_mark)
-                        value = constructors[tag](loader, node)
                         break
-            if is_map and key is None:
-                key = value if value.__class__ is str else str(value)
-                key_line = event.start_mark.line + 1
-                if key in current:
-                    duplicates.append((key_line, f"duplicate key {key!r}"))
-                continue
-        elif kind is map_start or kind is seq_start:
+            elif event.implicit[0]:
+                value = None  # an empty plain scalar: null
+            if is_map:
+                if key is None:
+                    key = value if value.__class__ is str else str(value)
+                    key_line = event.start_mark.line + 1
+                    if key in current:
+                        duplicates.append((key_line, f"duplicate key {key!r}"))
+                    continue
+                current[key] = value
+                lines[key] = key_line
+                key = None
+            elif current is not None:
+                current.append(value)
+                lines.append(event.start_mark.line + 1)
+            else:  # the document is this scalar
+                _end(get)
+                return value, duplicates
+            continue
+        if kind is map_start or kind is seq_start:
             if event.anchor is not None or (event.tag is not None and event.tag != "!"):
                 raise _Unusual
             if is_map and key is None:
                 raise _Unusual  # a mapping or a list as a key
-            stack.append((current, key, key_line))
+            stack.append((current, lines, key, key_line))
             is_map = kind is map_start
             current = LineMap() if is_map else LineList()
             current.line = event.start_mark.line + 1
-            current.lines = {} if is_map else []
+            current.lines = lines = {} if is_map else []
             key = None
             continue
-        elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
-            value = current
-            current, key, key_line = stack.pop()
-            is_map = isinstance(current, LineMap)
-        else:  # an alias
-            raise _Unusual
-        # `value` is complete: it goes into the open container, or is the document.
+        if kind is not yaml.MappingEndEvent and kind is not yaml.SequenceEndEvent:
+            raise _Unusual  # an alias
+        value = current
+        current, lines, key, key_line = stack.pop()
         if current is None:
-            root = value
-            break
-        if is_map:
+            break  # the document is this container
+        if key is not None:  # only a mapping holds a key while its value is read
             current[key] = value
-            current.lines[key] = key_line
+            lines[key] = key_line
             key = None
         else:
+            is_map = False
             current.append(value)
-            current.lines.append(value.line if kind is not scalar_event else
-                                 event.start_mark.line + 1)  # fmt: skip
+            lines.append(value.line)
+            continue
+        is_map = True
+    _end(get)
+    return value, duplicates
+
+
+def _end(get: Any) -> None:
     get()  # DocumentEnd (the parser has checked it)
     if get().__class__ is not yaml.StreamEndEvent:
         raise _Unusual  # a second document: the node path says so
-    return root, duplicates
 
 
 def parse_yaml(text: str, src: Source, stepwise: bool = False) -> Any:
@@ -414,13 +433,16 @@ def _large(item: Any) -> bool:
 def line_of(container: Any, key: str | int, default: int = 1) -> int:
     lines = getattr(container, "lines", None)
     if isinstance(lines, dict) and isinstance(key, str):
-        return int(lines.get(key, getattr(container, "line", default)))
+        line = lines.get(key)  # called for every entry of a big file: the usual case first
+        return int(line if line is not None else getattr(container, "line", default))
     if isinstance(lines, list) and isinstance(key, int) and 0 <= key < len(lines):
         return int(lines[key])
     return int(getattr(container, "line", default))
 
 
 def check_keys(src: Source, mapping: LineMap, allowed: frozenset[str], where: str) -> None:
+    if mapping.keys() <= allowed:  # one set operation in C for the usual mapping
+        return
     for key in mapping:
         if key not in allowed:
             choices = ", ".join(sorted(allowed))

@@ -68,6 +68,13 @@ def harvested() -> list[str]:
 CORNERS = [
     "",
     "# only a comment\n",
+    "just text\n",
+    "'quoted'\n",
+    "~\n",
+    "---\n",
+    "--- 12\n...\n",
+    "a:\nb: ''\nc: -\n",
+    "a: [[1, [2, {b: [3]}]], {}]\nc: {d: {e: {f: []}}}\n",
     "a: 1\na: 2\n",
     "a: {b: 1, b: 2}\nc: [1, 2]\n",
     "base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  y: 3\n",
