@@ -219,7 +219,7 @@ def parse_keys(data: Any, src: Source) -> Keys:
     names: set[str] = set()
     digests: dict[bytes, Key] = {}
     for i, raw in enumerate(items):
-        key = _parse_key(src, raw, line_of(items, i))
+        key = _parse_key(src, raw, items.lines[i])  # line_of(items, i): i is in range
         if key is None:
             continue
         if key.name in names:

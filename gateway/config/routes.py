@@ -201,14 +201,14 @@ def _parse_targets(
     src: Source, slug: str, raw: LineMap, drafts: Mapping[str, ProviderDraft], used: set[str]
 ) -> tuple[Target, ...]:
     items = raw.get("providers")
-    line = line_of(raw, "providers", raw.line)
     if not isinstance(items, LineList) or not items:
+        line = line_of(raw, "providers", raw.line)
         src.problem(line, f"model {slug!r} needs providers: a non-empty list of {{provider: NAME}}")
         return ()
     targets: list[Target] = []
     where = f"model {slug!r} provider entry"
     for i, item in enumerate(items):
-        item_line = line_of(items, i)
+        item_line = items.lines[i]  # line_of(items, i), without its checks: i is in range
         if isinstance(item, str):
             item = LineMap(provider=item)
             item.line, item.lines = item_line, {"provider": item_line}
@@ -227,7 +227,7 @@ def _parse_targets(
             continue
         used.add(pname)
         upstream = item.get("model")
-        if upstream is not None and not isinstance(upstream, str | int | float):
+        if upstream is not None and not isinstance(upstream, (str, int, float)):
             src.problem(line_of(item, "model"), "model must be a string")
             upstream = None
         templated = isinstance(upstream, str) and TEMPLATE in upstream
@@ -396,7 +396,7 @@ def parse_routes(data: Any, src: Source) -> Routes:
                     line_of(raw_models, slug), f"model slug {slug!r} has control characters"
                 )
                 continue
-            model = _parse_model(src, slug, raw, line_of(raw_models, slug), drafts, used)
+            model = _parse_model(src, slug, raw, raw_models.lines[slug], drafts, used)
             if model is None:
                 continue
             (wildcards.append(model) if model.is_wildcard else models.__setitem__(slug, model))

@@ -257,8 +257,10 @@ def from_events(loader: Any) -> tuple[Any, list[tuple[int, str]]]:
     Only plain documents: anything else raises _Unusual and takes the node path, which
     then also gives pyyaml's own errors. An explicit stack: no recursion, any depth."""
     get = loader.get_event
-    constructors = loader.yaml_constructors
-    resolvers = loader.yaml_implicit_resolvers
+    # Plain scalars as built, by their text: a file repeats its field names and most
+    # values (`providers`, `rpm`, `600`), each a resolver's regular expressions and maybe
+    # a constructor. Every value built is immutable; bounded, as slugs and names are not.
+    seen: dict[str, Any] = {}
     scalar_event = yaml.ScalarEvent
     map_start, seq_start = yaml.MappingStartEvent, yaml.SequenceStartEvent
     duplicates: list[tuple[int, str]] = []
@@ -279,19 +281,13 @@ def from_events(loader: Any) -> tuple[Any, list[tuple[int, str]]]:
             if event.anchor is not None or (event.tag is not None and event.tag != "!"):
                 raise _Unusual
             value = event.value
-            if event.implicit[0] and value:
-                for tag, regexp in resolvers.get(value[0], ()):
-                    if regexp.match(value):
-                        if tag == _INT and value.isdigit() and (value[0] != "0" or value == "0"):
-                            value = int(value)  # pyyaml's value (a leading 0 is octal there)
-                        elif tag in _SCALARS:
-                            node = yaml.ScalarNode(tag, value, event.start_mark, event.end_mark)
-                            value = constructors[tag](loader, node)
-                        else:
-                            raise _Unusual  # `<<`, `=`
-                        break
-            elif event.implicit[0]:
-                value = None  # an empty plain scalar: null
+            if event.implicit[0]:
+                text = value
+                value = seen.get(text, seen)
+                if value is seen:
+                    value = _plain(loader, event, text)
+                    if len(seen) < _SEEN:
+                        seen[text] = value
             if is_map:
                 if key is None:
                     key = value if value.__class__ is str else str(value)
@@ -339,6 +335,22 @@ def from_events(loader: Any) -> tuple[Any, list[tuple[int, str]]]:
         is_map = True
     _end(get)
     return value, duplicates
+
+
+_SEEN = 4096
+
+
+def _plain(loader: Any, event: Any, value: str) -> Any:
+    """A plain scalar's value, as the resolver and the constructors make it."""
+    for tag, regexp in loader.yaml_implicit_resolvers.get(value[:1], ()):
+        if regexp.match(value):
+            if tag == _INT and value.isdigit() and (value[0] != "0" or value == "0"):
+                return int(value)  # pyyaml's value (a leading 0 is octal there)
+            if tag not in _SCALARS:
+                raise _Unusual  # `<<`, `=`
+            node = yaml.ScalarNode(tag, value, event.start_mark, event.end_mark)
+            return loader.yaml_constructors[tag](loader, node)
+    return value
 
 
 def _end(get: Any) -> None:
