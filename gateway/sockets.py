@@ -143,7 +143,10 @@ class Socket:
             "method": "POST",
             "scheme": "https" if scope.get("scheme") == "wss" else "http",
         }
-        self.state = Turn.IDLE  # written by run() alone
+        self.state = Turn.IDLE  # written by run() alone (through _move)
+        # The server's word on this socket's idleness (server.websocket_cycle): a running
+        # turn must not give way at the connection cap as an idle socket does.
+        self.busy = scope.get("extensions", {}).get("gateway.busy")
         self.frames: asyncio.Queue[str | None] = asyncio.Queue(MAX_WAITING)
         self.closed = asyncio.Event()
         runtime = endpoint.runtime
@@ -162,15 +165,20 @@ class Socket:
                 frame = await self.frames.get()
                 if frame is None:
                     return
-                self.state = Turn.RUNNING
+                self._move(Turn.RUNNING)
                 await self._turn(frame)
                 if self.closed.is_set():
                     return
-                self.state = Turn.IDLE
+                self._move(Turn.IDLE)
         finally:
-            self.state = Turn.CLOSED
+            self._move(Turn.CLOSED)
             reader.cancel()
             self.links.close()
+
+    def _move(self, state: Turn) -> None:
+        self.state = state
+        if self.busy is not None:
+            self.busy(state is Turn.RUNNING)
 
     async def _read(self) -> None:
         while True:

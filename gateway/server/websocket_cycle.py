@@ -97,6 +97,10 @@ class WebSocketCycle(asyncio.Protocol):
         self.draining = False  # uvicorn's shutdown came during the handshake
         # > 0 while the app waits for a message and has sent nothing since (give_way).
         self.idle_since = 0.0
+        # The app says it is answering (an app that reads in a task of its own, beside
+        # its work, is never idle then): scope["extensions"]["gateway.busy"](bool).
+        self.busy = False
+        scope.setdefault("extensions", {})["gateway.busy"] = self.set_busy
         # One timer for every deadline (see _expire).
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = math.inf
@@ -196,6 +200,9 @@ class WebSocketCycle(asyncio.Protocol):
             await self.app(self.scope, self.receive, self.send)
         except ClientDisconnected:
             pass  # the app let the client's leaving end it: nothing wrong
+        except asyncio.CancelledError:
+            self._end_for_app(GOING_AWAY)
+            raise
         except BaseException:
             logger.exception("exception in the ASGI application")
             self._end_for_app(INTERNAL_ERROR)
@@ -242,13 +249,19 @@ class WebSocketCycle(asyncio.Protocol):
                     "code": closed.code,
                     "reason": closed.reason,
                 }
-            self.idle_since = self.loop.time()
+            if not self.busy:
+                self.idle_since = self.loop.time()
             self.waiter = self.loop.create_future()
             try:
                 await self.waiter
             finally:
                 self.waiter = None
                 self.idle_since = 0.0
+
+    def set_busy(self, busy: bool) -> None:
+        """The app's own word (see `busy`): while busy, never idle at the cap."""
+        self.busy = busy
+        self.idle_since = 0.0 if busy or self.waiter is None else self.loop.time()
 
     async def send(self, message: MutableMapping[str, Any]) -> None:
         kind = message["type"]
@@ -272,7 +285,7 @@ class WebSocketCycle(asyncio.Protocol):
             text = message.get("text")
             frame = ws.send(text if text is not None else message.get("bytes") or b"")
             self.transport.write(frame)
-            if self.waiter is not None:  # a receive() waiting beside: idle from now
+            if self.waiter is not None and not self.busy:  # a receive() waiting: idle
                 self.idle_since = self.loop.time()
         elif kind == "websocket.close":
             if ws.state is State.OPEN:  # else it is closing or closed already

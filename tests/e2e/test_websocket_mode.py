@@ -109,3 +109,30 @@ async def test_a_client_that_leaves_mid_turn_ends_the_turn_quietly(
     await until(lambda: gw.runtime.metrics.in_flight.value == 0)
     await until(lambda: len(up.closed) == 1)  # the upstream stream was closed too
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_a_socket_in_a_turn_never_gives_way_at_the_connection_cap(
+    gateway: GatewayFactory, make_upstream: MakeUpstream, client: httpx.AsyncClient
+) -> None:
+    """Only idle connections give way (the socket's reader always waits in receive(): the
+    app tells the server when a turn runs)."""
+    up = await make_upstream()
+    slow = answer("resp_1", "first")
+    slow.first_delay = 0.5  # the upstream thinks: nothing is sent meanwhile
+    up.script(slow)
+    gw = await gateway(routes(urls({"a": up})), max_connections=1)
+    async with websockets.connect(f"ws://127.0.0.1:{gw.port}/v1/responses") as ws:
+        await ws.send(json.dumps({"type": "response.create", "model": "m", "input": "hi"}))
+        await until(lambda: len(up.requests) == 1)
+        r = await client.get(f"{gw.url}/healthz")
+        assert r.status_code == 503  # nothing idle to give way
+        events = [json.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(3)]
+        assert events[-1]["type"] == "response.completed"
+    # Idle again: it gives way to a newcomer (closed with 1001).
+    async with websockets.connect(f"ws://127.0.0.1:{gw.port}/v1/responses") as idle:
+        await asyncio.sleep(0)
+        r = await client.get(f"{gw.url}/healthz")
+        assert r.status_code == 200
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(idle.recv(), 5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001

@@ -141,7 +141,8 @@ async def test_handshake_scope_and_echo_with_the_oracle_client() -> None:
         b"x=1",
     )
     assert scope["subprotocols"] == ["chat"]
-    assert scope["extensions"] == {"websocket.http.response": {}}
+    assert scope["extensions"]["websocket.http.response"] == {}
+    assert callable(scope["extensions"]["gateway.busy"])  # the app's word on its idleness
     assert scope["http_version"] == "1.1"
     assert app.received[-1] == {"type": "websocket.disconnect", "code": 1000, "reason": ""}
 
