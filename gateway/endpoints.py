@@ -266,7 +266,14 @@ class ProxyEndpoint:
                     reservation.release()
             runtime.served(req, out, key, tokens, time.perf_counter() - t0, watch.gone)
             session = parsed.session_id
-            if session is not None and out.slug and out.upstream_model and out.status < 400:
+            # A count_tokens call never moves a pin (it may fail over to another entry).
+            if (
+                session is not None
+                and out.slug
+                and out.upstream_model
+                and out.status < 400
+                and not counts_only
+            ):
                 provider = out.provider or ""
                 runtime.affinity.record(
                     config.routes, owner, session, out.slug, (provider, out.upstream_model)

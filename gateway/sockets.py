@@ -49,7 +49,9 @@ if TYPE_CHECKING:
 
 # The paths the mode is served on: the responses path under every prefix.
 PATHS = frozenset(prefix + "/responses" for prefix in PREFIXES)
-MAX_WAITING = 8  # frames queued behind the running response; then reading stops
+# Frames queued behind the running response, then reading stops: with one, a socket
+# holds at most two frames beside the running one (each up to --max-event-bytes).
+MAX_WAITING = 1
 MAX_CHAINS = 4  # turns a socket remembers for the next to continue (Codex: the last)
 # Headers of the handshake that are the socket's, not a turn's: never sent upstream.
 _SOCKET_ONLY = frozenset({
@@ -136,6 +138,7 @@ class Socket:
         self.endpoint = endpoint
         self.receive = receive
         self.send = send
+        self.headers_in = scope["headers"]  # the handshake's, as a turn's key is read
         self.headers = [(n, v) for n, v in scope["headers"] if n not in _SOCKET_ONLY]
         self.scope = {
             **{k: v for k, v in scope.items() if k not in ("subprotocols", "extensions")},
@@ -221,17 +224,50 @@ class Socket:
             return
         data = self.chains.expand(data)
         if data.pop("generate", True) is False:
+            refusal = self._refusal(data.get("model"))
+            if refusal is not None:
+                await self._error(*refusal)
+                return
             await self._warm_up(data)
             return
         data["stream"] = True
         remember = data.get("store") is False
         await self._serve(orjson.dumps(data), data if remember else None)
 
+    def _refusal(self, slug: Any) -> tuple[int, str, str, str] | None:
+        """A warm-up's model checked as a turn's would be: known, allowed to the key,
+        serving responses (it goes to no upstream, so admission never sees it)."""
+        runtime = self.endpoint.runtime
+        config = runtime.config
+        model = config.routes.resolve(slug) if isinstance(slug, str) else None
+        if model is None:
+            return (
+                400,
+                "invalid_request_error",
+                "model_not_found",
+                "the model is not in the catalog",
+            )
+        try:  # the key as a turn would find it now (a reload may have changed it)
+            key = authenticate(config.keys, Incoming(self.headers_in).token())
+        except GatewayError as exc:
+            return exc.status, exc.type, exc.code, exc.message
+        if key is not None and not key.allows(slug):
+            return 403, "permission_error", "model_not_allowed", "this key may not use the model"
+        if not any("responses" in t.provider.apis for t in model.targets):
+            return (
+                400,
+                "invalid_request_error",
+                "api_not_supported",
+                "the model does not serve responses",
+            )
+        return None
+
     def _speaks_websocket(self, slug: Any) -> bool:
-        """Whether the frame's model has an entry with `websocket: true`."""
+        """Whether every entry of the frame's model has `websocket: true` (a frame goes
+        as sent only where no failover can take it to an SSE entry)."""
         routes = self.endpoint.runtime.config.routes  # the snapshot the turn will read
         model = routes.resolve(slug) if isinstance(slug, str) else None
-        return model is not None and any(t.websocket for t in model.targets)
+        return model is not None and all(t.websocket for t in model.targets)
 
     async def _warm_up(self, body: dict[str, Any]) -> None:
         """`generate: false` (Codex's warm-up) over SSE: answered here, nothing sent

@@ -282,3 +282,24 @@ async def test_426_counts_the_keys_allow_list(
             body = json.loads((await ws.next())["body"])
             assert body["error"]["code"] == "upgrade_required"
             await asyncio.wait_for(ws.task, 5)
+
+
+async def test_a_warm_up_is_refused_like_a_turn(
+    gateway: GatewayFactory, make_upstream: MakeUpstream
+) -> None:
+    """Answered here, it still names a model the key may use and that serves responses."""
+    ups = await upstreams(make_upstream, "a")
+    doc = yaml.safe_load(routes(urls(ups)))
+    doc["providers"]["c"] = {"base_url": ups["a"].url, "apis": ["chat"]}
+    doc["models"]["chat-only"] = {"providers": [{"provider": "c"}]}
+    keys = {"keys": [{"name": "k", "key": "sk-k", "models": ["m", "chat-only"]}]}
+    gw = await gateway(yaml.safe_dump(doc), yaml.safe_dump(keys))
+    ws = Client(gw, authorization="Bearer sk-k")
+    await ws.next()
+    for model, code in (("nope", "model_not_found"), ("chat-only", "api_not_supported")):
+        [error] = await ws.turn(model=model, input="x", generate=False)
+        assert error["type"] == "error" and error["error"]["code"] == code
+    warm = await ws.turn(model="m", input="x", generate=False)
+    assert warm[-1]["type"] == "response.completed"
+    assert ups["a"].requests == []
+    await ws.close()

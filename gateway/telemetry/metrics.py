@@ -277,6 +277,9 @@ class Metrics:
                 at = family.labels.index("key")
                 for values in [v for v in family.children if v[at] in names]:
                     family.forget(values)
+        # The bundles point at the children just dropped: a key that comes back must
+        # count in fresh, exported ones.
+        self._served.clear()
         self.changed()
 
     # --workers N

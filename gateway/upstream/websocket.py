@@ -18,6 +18,7 @@ import base64
 import enum
 import math
 import os
+import re
 from typing import TYPE_CHECKING
 
 import orjson
@@ -47,9 +48,23 @@ MAX_HEAD = 16 * 1024  # the upgrade answer's head
 MAX_REFUSAL = 64 * 1024  # a refused upgrade's body, kept for the client
 READ_SIZE = 64 * 1024
 SSE = [(b"content-type", b"text/event-stream")]
-# A turn's last event: after it the link carries the next turn.
-TERMINAL = (b'"response.completed"', b'"response.failed"', b'"response.incomplete"',
-            b'"error"')  # fmt: skip
+# A turn's last event types: after one the link carries the next turn.
+TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+_TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"([^"\\]*)"')
+
+
+def event_type(message: bytes) -> str | None:
+    """A message's `type`: read from its start where it leads (as OpenAI's do), else
+    parsed; None for a message that is no JSON object."""
+    match = _TYPE.match(message)
+    if match is not None:
+        return match.group(1).decode("utf-8", "replace")
+    try:
+        data = orjson.loads(message)
+    except orjson.JSONDecodeError:
+        return None
+    kind = data.get("type") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 class LinkState(enum.Enum):
@@ -104,16 +119,25 @@ class Link:
         self.writer = writer
         self.parser = FrameParser(max_message, client=True)
         self.read_timeout = read_timeout
-        self.state = LinkState.OPEN  # written by turn(), TurnResponse and close() alone
+        # Written by UpstreamSockets.send (BUSY), TurnResponse (OPEN after a turn's end)
+        # and close() (CLOSED): the turn that holds the link is the one writer at a time.
+        self.state = LinkState.OPEN
         self.messages: list[bytes] = []  # parsed, not yet handed to the turn
+        self.gone = False  # the upstream's close frame came: nothing more will
 
     def send(self, payload: bytes) -> None:
         self.writer.write(encode_frame(Opcode.TEXT, payload, mask=os.urandom(4)))
+
+    def idle_and_alive(self) -> bool:
+        """Nothing arrived for no turn: not the end of the stream, no stray message."""
+        return not (self.gone or self.messages or self.reader.at_eof() or self.writer.is_closing())
 
     async def next_message(self, deadline: float) -> bytes:
         """The next text (or binary) message; pings answered on the way."""
         loop = asyncio.get_running_loop()
         while not self.messages:
+            if self.gone:
+                raise ConnectionLost("the upstream closed its WebSocket", before_response=False)
             wait = min(self.read_timeout, deadline - loop.time())
             async with asyncio.timeout(max(0.0, wait)):
                 data = await self.reader.read(READ_SIZE)
@@ -126,8 +150,10 @@ class Link:
                 elif isinstance(event, Ping):
                     self.writer.write(encode_frame(Opcode.PONG, event.payload, mask=os.urandom(4)))
                 elif isinstance(event, CloseReceived):
+                    # The messages before it are still the turn's; the link ends after them.
                     self.writer.write(encode_close(event.code, mask=os.urandom(4)))
-                    raise ConnectionLost("the upstream closed its WebSocket", False)
+                    self.gone = True
+                    break
                 elif isinstance(event, Violation):
                     if event.code == 1009:
                         raise UpstreamResponseTooLarge(
@@ -168,9 +194,14 @@ class TurnResponse:
         except TRANSPORT_ERRORS as exc:
             self.link.close()
             raise translate(exc, started=True) from None
-        if any(kind in message[:64] for kind in TERMINAL):
+        if event_type(message) in TERMINAL:
             self.done = True
-            self.link.state = LinkState.OPEN
+            if self.link.messages or self.link.gone:
+                self.link.close()  # bytes past a turn's end, or closed: no one's now
+            else:
+                self.link.state = LinkState.OPEN
+        if b"\n" in message or b"\r" in message:  # one data line each: SSE's own framing
+            return b"".join(b"data: " + line + b"\n" for line in message.splitlines()) + b"\n"
         return b"data: " + message + b"\n\n"
 
     async def read(self) -> bytes:
@@ -198,23 +229,51 @@ class UpstreamSockets:
         self.handshake = handshake  # the client's own handshake headers (OpenAI-Beta)
         self.max_message = max_message
         self.links: dict[str, Link] = {}
+        self.spare: list[Link] = []  # a second link to an entry whose own is busy (hedging)
 
     async def send(
         self, provider: Provider, body: bytes, headers: Headers, deadline: float
     ) -> TurnResponse | Refused:
-        """The turn whose POST body is `body`, sent as a `response.create` frame."""
+        """The turn whose POST body is `body`, sent as a `response.create` frame; returns
+        once the link is open (and, on a link kept from an earlier turn, once its first
+        message is in: an upstream may have closed it while it was idle)."""
         fields = orjson.loads(body)
         fields.pop("stream", None)
         frame = orjson.dumps({"type": "response.create", **fields})
         name = provider.name + "\n" + provider.base_url
         link = self.links.get(name)
-        if link is None or link.state is not LinkState.OPEN:
-            if link is not None:
-                link.close()
+        if link is not None and link.state is LinkState.BUSY:
+            # Another attempt of this turn (a hedge) reads it: this one gets its own.
             opened = await self._open(provider, headers, deadline)
             if isinstance(opened, Refused):
                 return opened
-            link = self.links[name] = opened
+            self.spare = [spare for spare in self.spare if spare.state is not LinkState.CLOSED]
+            self.spare.append(opened)
+            opened.state = LinkState.BUSY
+            opened.send(frame)
+            return TurnResponse(opened, deadline)
+        if link is not None and link.state is LinkState.OPEN and not link.idle_and_alive():
+            link.close()
+        if link is not None and link.state is LinkState.OPEN:
+            link.state = LinkState.BUSY
+            link.send(frame)
+            try:
+                first = await link.next_message(deadline)
+            except TimeoutError:
+                link.close()  # slow, not gone: the frame may be at work, never sent twice
+                raise translate(TimeoutError(), started=False) from None
+            except GatewayError:
+                link.close()
+                raise
+            except (ConnectionLost, OSError):
+                link.close()  # closed while idle: the frame reached no turn; a new link
+            else:
+                link.messages.insert(0, first)
+                return TurnResponse(link, deadline)
+        opened = await self._open(provider, headers, deadline)
+        if isinstance(opened, Refused):
+            return opened
+        link = self.links[name] = opened
         link.state = LinkState.BUSY
         link.send(frame)
         return TurnResponse(link, deadline)
@@ -261,28 +320,39 @@ class UpstreamSockets:
                 if status != 101:
                     body = await _refusal_body(reader, dict(answer))
                     writer.close()
+                    if status < 300:
+                        raise UpstreamUnavailable(
+                            "the upstream answered the WebSocket upgrade without upgrading",
+                            {"cause": "not_upgraded"},
+                        )
                     kept = [(n, v) for n, v in answer if n in (b"content-type", b"retry-after")]
                     return Refused(status, kept, body)
-        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError) as exc:
+        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError):
             writer.close()
             raise UpstreamUnavailable(
-                "the upstream's WebSocket upgrade answer is malformed", {"cause": str(exc)[:200]}
+                "the upstream's WebSocket upgrade answer is malformed", {"cause": "bad_upgrade"}
             ) from None
         except TRANSPORT_ERRORS as exc:
             writer.close()
             raise translate(exc, started=False) from None
-        if dict(answer).get(b"sec-websocket-accept") != accept_key(key):
+        fields = dict(answer)
+        if (
+            fields.get(b"sec-websocket-accept") != accept_key(key)
+            or fields.get(b"upgrade", b"").lower() != b"websocket"
+            or b"upgrade" not in fields.get(b"connection", b"").lower()
+        ):
             writer.close()
             raise UpstreamUnavailable(
-                "the upstream's WebSocket upgrade has a wrong Sec-WebSocket-Accept",
+                "the upstream's WebSocket upgrade is not RFC 6455's (accept key, headers)",
                 {"cause": "bad_accept"},
             )
         return Link(reader, writer, self.max_message, t.read)
 
     def close(self) -> None:
-        for link in self.links.values():
+        for link in (*self.links.values(), *self.spare):
             link.close()
         self.links.clear()
+        self.spare.clear()
 
 
 async def _refusal_body(reader: asyncio.StreamReader, headers: dict[bytes, bytes]) -> bytes:

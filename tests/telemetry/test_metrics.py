@@ -206,3 +206,16 @@ def test_workers_files_are_lines_merged_a_piece_at_a_time(
     got = samples(mine)
     assert got[("gateway_tokens_total", (("key", "k0"), ("kind", "prompt")))] == 3
     assert got[("gateway_tokens_total", (("key", "k5"), ("kind", "prompt")))] == 2
+
+
+def test_a_key_that_leaves_and_comes_back_counts_in_exported_series() -> None:
+    """Metrics.served keeps bundles of children; forgetting a key drops them too, so a
+    key re-added by a reload counts in series a scrape shows."""
+    m = Metrics()
+    series = m.served("team", "m", "p", 200, False)
+    series.prompt = m.tokens("team", "prompt")
+    series.prompt.inc(5)
+    m.forget_keys({"team"})
+    assert ("team", "prompt") not in m.tokens.children
+    again = m.served("team", "m", "p", 200, False)
+    assert again is not series and again.prompt is None  # fetched afresh from the family

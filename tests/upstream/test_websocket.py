@@ -29,6 +29,8 @@ class WsUpstream:
 
     refuse: int | None = None  # answer the upgrade with this status
     cut_after: int | None = None  # close the socket after this many frames
+    close_after_turn: bool = False  # close the socket once a turn is answered (idle close)
+    delta: str = "turn {n}"
     handshakes: list[dict[str, str]] = field(default_factory=list)
     frames: list[dict[str, Any]] = field(default_factory=list)
     port: int = 0
@@ -53,10 +55,14 @@ class WsUpstream:
             await conn.send(json.dumps({"type": "response.created", "response": response}))
             if frame.get("generate") is not False:
                 await conn.send(json.dumps({"type": "response.output_text.delta",
-                                            "delta": f"turn {n}"}))  # fmt: skip
+                                            "delta": self.delta.format(n=n)}))  # fmt: skip
             usage = {"input_tokens": 7, "output_tokens": 2, "total_tokens": 9}
             await conn.send(json.dumps({"type": "response.completed",
                                         "response": {**response, "usage": usage}}))  # fmt: skip
+            if self.close_after_turn:
+                await asyncio.sleep(0.02)  # after the turn, while the link idles
+                await conn.close()
+                return
 
 
 @pytest.fixture
@@ -148,4 +154,36 @@ async def test_an_upstream_socket_cut_mid_turn_is_an_error_then_a_new_link(
     events = await ws.turn(model="m", input="again")
     assert events[-1]["type"] == "response.completed"
     assert len(ws_upstream.handshakes) == 2  # the broken link was not reused
+    await ws.close()
+
+
+async def test_a_link_the_upstream_closed_while_idle_is_replaced_not_failed(
+    gateway: GatewayFactory, ws_upstream: WsUpstream
+) -> None:
+    ws_upstream.close_after_turn = True
+    gw = await gateway(routes(ws_upstream))
+    ws = Client(gw)
+    await ws.next()
+    for n in (1, 2, 3):
+        events = await ws.turn(model="m", input=f"turn {n}")
+        assert events[-1]["type"] == "response.completed", (n, events[-1])
+        await asyncio.sleep(0.05)  # the upstream's close lands while the link is idle
+    assert len(ws_upstream.handshakes) == 3
+    assert gw.runtime.health.state(("ws", "up-ws", "")).failures == 0
+    await ws.close()
+
+
+async def test_a_turn_ends_at_its_terminal_event_type_not_at_a_word_in_it(
+    gateway: GatewayFactory, ws_upstream: WsUpstream
+) -> None:
+    ws_upstream.delta = 'error "response.completed" {n}'
+    gw = await gateway(routes(ws_upstream))
+    ws = Client(gw)
+    await ws.next()
+    first = await ws.turn(model="m", input="one")
+    assert [e["type"] for e in first] == [
+        "response.created", "response.output_text.delta", "response.completed"]  # fmt: skip
+    second = await ws.turn(model="m", input="two")
+    assert second[1]["delta"] == 'error "response.completed" 2'
+    assert len(ws_upstream.handshakes) == 1
     await ws.close()
