@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import httpx
@@ -303,3 +304,43 @@ async def test_a_warm_up_is_refused_like_a_turn(
     assert warm[-1]["type"] == "response.completed"
     assert ups["a"].requests == []
     await ws.close()
+
+
+async def test_turns_go_through_the_keys_limits_usage_log_and_affinity(
+    gateway: GatewayFactory, make_upstream: MakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Same keys, limits, routing, affinity and usage as a POST: an rpm-1 key's second
+    turn is a 429 error event on an open socket; the turns are logged with Codex's
+    session id and pin the session to the entry that served it."""
+    ups = await upstreams(make_upstream, "a", "b")
+    for up in ups.values():
+        up.script(*(answer() for _ in range(5)))
+    keys = {"keys": [{"name": "k", "key": "sk-k", "rpm": 1}, {"name": "free", "key": "sk-f"}]}
+    gw = await gateway(routes(urls(ups), strategy="round_robin"), yaml.safe_dump(keys))
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        ws = Client(gw, authorization="Bearer sk-k", session_id="codex-thread-1")
+        await ws.next()
+        first = await ws.turn(model="m", input="one")
+        assert first[-1]["type"] == "response.completed"
+        [limited] = await ws.turn(model="m", input="two")
+        assert limited["status"] == 429 and limited["error"]["code"] == "rate_limited"
+        await ws.close()
+        free = Client(gw, authorization="Bearer sk-f", session_id="codex-thread-2")
+        await free.next()
+        served = set()
+        for _ in range(4):
+            await free.turn(model="m", input="again")
+            served = {n for n, up in ups.items() if up.requests}
+        await free.close()
+    # The free key's session stayed on one entry: with the rpm key's turn, two in all.
+    assert sum(len(up.requests) for up in ups.values()) == 5
+    assert len(served) <= 2
+    pinned = {up: len(ups[up].requests) for up in ups}
+    assert sorted(pinned.values()) in ([1, 4], [0, 5])
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    turns = [line for line in lines if line.get("path") == "/responses" and "slug" in line]
+    assert len(turns) == 5
+    assert {line["session_id"] for line in turns} == {"codex-thread-1", "codex-thread-2"}
+    assert all(line["prompt_tokens"] == 10 for line in turns)
+    refused = [line for line in lines if line.get("status") == 429]
+    assert len(refused) == 1 and refused[0]["key"] == "k"
