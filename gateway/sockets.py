@@ -103,6 +103,23 @@ class ResponsesSocket:
     def __init__(self, runtime: Runtime, endpoint: ProxyEndpoint) -> None:
         self.runtime = runtime
         self.endpoint = endpoint
+        # serves_responses per allow-list, for one catalog snapshot: it walks every model
+        # (100,000 of them is tens of ms), so once per snapshot and allow-list, not per
+        # handshake.
+        self._serving: tuple[Routes | None, dict[tuple[str, ...] | None, bool]] = (None, {})
+
+    def serves(self, routes: Routes, key: Key | None) -> bool:
+        known, answers = self._serving
+        if known is not routes:
+            answers = {}
+            self._serving = (routes, answers)
+        allowed = None if key is None else key.models
+        answer = answers.get(allowed)
+        if answer is None:
+            if len(answers) >= 1024:
+                answers.clear()
+            answer = answers[allowed] = serves_responses(routes, key)
+        return answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
@@ -117,7 +134,7 @@ class ResponsesSocket:
             if scope["path"] not in PATHS:
                 raise NotFound("WebSocket is served on /v1/responses only")
             key = authenticate(config.keys, Incoming(scope["headers"]).token())
-            if not serves_responses(config.routes, key):
+            if not self.serves(config.routes, key):
                 raise UpgradeRequired(
                     "no model this key may use serves the Responses API: use HTTP",
                     headers={"x-should-retry": "false"},
