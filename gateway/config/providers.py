@@ -305,6 +305,10 @@ def parse_provider(src: Source, name: str, raw: Any, line: int) -> ProviderDraft
     rules = parse_rules(src, raw, f"provider {name!r}")
     if auth is not None and auth.header is not None and api_key is None:
         src.problem(line_of(raw, "auth"), f"auth.header sends api_key: provider {name!r} has none")
+    if auth is not None and auth.aws is not None and rules.websocket:
+        # A WebSocket upgrade is one GET whose later frames no SigV4 signature covers.
+        src.problem(line_of(raw, "websocket"), f"provider {name!r}: websocket cannot be used "
+                    "with aws auth (Bedrock has no Responses WebSocket mode)")  # fmt: skip
     provider = Provider(
         name=name,
         base_url=base_url,

@@ -243,6 +243,10 @@ def _parse_targets(
             weight = float(w) if w is not None else 1.0
         price = _price(src, item, slug) if "price" in item else None
         rules = parse_rules(src, item, where).over(draft.provider.rules)
+        auth = draft.provider.auth
+        if rules.websocket and "websocket" in item and auth is not None and auth.aws is not None:
+            src.problem(line_of(item, "websocket"), f"{where}: websocket cannot be used with "
+                        "aws auth (Bedrock has no Responses WebSocket mode)")  # fmt: skip
         targets.append(
             Target(
                 provider=draft.provider,

@@ -145,3 +145,28 @@ def test_a_list_of_names_is_required(key: str) -> None:
         "models:\n  m: {providers: [p]}\n"
     )
     assert_problems(problems, [(4, f"{key} must be a list")])
+
+
+def test_websocket_is_refused_with_aws_auth() -> None:
+    """A WebSocket upgrade is one GET: no SigV4 signature covers the frames after it."""
+    _, problems = routes_of(
+        "providers:\n"
+        "  bedrock:\n"
+        "    base_url: https://bedrock-runtime.us-east-1.amazonaws.com\n"
+        "    auth: {aws: {region: us-east-1}}\n"
+        "    websocket: true\n"
+        "  bedrock2:\n"
+        "    base_url: https://bedrock-runtime.us-west-2.amazonaws.com\n"
+        "    auth: {aws: {region: us-west-2}}\n"
+        "models:\n"
+        "  m:\n"
+        "    providers:\n"
+        "      - {provider: bedrock2, websocket: true}\n"
+    )
+    assert_problems(
+        problems,
+        [
+            (5, "websocket cannot be used with aws auth"),
+            (12, "websocket cannot be used with aws auth"),
+        ],
+    )
