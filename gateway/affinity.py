@@ -77,10 +77,9 @@ class Affinity:
         if held is None:
             return None
         entry, expires = held
-        if self.clock() >= expires:
-            del self._pins[key]
-            return None
-        return entry
+        # An expired pin is only not read: record() (the one writer) replaces it, or the
+        # LRU bound drops it.
+        return None if self.clock() >= expires else entry
 
     def record(self, routes: Routes, owner: str, session: str, slug: str, entry: Entry) -> None:
         """The entry that served this session's request on `slug`: its pin, for the

@@ -55,7 +55,9 @@ async def test_a_pin_is_scoped_to_its_owner_session_and_slug_and_expires() -> No
     assert await pins.lookup(routes, "team", "s1", ["m"]) == {"m": ("p1", "up1")}
     now.t += 0.2
     assert await pins.lookup(routes, "team", "s1", ["m"]) is None
-    assert len(pins) == 0  # the expired pin went with the read
+    pins.record(routes, "team", "s1", "m", ("p0", "up0"))  # a new request: a new pin
+    assert await pins.lookup(routes, "team", "s1", ["m"]) == {"m": ("p0", "up0")}
+    assert len(pins) == 1
 
 
 async def test_pins_are_bounded_least_recently_used_first() -> None:
