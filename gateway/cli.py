@@ -17,7 +17,6 @@ from typing import Any, NoReturn
 from gateway.config import Config, ConfigError, load_config
 from gateway.config.keys import append_key, new_secret
 from gateway.config.settings import OPTIONS, Option, Settings, SettingsError, from_env
-from gateway.telemetry.accesslog import configure as configure_access_log
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,6 +125,7 @@ def cmd_serve(settings: Settings) -> int:
     import uvicorn
 
     from gateway.server.protocol import ServerProtocol
+    from gateway.telemetry.accesslog import configure as configure_access_log
 
     configure_access_log(settings.log_level)
     _raise_open_file_limit()
