@@ -120,7 +120,7 @@ def build_plan(
 ) -> list[Candidate]:
     """`family`: only providers serving it (SPEC §9); `pinned`: only the (provider,
     upstream model) entry that created the Responses id the request continues;
-    `affinity`: by slug, the entry the request's session is pinned to (affinity.py),
+    `affinity`: by slug, the entry the request's session is pinned to (state/affinity.py),
     tried first among what the request's own choices allow."""
     models: list[tuple[str, Model]] = []
     for slug in parsed.slugs:

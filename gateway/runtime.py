@@ -7,7 +7,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from gateway.affinity import Affinity
 from gateway.config import Config
 from gateway.config.keys import Key
 from gateway.config.settings import Settings
@@ -17,6 +16,7 @@ from gateway.families.responses import Creator, ResponseIds
 from gateway.health import Health
 from gateway.limits import Limiter
 from gateway.relay import Relay
+from gateway.state.affinity import Affinity
 from gateway.state.file import StateFile
 from gateway.telemetry.accesslog import AccessLog
 from gateway.telemetry.accesslog import flush as flush_access_log

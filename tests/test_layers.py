@@ -17,7 +17,7 @@ RANKS: list[set[str]] = [
     {"wire"},  # pure byte formats
     {"families"},  # the API families as data
     {"config"},  # settings and YAML into frozen objects
-    {"server", "upstream", "auth", "health", "strategies", "incoming", "respond", "affinity"},
+    {"server", "upstream", "auth", "health", "strategies", "incoming", "respond"},
     {"reservation", "limits", "body", "plan"},
     {"state", "exchange", "telemetry"},
     {"attempt", "latecommit"},
@@ -89,7 +89,7 @@ def test_imports_flow_one_way() -> None:
 
 def test_the_top_level_is_the_request_path() -> None:
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
-    assert len(top) <= 27, top  # 25 modules with __init__ and __main__
+    assert len(top) <= 26, top  # 24 modules with __init__ and __main__
 
 
 def test_every_module_imports_alone() -> None:

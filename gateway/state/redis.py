@@ -75,7 +75,7 @@ from gateway.tasks import cancel
 from gateway.types import Headers
 
 if TYPE_CHECKING:
-    from gateway.affinity import Entry, PinKey
+    from gateway.state.affinity import Entry, PinKey
 
 log = logging.getLogger("gateway")
 
@@ -446,7 +446,7 @@ class RedisState:
 
     # -- the batch: pending charges and ids, one pipelined round trip
 
-    # -- prompt-cache affinity (gateway.affinity): pins every replica shares
+    # -- prompt-cache affinity (gateway.state.affinity): pins every replica shares
 
     def pin(self, key: PinKey, entry: Entry, seconds: float) -> None:
         """Sent at once in the next batch, with its TTL: the session's next request

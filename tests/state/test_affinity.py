@@ -1,4 +1,4 @@
-"""gateway/affinity.py and the plan's use of it (SPEC §14, prompt-cache affinity): from
+"""gateway/state/affinity.py and the plan's use of it (SPEC §14, prompt-cache affinity): from
 values, with an injected clock."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import random
 
 import orjson
 
-from gateway.affinity import Affinity
 from gateway.body import parse_body
 from gateway.config.routes import Model, Provider, Routes, Target, WildcardIndex
 from gateway.families import CHAT
 from gateway.health import Health
 from gateway.plan import build_plan
+from gateway.state.affinity import Affinity
 from gateway.strategies import Strategies
 from tests.test_health import Clock
 
