@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from gateway.config.providers import Shaping
+from gateway.config.shaping import Shaping
 from gateway.errors import GatewayError, UpstreamResponseTooLarge, UpstreamUnavailable
 from gateway.exchange import Failure, Opened, Request
 from gateway.families import Body, Family

@@ -9,14 +9,16 @@ from types import MappingProxyType
 from typing import Any
 
 from gateway.config.providers import (
-    COUNT_ESTIMATE,
-    SHAPING_KEYS,
     Provider,
     ProviderDraft,
     Secret,
-    Shaping,
     Timeouts,
     parse_provider,
+)
+from gateway.config.shaping import (
+    COUNT_ESTIMATE,
+    SHAPING_KEYS,
+    Shaping,
     parse_rules,
 )
 from gateway.config.yamlsrc import LineList, LineMap, Source, check_keys, line_of, number

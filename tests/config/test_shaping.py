@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.providers import Shaping
 from gateway.config.routes import Target
+from gateway.config.shaping import Shaping
 from tests.config.test_config import assert_problems, good_routes, load_problems, routes_of
 
 
