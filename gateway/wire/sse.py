@@ -138,9 +138,18 @@ def last_event_end(buf: bytes, lo: int, hi: int) -> int:
 def event_spans(block: bytes) -> Iterator[tuple[int, int]]:
     """(start, end) of each event in a block of whole events (see feed_block), lazily."""
     pos = 0
-    for match in _EVENT_END.finditer(block):
-        yield pos, match.end()
-        pos = match.end()
+    if b"\r" in block:
+        for match in _EVENT_END.finditer(block):
+            yield pos, match.end()
+            pos = match.end()
+    else:
+        # Without `\r` an event ends at `\n\n` alone: bytes.find where the regex, having
+        # no literal to skip to, stepped byte by byte (26.7 -> 3 us for a 22-event block).
+        found = block.find(b"\n\n")
+        while found >= 0:
+            yield pos, found + 2
+            pos = found + 2
+            found = block.find(b"\n\n", pos)
     if pos < len(block):
         yield pos, len(block)
 
@@ -165,12 +174,17 @@ class Splicer:
     else falls back to the regex, then to event by event.
     """
 
-    __slots__ = ("learned", "model_json", "template")
+    __slots__ = ("learned", "model_json", "short", "template")
 
     def __init__(self, model_json: bytes) -> None:
         self.model_json = model_json
         self.template = b"\\g<1>" + model_json.replace(b"\\", b"\\\\")
         self.learned: tuple[bytes, bytes] | None = None
+        # The learnt line from its `"model"` on, old and new: what the replace looks for.
+        # Under 100 bytes bytes.replace takes its simple search; the whole line (the id,
+        # the object, ...) often is over, and took the two-way search, set up again for
+        # every occurrence (9.9 -> 3.7 us for a 22-event block).
+        self.short: tuple[bytes, bytes] = (b"", b"")
 
     def event(self, event: bytes) -> bytes:
         return splice_model(event, self.model_json)
@@ -179,8 +193,16 @@ class Splicer:
         occurrences = block.count(MODEL_KEY)
         if not occurrences:
             return block
+        learned = self.learned
+        if learned is not None:
+            old, new = learned
+            # Every `"model"` is in a learnt line (the line's own `\n` counted for the
+            # first). Each such line holds exactly one (the counts are equal), so its
+            # `"model"` and what follows up to the member's end stand for the line.
+            if block.count(old) + block.startswith(old[1:]) == occurrences:
+                return block.replace(*self.short)
         work = b"\n" + block
-        if self.learned is None:
+        if learned is None:
             # Learnt from the first line before the first rewrite: a fast upstream's
             # whole stream can arrive as one block, and `subn` with a template runs
             # Python code for every match.
@@ -192,14 +214,13 @@ class Splicer:
                 end = first.end()
                 follow = work[end : end + 1]
                 if follow == b"," or follow == b"}":
-                    self.learned = (
-                        head + first.group(2) + follow,
-                        head + self.model_json + follow,
-                    )
-        if self.learned is not None:
-            old, new = self.learned
-            if work.count(old) == occurrences:
-                return work.replace(old, new)[1:]
+                    old = head + first.group(2) + follow
+                    new = head + self.model_json + follow
+                    self.learned = (old, new)
+                    key = head.rindex(MODEL_KEY)  # the member's own: the last in the head
+                    self.short = (old[key:], new[key:])
+                    if work.count(old) == occurrences:
+                        return block.replace(*self.short)
         out, replaced = _LINE_MODEL.subn(self.template, work)
         if replaced != occurrences:
             return b"".join([self.event(e) for e in split_events(block)])
@@ -208,7 +229,23 @@ class Splicer:
 
 def data_payloads(event: bytes) -> list[tuple[int, int]]:
     """(start, end) of each `data:` field value in the event, without its line ending."""
-    return [m.span(1) for m in _DATA_LINE.finditer(event)]
+    if b"\r" in event:
+        return [m.span(1) for m in _DATA_LINE.finditer(event)]
+    # Without `\r` lines end at `\n` alone: bytes.find, as in event_spans (the regex
+    # stepped byte by byte: 1.5 -> 0.5 us for one chat chunk).
+    spans = []
+    at = event.find(b"data:")
+    while at >= 0:
+        if at and event[at - 1] != 10:  # not at a line's start
+            at = event.find(b"data:", at + 1)
+            continue
+        start = at + 6 if event[at + 5 : at + 6] == b" " else at + 5
+        end = event.find(b"\n", start)
+        if end < 0:
+            end = len(event)
+        spans.append((start, end))
+        at = event.find(b"data:", end)
+    return spans
 
 
 def splice_model(event: bytes, model_json: bytes) -> bytes:

@@ -37,7 +37,12 @@ _USAGE_OBJECT = re.compile(rb'"usage"[ \t]*:[ \t]*\{')
 def content_pattern(fields: tuple[str, ...]) -> re.Pattern[bytes]:
     """The string members a family's events carry text in (families.Family)."""
     names = b"|".join(re.escape(f.encode()) for f in fields)
-    return re.compile(rb'"(?:' + names + rb')"[ \t]*:[ \t]*"((?:[^"\\\r\n]|\\.)*)"')
+    # The string's body unrolled (runs of plain bytes between escapes): one C loop per
+    # run where an alternation per byte stepped through the engine (13.7 -> 5 us per
+    # 22-event block).
+    plain = rb'[^"\\\r\n]*'
+    body = plain + rb"(?:\\." + plain + rb")*"
+    return re.compile(rb'"(?:' + names + rb')"[ \t]*:[ \t]*"(' + body + rb')"')
 
 
 _CONTENT = content_pattern(("content", "text"))

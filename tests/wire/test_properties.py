@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,17 @@ from gateway.body import GATEWAY_FIELDS, parse_body
 from gateway.errors import BadRequest, UpstreamResponseTooLarge, ValidationFailed
 from gateway.families import CHAT
 from gateway.upstream.connection import H1Connection, State
-from gateway.wire.sse import EventSplitter, Splicer, event_spans, splice_model, split_events
+from gateway.wire.sse import (
+    _DATA_LINE,
+    _EVENT_END,
+    EventSplitter,
+    Splicer,
+    data_payloads,
+    event_spans,
+    splice_model,
+    split_events,
+)
+from gateway.wire.usage import content_pattern
 
 # Bounded: the whole file runs in well under half a minute.
 FAST = settings(
@@ -682,6 +693,35 @@ def test_sse_event_limit_does_not_depend_on_reads(
     whole = split_outcome([stream], limit)
     assert split_outcome(reads, limit) == whole
     assert whole is None or whole == stream
+
+
+# The scans without `\r` (bytes.find) against the regexes they stand in for, which
+# still serve any block holding a `\r`.
+
+
+def regex_spans(block: bytes) -> list[tuple[int, int]]:
+    pos, out = 0, []
+    for match in _EVENT_END.finditer(block):
+        out.append((pos, match.end()))
+        pos = match.end()
+    return [*out, (pos, len(block))] if pos < len(block) else out
+
+
+@FAST
+@given(stream=sse_streams(), cr=st.booleans())
+def test_event_spans_and_data_payloads_equal_the_regexes(stream: bytes, cr: bool) -> None:
+    block = stream if cr else stream.replace(b"\r", b"")
+    assert list(event_spans(block)) == regex_spans(block)
+    for start, end in regex_spans(block):
+        event = block[start:end]
+        assert data_payloads(event) == [m.span(1) for m in _DATA_LINE.finditer(event)]
+
+
+@FAST
+@given(data=st.one_of(sse_streams(), st.binary(max_size=200)))
+def test_content_pattern_finds_what_the_per_byte_pattern_found(data: bytes) -> None:
+    per_byte = re.compile(rb'"(?:content|text)"[ \t]*:[ \t]*"((?:[^"\\\r\n]|\\.)*)"')
+    assert content_pattern(("content", "text")).findall(data) == per_byte.findall(data)
 
 
 # ---------------------------------------------------------------------------
