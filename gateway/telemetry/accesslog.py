@@ -31,6 +31,7 @@ class BatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self.lines: list[str] = []
         self.scheduled = False
+        self.broken = False  # said once on stderr: stdout cannot be written
 
     def emit(self, record: logging.LogRecord) -> None:
         self.add(record.getMessage())
@@ -50,11 +51,24 @@ class BatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
             loop.call_later(FLUSH_EVERY, self.flush)
 
     def flush(self) -> None:
+        """Write what waits. A stdout that cannot be written (a closed pipe, a full
+        disk) loses the lines, never a request: `add` flushes inline from
+        Runtime.served, outside logging's own error handling."""
         self.scheduled = False
-        if self.lines:
-            lines, self.lines = self.lines, []
-            self.stream.write("\n".join(lines) + "\n")
-        super().flush()
+        lines, self.lines = self.lines, []
+        try:
+            if lines:
+                self.stream.write("\n".join(lines) + "\n")
+            super().flush()
+        except (OSError, ValueError) as exc:  # ValueError: a closed file
+            if not self.broken:
+                self.broken = True
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                print(
+                    f"gateway: the access log cannot be written to stdout ({reason}); "
+                    "its lines are dropped",
+                    file=sys.stderr,
+                )
 
 
 _BARE = re.compile(r"[A-Za-z0-9._:/@+-]*")
