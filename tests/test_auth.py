@@ -9,7 +9,8 @@ import pytest
 
 from gateway.auth import authenticate, bearer_token, check_allowed
 from gateway.config.keys import Key, Keys, digest_of, parse_keys
-from gateway.config.yamlsrc import Source, parse_yaml
+from gateway.config.source import Source
+from gateway.config.yamlsrc import parse_yaml
 from gateway.errors import (
     ModelNotAllowed,
     Unauthorized,

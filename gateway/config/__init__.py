@@ -9,7 +9,8 @@ from pathlib import Path
 
 from gateway.config.keys import Keys, parse_keys
 from gateway.config.routes import Routes, parse_routes
-from gateway.config.yamlsrc import Problem, Source, parse_yaml, release
+from gateway.config.source import Problem, Source
+from gateway.config.yamlsrc import parse_yaml, release
 
 
 @dataclass(frozen=True, slots=True)

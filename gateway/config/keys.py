@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from gateway.config.yamlsrc import LineList, LineMap, Source, check_keys, line_of, parse_yaml
+from gateway.config.source import LineList, LineMap, Source, check_keys, line_of
+from gateway.config.yamlsrc import parse_yaml
 
 SECRET_PREFIX = "sk-gw-"
 _KEY_FIELDS = frozenset(

@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.config.shaping import NO_RULES, SHAPING_KEYS, Rules, parse_rules
-from gateway.config.yamlsrc import LineMap, Source, check_keys, line_of, number
+from gateway.config.source import LineMap, Source, check_keys, line_of, number
 from gateway.families import ALL, DEFAULT_APIS
 from gateway.wire.headers import never_forwarded
 

@@ -21,7 +21,7 @@ from gateway.config.shaping import (
     Shaping,
     parse_rules,
 )
-from gateway.config.yamlsrc import LineList, LineMap, Source, check_keys, line_of, number
+from gateway.config.source import LineList, LineMap, Source, check_keys, line_of, number
 
 STRATEGIES = ("fallback", "round_robin", "weighted", "least_busy", "latency")
 DEFAULT_COMMIT_AFTER = 5.0

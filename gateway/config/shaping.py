@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.config.yamlsrc import LineMap, Source, line_of
+from gateway.config.source import LineMap, Source, line_of
 
 # Keys a provider and a model's provider entry both take (SPEC §14); an entry's own value
 # wins over its provider's, key by key (the beta rule as one: drop_betas or allow_betas).

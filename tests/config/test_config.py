@@ -16,7 +16,8 @@ import pytest
 from gateway.config import Config, ConfigError, load_config
 from gateway.config.keys import Keys, digest_of, parse_keys
 from gateway.config.routes import Routes, parse_routes
-from gateway.config.yamlsrc import Problem, Source, parse_yaml
+from gateway.config.source import Problem, Source
+from gateway.config.yamlsrc import parse_yaml
 
 PROBLEM_LINE = re.compile(r"^(?P<path>.+?):(?P<line>[1-9][0-9]*): (?P<message>\S.*)$")
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from gateway.config import load_config
 from gateway.config.keys import append_key
 from gateway.config.settings import OPTIONS, Settings, SettingsError, from_env
-from gateway.config.yamlsrc import Source, parse_yaml
+from gateway.config.source import Source
+from gateway.config.yamlsrc import parse_yaml
 from gateway.reload import Reloader
 from tests.conftest import GatewayFactory
 from tests.helpers import free_port, until

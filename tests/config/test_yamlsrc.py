@@ -27,11 +27,9 @@ from hypothesis import strategies as st
 from gateway.config import ConfigError, load_config
 from gateway.config.keys import parse_keys
 from gateway.config.routes import parse_routes
+from gateway.config.source import LineList, LineMap, Source
 from gateway.config.yamlsrc import (
-    LineList,
-    LineMap,
     Loaders,
-    Source,
     _resolve,
     _Unusual,
     from_events,
