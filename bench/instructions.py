@@ -20,7 +20,7 @@ Results go to bench/results/instructions-<UTC time>.json and instructions-latest
 
 Usage: bench/instructions.py [--quick] [--against REV] [--requests N] [--streams N]
                              [--connections N] [--profiles DIR] [--keyed] [--curves]
-                             [--no-nginx]
+                             [--paced] [--no-nginx]
 """
 
 from __future__ import annotations
@@ -78,6 +78,11 @@ CURVE_BASELINE = "curves-baseline"
 WILDCARDS = 5000
 LONG_TOKENS = 200  # content events of the long stream
 BIG_PAD = 16 * 1024  # extra characters in each content event of the big-event stream
+# A paced stream (bench/paced_upstream.py): one event per upstream read, as a model sends
+# them, where nginx's fixed streams arrive in a read or two. Two lengths; the difference
+# over the events between them is the cost of one relayed event (SPEC §15).
+PACED_SHORT, PACED_LONG = 4, 64  # content events
+PACED_MS = 2  # between events: well over one event's relay under valgrind (~0.5 ms)
 
 
 def padded_body(size: int) -> bytes:
@@ -143,6 +148,15 @@ def typed_events(kind: str) -> list[str]:
     events.append(event("message_stop"))
     return events
 
+
+def paced_body(events: int) -> bytes:
+    return (
+        b'{"model":"bench-paced","stream":true,"messages":[{"role":"user","content":"hi"}],'
+        b'"bench_events":%d,"bench_interval_ms":%d}' % (events, PACED_MS)
+    )
+
+
+PACED = {n: f"paced stream, {n} content events one per read" for n in (PACED_SHORT, PACED_LONG)}
 
 CURVES: dict[str, Curve] = {
     "body 1 KiB": Curve(padded_body(1024), 100, 500, "KiB", 1),
@@ -218,6 +232,8 @@ CURVES: dict[str, Curve] = {
         "request",
         1,
     ),
+    # + finish, usage and [DONE]
+    **{name: Curve(paced_body(n), 30, 100, "event", n + 3) for n, name in PACED.items()},
 }
 
 
@@ -380,6 +396,12 @@ def start_upstream(procs: run.Processes, tools: dict[str, str], tmp: Path) -> di
     proc = procs.start([*argv, "-g", "daemon off;"], "load", log=prefix / "stderr.log")
     for port in ports.values():
         run.wait_listening(port, proc, log)
+    # The paced streams' upstream (the curves'), beside nginx on the load core.
+    ports["paced"] = run.free_ports(1)[0]
+    log = prefix / "paced.log"
+    argv = [PYTHON, str(run.BENCH / "paced_upstream.py"), "--port", str(ports["paced"])]
+    paced = procs.start(argv, "load", log=log)
+    run.wait_listening(ports["paced"], paced, log)
     return ports
 
 
@@ -393,6 +415,7 @@ def routes_text(ports: dict[str, int], curves: bool) -> str:
         providers += [("bench-chat", f"{ports['stream']}/chat/v1")]
         providers += [("bench-resp", f"{ports['stream']}/resp/v1")]
         providers += [("bench-msg", f"{ports['stream']}/msg/v1")]
+        providers += [("bench-paced", f"{ports['paced']}/v1")]
     lines = ["providers:"]
     apis = {"bench-resp": "[responses]", "bench-msg": "[messages]"}
     for name, where in providers:
@@ -620,6 +643,7 @@ class Context:
     profiles: Path | None
     curves: bool
     keyed: bool = False
+    paced: bool = False
 
 
 def wait_healthz(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -782,8 +806,11 @@ def measure(ctx: Context, tree: Tree) -> None:
     cases = ["baseline", *KINDS, LIMITED]
     if ctx.curves:
         cases += [CURVE_BASELINE, *CURVES]
-        if not (tree.path / "gateway" / "state" / "redis.py").exists():  # older than Redis
-            cases = [c for c in cases if c not in CURVES or CURVES[c].state != "redis"]
+    elif ctx.paced:
+        cases += [CURVE_BASELINE, *PACED.values()]
+    if ctx.curves and not (tree.path / "gateway" / "state" / "redis.py").exists():
+        # older than Redis
+        cases = [c for c in cases if c not in CURVES or CURVES[c].state != "redis"]
     for case in cases:
         got = run_case(ctx, tree, case)
         tree.cases[case] = got
@@ -932,6 +959,8 @@ def table(
             rows.append(row)
     if CURVE_BASELINE in trees[0].cases:
         for name, curve in CURVES.items():
+            if name not in trees[0].cases:  # --paced: the paced streams alone
+                continue
             per = [tree.cases[name]["per_request"] for tree in trees]
             unit = (
                 ""
@@ -939,6 +968,17 @@ def table(
                 else f" ({per[0] / curve.units / 1000:,.2f} k/{curve.per})"
             )
             row = [f"{name}, k instr/request{unit}", *(f"{v / 1000:,.1f}" for v in per)]
+            if len(per) == 2:
+                row.append(f"{per[0] / per[1]:.3f}" if per[1] else "-")
+            rows.append(row)
+        if all(name in trees[0].cases for name in PACED.values()):
+            short, long = PACED[PACED_SHORT], PACED[PACED_LONG]
+            per = [
+                (tree.cases[long]["per_request"] - tree.cases[short]["per_request"])
+                / (PACED_LONG - PACED_SHORT)
+                for tree in trees
+            ]
+            row = ["paced stream, k instr per relayed event", *(f"{v / 1000:,.2f}" for v in per)]
             if len(per) == 2:
                 row.append(f"{per[0] / per[1]:.3f}" if per[1] else "-")
             rows.append(row)
@@ -984,7 +1024,7 @@ def bench(args: argparse.Namespace, procs: run.Processes, tmp: Path) -> dict[str
     if args.streams is not None:
         counts["stream"] = args.streams
     counts[LIMITED] = counts["stream"]
-    if args.curves:
+    if args.curves or args.paced:
         counts.update({n: c.quick if args.quick else c.count for n, c in CURVES.items()})
     trees = [working_tree()]
     if args.against:
@@ -1002,7 +1042,17 @@ def bench(args: argparse.Namespace, procs: run.Processes, tmp: Path) -> dict[str
         profiles = Path(args.profiles).resolve()
         profiles.mkdir(parents=True, exist_ok=True)
     ctx = Context(
-        procs, tools, tmp, routes, keys, counts, args.connections, profiles, args.curves, args.keyed
+        procs,
+        tools,
+        tmp,
+        routes,
+        keys,
+        counts,
+        args.connections,
+        profiles,
+        args.curves,
+        args.keyed,
+        args.paced,
     )
     for tree in trees:
         measure(ctx, tree)
@@ -1060,6 +1110,12 @@ def main() -> int:
         action="store_true",
         help="also the costs that should grow only with the work: bodies of 1 KiB to 8 MiB, "
         f"longer streams, larger events, a slug among {WILDCARDS:,} wildcard patterns",
+    )
+    parser.add_argument(
+        "--paced",
+        action="store_true",
+        help=f"of the curves only the paced streams ({PACED_SHORT} and {PACED_LONG} content "
+        "events, one per upstream read): the instructions per relayed event",
     )
     parser.add_argument(
         "--keyed",
