@@ -229,6 +229,9 @@ class Estimated:
     def relax(self) -> None:
         self._answer.relax()
 
+    def relay_inline(self, sink: Callable[[bytes], bool] | None) -> None:
+        pass  # never streamed: the attempt holds the body
+
     def close(self) -> None:
         self._answer.close()
 

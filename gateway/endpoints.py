@@ -36,7 +36,7 @@ from gateway.reservation import NOTHING, Reservation, ask_for
 from gateway.respond import send_error, server_timing
 from gateway.runtime import Runtime
 from gateway.state.redis import UNENFORCED
-from gateway.types import Receive, Scope, Send
+from gateway.types import WRITER, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from gateway.upstream.websocket import UpstreamSockets
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway")
 
 WATCH_AFTER = 0.02  # seconds before a request starts listening for its client leaving
+_NONE: dict[str, Any] = {}  # a scope without extensions (ASGI servers other than ours)
 
 
 class DisconnectWatch:
@@ -230,6 +231,7 @@ class ProxyEndpoint:
             trace=trace,
             owner=owner,
             socket=socket,
+            writer=scope.get("extensions", _NONE).get(WRITER) if parsed.stream else None,
         )
         out = Outcome()
         estimate = None

@@ -12,7 +12,7 @@ from gateway.errors import GatewayError
 from gateway.families import CHAT, Family
 from gateway.health import Health
 from gateway.plan import Candidate
-from gateway.types import Headers, Send
+from gateway.types import Headers, Send, Writer
 from gateway.upstream.client import UpstreamResponse
 from gateway.wire.estimate import text_tokens
 from gateway.wire.sse import EventSplitter, NestedSplicer, Splicer
@@ -52,6 +52,9 @@ class Request:
     # A WebSocket turn's upstream sockets (sockets.py): entries with `websocket: true`
     # are sent the turn over them; None for every HTTP request.
     socket: UpstreamSockets | None = None
+    # A stream's client connection, when the gateway's own server holds it (types.WRITER):
+    # the relay writes an upstream's events through it as they arrive (relay._pump).
+    writer: Writer | None = None
 
 
 @dataclass(slots=True)

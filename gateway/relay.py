@@ -355,38 +355,67 @@ class Relay:
         )
         delay = self.metrics.event_delay
         clock = time.perf_counter
+        writer = req.writer
+        if writer is not None:
+
+            def inline(chunk: bytes) -> bool:
+                """What the loop below does with one read, run from the upstream's
+                data_received while the loop waits for it: the bytes leave without a
+                wake-up of this task (58.4 -> 41.8 k instructions per event of a paced
+                stream, make bench-instructions ARGS=--paced). False, having changed
+                nothing, when the client takes no writes now or the read could pass the
+                event limit: the loop has it then."""
+                if not writer.writable() or not splitter.takes(len(chunk)):
+                    return False
+                arrived = clock()
+                block = splitter.feed_block(chunk)
+                if block:
+                    if tally is not None:
+                        block = tally.block(block)
+                    out = splicer.block(block)
+                    if out:
+                        writer.write_now(out)
+                        delay.observe(clock() - arrived)
+                return True
+
+            resp.relay_inline(inline)
         pending = [held] if held else []
         arrived = clock()
-        while True:
-            if pending and not resp.ready():
-                out = b"".join(pending) if len(pending) > 1 else pending[0]
-                pending.clear()
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-                delay.observe(clock() - arrived)
-            try:
-                chunk = await resp.next_chunk()
-                block = splitter.feed_block(chunk) if chunk else b""
-            except GatewayError as exc:
-                if pending:
-                    await send(
-                        {"type": "http.response.body", "body": b"".join(pending), "more_body": True}
-                    )
-                await self._break(req, exc)
-                return False
-            if not pending:
-                arrived = clock()
-            if not chunk:
-                rest = splitter.rest()
-                if rest:
-                    pending.append(splicer.event(rest))
-                await send({"type": "http.response.body", "body": b"".join(pending)})
-                return True
-            if block:
-                if tally is not None:
-                    block = tally.block(block)
-                out = splicer.block(block)
-                if out:
-                    pending.append(out)
+        try:
+            while True:
+                if pending and not resp.ready():
+                    out = b"".join(pending) if len(pending) > 1 else pending[0]
+                    pending.clear()
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    delay.observe(clock() - arrived)
+                try:
+                    chunk = await resp.next_chunk()
+                    block = splitter.feed_block(chunk) if chunk else b""
+                except GatewayError as exc:
+                    if pending:
+                        await send(
+                            {"type": "http.response.body", "body": b"".join(pending),
+                             "more_body": True}
+                        )  # fmt: skip
+                    await self._break(req, exc)
+                    return False
+                if not pending:
+                    arrived = clock()
+                if not chunk:
+                    rest = splitter.rest()
+                    if rest:
+                        pending.append(splicer.event(rest))
+                    await send({"type": "http.response.body", "body": b"".join(pending)})
+                    return True
+                if block:
+                    if tally is not None:
+                        block = tally.block(block)
+                    out = splicer.block(block)
+                    if out:
+                        pending.append(out)
+        finally:
+            if writer is not None:
+                resp.relay_inline(None)
 
     async def _give_up(
         self, req: Request, out: Outcome, last: Failure | None, timed_out: bool

@@ -7,9 +7,10 @@ them, and each I/O step catches exactly TRANSPORT_ERRORS and hands them to it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from gateway.config.routes import Provider
@@ -35,6 +36,9 @@ JOIN_BELOW = 64 * 1024  # request bodies below this leave with their head in one
 TRANSPORT_ERRORS = (ConnectionLost, TimeoutError, OSError, zlib.error)
 
 
+log = logging.getLogger("gateway")
+
+
 class UpstreamResponse(Protocol):
     status: int
     headers: Headers  # already filtered for the client
@@ -53,6 +57,13 @@ class UpstreamResponse(Protocol):
     def relax(self) -> None:
         """The answer has started: from here only the provider's own timeouts bound it,
         not the request's attempts deadline."""
+        ...
+
+    def relay_inline(self, sink: Callable[[bytes], bool] | None) -> None:
+        """While next_chunk() waits with nothing buffered, hand each arriving piece of
+        the body to `sink` as it arrives, without waking the reader; `sink` returns
+        False to leave the piece to next_chunk() instead. None stops it. Answers that
+        do not arrive from a socket of their own ignore it."""
         ...
 
     def close(self) -> None: ...
@@ -241,6 +252,34 @@ class H1Response:
     def relax(self) -> None:
         self._deadline = self._total_deadline
 
+    def relay_inline(self, sink: Callable[[bytes], bool] | None) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        if sink is None or self._decoder is not None:
+            conn.sink = None  # a compressed body is decoded in bounded steps by next_chunk
+            return
+
+        def take(body: bytes) -> bool:
+            left = self._left - len(body)
+            try:
+                if left < 0 or not sink(body):
+                    return False  # over the limit: next_chunk says so
+            except Exception:
+                # A fault of the gateway's own: the connection fails (the parser's
+                # callback error), so the stream ends with its error event.
+                log.exception("relaying an upstream's bytes failed inside the gateway")
+                raise
+            self._left = left
+            loop = conn.loop
+            if loop is not None:
+                # Bytes arrived though the reader did not wake: its read timeout counts
+                # from here, as a wait begun now would (next_chunk).
+                conn.wait_due = min(loop.time() + self._read, self._deadline)
+            return True
+
+        conn.sink = take
+
     def ready(self) -> bool:
         conn = self._conn
         return (
@@ -261,6 +300,7 @@ class H1Response:
         the client leave at once, and no half-read body is ever reused."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            conn.sink = None
             self._pool.release(self._origin, conn)
 
 

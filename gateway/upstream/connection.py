@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import enum
 from collections import deque
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -97,6 +98,9 @@ class H1Connection(asyncio.Protocol):
         self.buffered = 0
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
+        # Set by the response a relay reads (H1Response.relay_inline): body bytes go to it
+        # straight from data_received while the reader waits with nothing buffered.
+        self.sink: Callable[[bytes], bool] | None = None
         # One watchdog timer per connection, re-armed only when it fires early: arming
         # and cancelling a timer for every chunk of a stream costs more than the chunk.
         self.wait_due = 0.0
@@ -247,6 +251,12 @@ class H1Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if not body:
             return
+        sink = self.sink
+        if sink is not None and not self.chunks:
+            waiter = self.waiter
+            # Only while the reader waits: nothing it holds can be ahead of these bytes.
+            if waiter is not None and not waiter.done() and sink(body):
+                return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered >= HIGH_WATER and not self.paused and self.transport is not None:
@@ -282,6 +292,7 @@ class H1Connection(asyncio.Protocol):
         self.got_bytes = False
         self.head_done = self.ended = False
         self.error = None
+        self.sink = None
         assert self.transport is not None
         if isinstance(data, tuple):
             self.transport.writelines(data)

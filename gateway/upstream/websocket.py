@@ -19,6 +19,7 @@ import enum
 import math
 import os
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import orjson
@@ -100,6 +101,9 @@ class Refused:
 
     def relax(self) -> None:
         pass
+
+    def relay_inline(self, sink: Callable[[bytes], bool] | None) -> None:
+        pass  # a whole answer, already here
 
     def close(self) -> None:
         pass
@@ -215,6 +219,9 @@ class TurnResponse:
 
     def relax(self) -> None:
         self.deadline = math.inf  # from here the read timeout alone bounds each message
+
+    def relay_inline(self, sink: Callable[[bytes], bool] | None) -> None:
+        pass  # messages come through the link's reader task; next_chunk takes them
 
     def close(self) -> None:
         if not self.done:

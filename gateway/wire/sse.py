@@ -104,6 +104,11 @@ class EventSplitter:
             {"limit": self._limit, "cause": "event_too_large"},
         )
 
+    def takes(self, size: int) -> bool:
+        """Whether `size` more bytes can be fed without feed_block raising: with the
+        unfinished event they are within the limit (so is any event they finish)."""
+        return len(self._buf) + size <= self._limit
+
     def rest(self) -> bytes:
         """Bytes of an unfinished event, for a stream that ended without a blank line."""
         rest = bytes(self._buf)

@@ -301,6 +301,20 @@ async def test_stream_idle_past_read_timeout_ends_with_timeout_event(
     assert 0.4 < elapsed < 5, elapsed
 
 
+async def test_paced_stream_longer_than_the_read_timeout_is_not_cut(
+    gateway: GatewayFactory, upstream: Upstream, client: httpx.AsyncClient
+) -> None:
+    """The read timeout bounds the wait for each event, not the stream: events 0.1 s
+    apart for 0.8 s in all under a 0.3 s read timeout, each relayed as it comes (from
+    the upstream's reads, without a wake-up of the request's task)."""
+    events = [chunk(str(i)) for i in range(8)]
+    upstream.script(Sse([*events, DONE], delay=0.1))
+    gw = await gateway(single(upstream, {"timeout": {"read": 0.3}}))
+    r = await post_stream(client, gw)
+    assert r.status_code == 200
+    assert r.content == rewritten(b"".join(events)) + DONE
+
+
 # --- client disconnects ---------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from gateway.server.protocol import ServerProtocol
+from gateway.types import WRITER
 from tests.helpers import MemoryTransport, assert_envelope, loopback_socket, start_uvicorn
 
 Message = dict[str, Any]
@@ -933,6 +934,73 @@ async def test_slow_reader_gets_every_byte_in_order() -> None:
         assert data == b"".join(chunk(i) for i in range(chunks))
         writer.write(get())  # and the connection is still good
         assert len((await read_response(reader)).body) == chunks * size
+
+
+# the Writer extension (types.WRITER): a stream's bytes written outside `send`
+
+
+async def test_writer_writes_a_streams_next_chunks_only_while_it_may() -> None:
+    seen: list[tuple[str, bool]] = []
+
+    async def app(scope: Message, receive: Receive, send: Send) -> None:
+        writer = scope["extensions"][WRITER]
+        seen.append(("before the head", writer.writable()))
+        await send(start(200, (b"content-type", b"text/event-stream")))
+        seen.append(("head held for the first body", writer.writable()))
+        await send(body(b"one ", more=True))
+        seen.append(("streaming", writer.writable()))
+        writer.write_now(b"two ")
+        writer.write_now(b"")  # nothing: an empty chunk would end the stream
+        writer.write_now(b"three")
+        await send(body(b""))
+        seen.append(("complete", writer.writable()))
+
+    async with serving(app) as srv, connect(srv.port) as (reader, writer):
+        writer.write(get())
+        response = await within(read_response(reader))
+        assert response.get(b"transfer-encoding") == [b"chunked"]
+        assert response.body == b"one two three"
+    assert seen == [
+        ("before the head", False),
+        ("head held for the first body", False),
+        ("streaming", True),
+        ("complete", False),
+    ]
+
+
+async def test_writer_is_not_writable_for_a_sized_answer_or_a_paused_reader() -> None:
+    sized: list[bool] = []
+    paused_seen: list[bool] = []
+    size = 64 * 1024
+
+    async def app(scope: Message, receive: Receive, send: Send) -> None:
+        writer = scope["extensions"][WRITER]
+        if scope["path"] == "/sized":
+            await send(start(200, (b"content-length", b"2")))
+            await send(body(b"o", more=True))
+            sized.append(writer.writable())  # content-length: only send() frames it
+            await send(body(b"k"))
+            return
+        await send(start(200))
+        await send(body(b"", more=True))
+        writes = 0
+        while writer.writable() and writes < 1000:  # until the client's window is full
+            writer.write_now(bytes([writes % 256]) * size)
+            writes += 1
+        paused_seen.append(not writer.writable())
+        await send(body(b"end"))  # waits for the reader, as every send does
+
+    async with serving(app) as srv:
+        async with connect(srv.port) as (reader, writer):
+            writer.write(get("/sized"))
+            assert (await within(read_response(reader))).body == b"ok"
+        async with connect(srv.port, rcvbuf=16 * 1024) as (reader, writer):
+            writer.write(get("/paced"))
+            response = await within(read_response(reader), 10)
+    assert sized == [False]
+    assert paused_seen == [True]
+    pieces = len(response.body) // size
+    assert response.body == b"".join(bytes([i % 256]) * size for i in range(pieces)) + b"end"
 
 
 # graceful shutdown

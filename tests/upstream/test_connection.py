@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from gateway.config.routes import Provider, Timeouts
-from gateway.errors import UpstreamDisconnected, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    UpstreamDisconnected,
+    UpstreamResponseTooLarge,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from gateway.upstream.client import Upstream
 from gateway.upstream.connection import HIGH_WATER
 
@@ -295,6 +300,124 @@ async def test_reading_pauses_while_the_consumer_is_slow(
     assert conn.paused
     assert conn.buffered < HIGH_WATER + 1024 * 1024
     assert await resp.read() == payload
+
+
+# relay_inline: pieces of a body handed on from data_received while the reader waits
+
+
+def chunked_piece(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def paced_body(
+    serve: Callable[[Handler], Awaitable[Server]], pieces: list[bytes], go: asyncio.Event | None
+) -> Server:
+    """A chunked answer: its first piece at once, each next one after `go` is set (then
+    cleared) or, without `go`, 0.1 s after the one before; then the end."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i, piece in enumerate(pieces):
+            if i and go is not None:
+                await asyncio.wait_for(go.wait(), 5)
+                go.clear()
+            elif i:
+                await asyncio.sleep(0.1)  # the pace itself is what is tested
+            w.write(chunked_piece(piece))
+            await w.drain()
+        if go is not None:
+            await asyncio.wait_for(go.wait(), 5)
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+        await r.read()
+
+    return await serve(handler)
+
+
+async def test_inline_sink_takes_pieces_while_the_reader_waits(
+    serve: Callable[[Handler], Awaitable[Server]], client: Upstream
+) -> None:
+    go = asyncio.Event()
+    s = await paced_body(serve, [b"abc", b"def", b"ghi"], go)
+    resp = await client.send(provider(s.port), "/chat/completions", b"{}", [])
+    assert await resp.next_chunk() == b"abc"
+    took: list[bytes] = []
+    arrived = asyncio.Event()
+
+    def sink(piece: bytes) -> bool:
+        took.append(piece)
+        arrived.set()
+        return True
+
+    resp.relay_inline(sink)
+    reader = asyncio.ensure_future(resp.next_chunk())
+    for want in (b"def", b"ghi"):
+        go.set()
+        await asyncio.wait_for(arrived.wait(), 5)
+        arrived.clear()
+        assert took[-1] == want
+        assert not reader.done()  # handed on without waking the reader
+    go.set()  # the end still wakes it
+    assert await asyncio.wait_for(reader, 5) == b""
+    assert took == [b"def", b"ghi"]
+
+
+async def test_a_declined_piece_goes_to_next_chunk(
+    serve: Callable[[Handler], Awaitable[Server]], client: Upstream
+) -> None:
+    s = await paced_body(serve, [b"abc", b"def"], None)
+    resp = await client.send(provider(s.port), "/chat/completions", b"{}", [])
+    assert await resp.next_chunk() == b"abc"
+    offered: list[bytes] = []
+    resp.relay_inline(lambda piece: offered.append(piece) is not None)  # always False
+    assert await resp.next_chunk() == b"def"
+    assert offered == [b"def"]
+    assert await resp.next_chunk() == b""
+
+
+async def test_pieces_taken_inline_restart_the_read_timeout(
+    serve: Callable[[Handler], Awaitable[Server]], client: Upstream
+) -> None:
+    """Each piece within the read timeout, all of them together longer: no timeout,
+    though the waiting reader never woke for one."""
+    s = await paced_body(serve, [b"p%d" % i for i in range(7)], None)  # 0.6 s in all
+    resp = await client.send(provider(s.port, read=0.3), "/chat/completions", b"{}", [])
+    assert await resp.next_chunk() == b"p0"
+    took: list[bytes] = []
+    resp.relay_inline(lambda piece: took.append(piece) is None)  # always True
+    assert await asyncio.wait_for(resp.next_chunk(), 5) == b""
+    assert took == [b"p%d" % i for i in range(1, 7)]
+
+
+async def test_a_piece_over_the_response_limit_is_left_to_next_chunk(
+    serve: Callable[[Handler], Awaitable[Server]],
+) -> None:
+    up = Upstream(max_response_bytes=5)
+    try:
+        s = await paced_body(serve, [b"abc", b"def"], None)
+        resp = await up.send(provider(s.port), "/chat/completions", b"{}", [])
+        assert await resp.next_chunk() == b"abc"
+        took: list[bytes] = []
+        resp.relay_inline(lambda piece: took.append(piece) is None)
+        with pytest.raises(UpstreamResponseTooLarge):
+            await resp.next_chunk()
+        assert took == []
+    finally:
+        await up.close()
+
+
+async def test_a_pooled_connection_keeps_no_sink(
+    serve: Callable[[Handler], Awaitable[Server]], client: Upstream
+) -> None:
+    s = await paced_body(serve, [b"abc", b"def"], None)
+    resp = await client.send(provider(s.port), "/chat/completions", b"{}", [])
+    conn = resp._conn  # type: ignore[attr-defined]
+    resp.relay_inline(lambda piece: piece is None)  # declines: next_chunk reads all
+    assert await resp.read() == b"abcdef"
+    resp.close()
+    assert conn.sink is None
+    assert client.pool._idle  # type: ignore[attr-defined]  # pooled, to serve the next
 
 
 async def test_gzip_answer_is_decoded(

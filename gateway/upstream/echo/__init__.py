@@ -129,5 +129,8 @@ class EchoResponse:
     def relax(self) -> None:
         pass
 
+    def relay_inline(self, sink: Callable[[bytes], bool] | None) -> None:
+        pass  # the echo's events are made in process, as next_chunk asks
+
     def close(self) -> None:
         pass
