@@ -152,22 +152,10 @@ class Cycle:
         self.left = 0  # content-length bytes still to send
         self.waiter: asyncio.Future[None] | None = None
 
-    # types.Writer: a stream's bytes written from outside the app's task (the relay,
-    # from an upstream's data_received), where an ASGI send would wake the task first.
-
-    def writable(self) -> bool:
-        # Chunked and past its head: a stream's body under way (Cycle.send wrote the head
-        # with the first body bytes).
-        return (
-            self.chunked
-            and self.head is None
-            and self.flow.drain is None
-            and not self.disconnected
-            and not self.complete
-            and not self.head_only
-        )
-
     def write_now(self, body: bytes) -> None:
+        """More of a chunked body, from outside the app's task (the relay, from an
+        upstream's data_received), where a `send` would wake the task first; only when
+        ServerProtocol.writable says so."""
         if body:
             self.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
 

@@ -230,7 +230,17 @@ class ServerProtocol(asyncio.Protocol):
 
     def writable(self) -> bool:
         cycle = self.cycle
-        return cycle is not None and cycle.writable()
+        # Chunked and past its head (Cycle.send wrote it with the first body bytes): a
+        # stream under way, its client reading.
+        return (
+            cycle is not None
+            and cycle.chunked
+            and cycle.head is None
+            and self.flow.drain is None
+            and not cycle.disconnected
+            and not cycle.complete
+            and not cycle.head_only
+        )
 
     def write_now(self, body: bytes) -> None:
         cycle = self.cycle

@@ -101,6 +101,7 @@ class H1Connection(asyncio.Protocol):
         # Set by the response a relay reads (H1Response.relay_inline): body bytes go to it
         # straight from data_received while the reader waits with nothing buffered.
         self.sink: Callable[[bytes], bool] | None = None
+        self.taken: list[bytes] = []  # this read's pieces for the sink, once it is parsed
         # One watchdog timer per connection, re-armed only when it fires early: arming
         # and cancelling a timer for every chunk of a stream costs more than the chunk.
         self.wait_due = 0.0
@@ -163,6 +164,8 @@ class H1Connection(asyncio.Protocol):
             if self.error is None:
                 self._fail(f"malformed response from upstream: {exc}")
             self.close()
+        if self.taken:
+            self._hand_on()
         if self.state is AWAIT_HEAD and self.head_bytes > MAX_HEAD_BYTES:
             self._fail("upstream response head too large")
             self.close()
@@ -251,13 +254,36 @@ class H1Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if not body:
             return
-        sink = self.sink
-        if sink is not None and not self.chunks:
+        if self.sink is not None and not self.chunks:
             waiter = self.waiter
             # Only while the reader waits: nothing it holds can be ahead of these bytes.
-            if waiter is not None and not waiter.done() and sink(body):
+            if waiter is not None and not waiter.done():
+                self.taken.append(body)  # handed on when the whole read is parsed
                 return
         self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered >= HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _hand_on(self) -> None:
+        """This read's pieces to the sink, together: one write for the client. If the
+        response ended or failed within the read, or the sink declines, they go to the
+        reader instead, ahead of anything buffered after them: the end of a stream then
+        leaves with its last events, as it would have without the sink."""
+        taken, self.taken = self.taken, []
+        body = taken[0] if len(taken) == 1 else b"".join(taken)
+        waiter, sink = self.waiter, self.sink
+        if (
+            self.state is BODY
+            and waiter is not None
+            and not waiter.done()
+            and sink is not None
+            and sink(body)
+        ):
+            return
+        self.chunks.appendleft(body)
         self.buffered += len(body)
         if self.buffered >= HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
@@ -293,6 +319,7 @@ class H1Connection(asyncio.Protocol):
         self.head_done = self.ended = False
         self.error = None
         self.sink = None
+        self.taken = []
         assert self.transport is not None
         if isinstance(data, tuple):
             self.transport.writelines(data)

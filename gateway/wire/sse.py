@@ -67,6 +67,10 @@ class EventSplitter:
         UpstreamResponseTooLarge when an event passes the limit (line endings around it
         not counted, so where reads split a terminator does not matter)."""
         buf = self._buf
+        if not buf and chunk[-2:] == b"\n\n" and b"\r" not in chunk and len(chunk) <= self._limit:
+            # The usual read: whole events, `\n` endings only, nothing held before it.
+            # It is the block itself (no search for its last end: ~4k instructions).
+            return chunk
         if buf:
             back = bytes(buf[-3:])
             window = back + chunk

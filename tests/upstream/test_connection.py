@@ -312,8 +312,8 @@ def chunked_piece(data: bytes) -> bytes:
 async def paced_body(
     serve: Callable[[Handler], Awaitable[Server]], pieces: list[bytes], go: asyncio.Event | None
 ) -> Server:
-    """A chunked answer: its first piece at once, each next one after `go` is set (then
-    cleared) or, without `go`, 0.1 s after the one before; then the end."""
+    """A chunked answer: its first piece at once, each next one (and then the end) after
+    `go` is set (then cleared) or, without `go`, 0.1 s after the one before."""
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await read_request(r)
@@ -328,6 +328,8 @@ async def paced_body(
             await w.drain()
         if go is not None:
             await asyncio.wait_for(go.wait(), 5)
+        else:
+            await asyncio.sleep(0.1)  # the end in a read of its own
         w.write(b"0\r\n\r\n")
         await w.drain()
         await r.read()
@@ -361,6 +363,34 @@ async def test_inline_sink_takes_pieces_while_the_reader_waits(
     go.set()  # the end still wakes it
     assert await asyncio.wait_for(reader, 5) == b""
     assert took == [b"def", b"ghi"]
+
+
+async def test_the_read_that_ends_the_answer_goes_to_the_reader(
+    serve: Callable[[Handler], Awaitable[Server]], client: Upstream
+) -> None:
+    """Its pieces are read with the end (a stream's last events leave with it, in one
+    write), not handed to the sink."""
+    go = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked_piece(b"a"))
+        await asyncio.wait_for(go.wait(), 5)
+        w.write(chunked_piece(b"bc") + chunked_piece(b"de") + b"0\r\n\r\n")
+        await w.drain()
+        await r.read()
+
+    s = await serve(handler)
+    resp = await client.send(provider(s.port), "/chat/completions", b"{}", [])
+    assert await resp.next_chunk() == b"a"
+    took: list[bytes] = []
+    resp.relay_inline(lambda piece: took.append(piece) is None)
+    reader = asyncio.ensure_future(resp.next_chunk())
+    await asyncio.sleep(0)  # the reader waits
+    go.set()
+    assert await asyncio.wait_for(reader, 5) == b"bcde"
+    assert await resp.next_chunk() == b""
+    assert took == []
 
 
 async def test_a_declined_piece_goes_to_next_chunk(
