@@ -231,6 +231,8 @@ class ProxyEndpoint:
             trace=trace,
             owner=owner,
             socket=socket,
+            # Writes that bypass `send`: a wrapper of send that changed body bytes would
+            # be skipped, so such wrappers (sockets.py's turns) leave the extension out.
             writer=scope.get("extensions", _NONE).get(WRITER) if parsed.stream else None,
         )
         out = Outcome()

@@ -7,7 +7,6 @@ them, and each I/O step catches exactly TRANSPORT_ERRORS and hands them to it.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import zlib
 from collections.abc import Callable, Iterable
@@ -34,9 +33,6 @@ DECODE_STEP = 256 * 1024  # at most this many decoded bytes per decompress call
 JOIN_BELOW = 64 * 1024  # request bodies below this leave with their head in one write
 # What the transport can raise; everything else is a bug and propagates as such.
 TRANSPORT_ERRORS = (ConnectionLost, TimeoutError, OSError, zlib.error)
-
-
-log = logging.getLogger("gateway")
 
 
 class UpstreamResponse(Protocol):
@@ -236,6 +232,9 @@ class H1Response:
                     return b""
                 if conn.error is not None:
                     raise conn.error
+                if conn.fault is not None:
+                    self.close()  # mid-body: not reused
+                    raise conn.fault  # the gateway's own (RelayFault: not a transport error)
                 loop = conn.loop or asyncio.get_running_loop()
                 await conn.wait(min(self._read, self._deadline - loop.time()))
         except TRANSPORT_ERRORS as exc:
@@ -262,14 +261,8 @@ class H1Response:
 
         def take(body: bytes) -> bool:
             left = self._left - len(body)
-            try:
-                if left < 0 or not sink(body):
-                    return False  # over the limit: next_chunk says so
-            except Exception:
-                # A fault of the gateway's own: the connection fails (the parser's
-                # callback error), so the stream ends with its error event.
-                log.exception("relaying an upstream's bytes failed inside the gateway")
-                raise
+            if left < 0 or not sink(body):
+                return False  # over the limit: next_chunk says so
             self._left = left
             loop = conn.loop
             if loop is not None:

@@ -71,6 +71,11 @@ class ConnectionLost(Exception):
         self.before_response = before_response
 
 
+class RelayFault(Exception):
+    """The gateway's own code failed on a read it was handed (H1Connection.sink): a bug.
+    Not a transport error, so no provider is blamed for it; its cause is the original."""
+
+
 class _Refused(Exception):
     """Raised inside a parser callback to stop parsing; the reason is already recorded."""
 
@@ -102,6 +107,9 @@ class H1Connection(asyncio.Protocol):
         # straight from data_received while the reader waits with nothing buffered.
         self.sink: Callable[[bytes], bool] | None = None
         self.taken: list[bytes] = []  # this read's pieces for the sink, once it is parsed
+        # A fault of the gateway's own while the sink relayed (a bug): the reader raises it
+        # as it is, never as the upstream's failure (no health penalty for the provider).
+        self.fault: RelayFault | None = None
         # One watchdog timer per connection, re-armed only when it fires early: arming
         # and cancelling a timer for every chunk of a stream costs more than the chunk.
         self.wait_due = 0.0
@@ -272,17 +280,22 @@ class H1Connection(asyncio.Protocol):
         response ended or failed within the read, or the sink declines, they go to the
         reader instead, ahead of anything buffered after them: the end of a stream then
         leaves with its last events, as it would have without the sink."""
-        taken, self.taken = self.taken, []
+        taken = self.taken
         body = taken[0] if len(taken) == 1 else b"".join(taken)
+        taken.clear()
         waiter, sink = self.waiter, self.sink
-        if (
-            self.state is BODY
-            and waiter is not None
-            and not waiter.done()
-            and sink is not None
-            and sink(body)
-        ):
-            return
+        if self.state is BODY and waiter is not None and not waiter.done() and sink is not None:
+            try:
+                if sink(body):
+                    return
+            except Exception as exc:
+                # Nothing of this read may reach the reader too (the sink may have relayed
+                # part of it): the reader stops with the fault; the connection is not reused.
+                fault = RelayFault("relaying an upstream read failed inside the gateway")
+                fault.__cause__ = exc
+                self.fault, self.sink = fault, None
+                self._wake()
+                return
         self.chunks.appendleft(body)
         self.buffered += len(body)
         if self.buffered >= HIGH_WATER and not self.paused and self.transport is not None:
@@ -319,7 +332,6 @@ class H1Connection(asyncio.Protocol):
         self.head_done = self.ended = False
         self.error = None
         self.sink = None
-        self.taken = []
         assert self.transport is not None
         if isinstance(data, tuple):
             self.transport.writelines(data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -313,6 +314,92 @@ async def test_paced_stream_longer_than_the_read_timeout_is_not_cut(
     r = await post_stream(client, gw)
     assert r.status_code == 200
     assert r.content == rewritten(b"".join(events)) + DONE
+
+
+async def test_a_stalled_client_stalls_the_upstream(gateway: GatewayFactory) -> None:
+    """A client that stops reading holds the upstream back (the gateway's buffers stay
+    bounded), though events arrive one read at a time, as they leave without a wake-up
+    of the request's task while the client reads; when it reads again, every byte comes
+    in order."""
+    # 12.5 MiB: over every buffer on the way (here the upstream stalls near 8 MiB).
+    size, count = 32 * 1024, 400
+    sent = 0
+
+    def event(i: int) -> bytes:
+        return b"data: " + (b"%06d" % i) * (size // 6) + b"\n\n"
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        try:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
+            for i in range(count):
+                data = event(i)
+                w.write(b"%x\r\n%s\r\n" % (len(data), data))
+                await w.drain()
+                sent += 1
+                await asyncio.sleep(0)  # one event a read, as a model sends them
+            w.write(b"0\r\n\r\n")
+            await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    up = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = up.sockets[0].getsockname()[1]
+    gw = await gateway(
+        routes(
+            {"p": {"base_url": f"http://127.0.0.1:{port}/v1", "stream_usage": False}},
+            {"m": {"providers": [{"provider": "p", "model": "upstream-model"}]}},
+        )
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        body = json.dumps(STREAM_BODY).encode()
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: "
+            b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        # Read nothing more until the upstream stops getting further (bounded wait).
+        last, still = -1, 0
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            still = still + 1 if sent == last else 0
+            last = sent
+            if still >= 6:
+                break
+        assert sent < count, "the upstream was read to its end for a client reading nothing"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        got = bytearray()
+        while not got.endswith(b"\r\n0\r\n\r\n"):  # the chunked body's end
+            more = await asyncio.wait_for(reader.read(1 << 20), 10)
+            assert more, "the connection closed before the stream's end"
+            got += more
+        data = bytes(got)
+        writer.close()
+    finally:
+        sock.close()
+        up.close()
+    assert sent == count, data[:300]
+    payload = b"".join(event(i) for i in range(count))
+    # Chunked framing off: what the client got, in order.
+    pieces, at = [], 0
+    while True:
+        line_end = data.index(b"\r\n", at)
+        length = int(data[at:line_end], 16)
+        if not length:
+            break
+        pieces.append(data[line_end + 2 : line_end + 2 + length])
+        at = line_end + 4 + length
+    same = b"".join(pieces) == payload  # a bool: pytest's diff of 12 MiB would take minutes
+    assert same, f"{sum(map(len, pieces))} bytes relayed of {len(payload)}, or out of order"
 
 
 # --- client disconnects ---------------------------------------------------------------

@@ -19,7 +19,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.upstream.client import Upstream
-from gateway.upstream.connection import HIGH_WATER
+from gateway.upstream.connection import HIGH_WATER, RelayFault
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -435,6 +435,58 @@ async def test_a_piece_over_the_response_limit_is_left_to_next_chunk(
         assert took == []
     finally:
         await up.close()
+
+
+async def test_the_response_limit_counts_pieces_taken_inline(
+    serve: Callable[[Handler], Awaitable[Server]],
+) -> None:
+    up = Upstream(max_response_bytes=8)
+    try:
+        go = asyncio.Event()
+        s = await paced_body(serve, [b"abc", b"def", b"ghi"], go)
+        resp = await up.send(provider(s.port), "/chat/completions", b"{}", [])
+        assert await resp.next_chunk() == b"abc"
+        took: list[bytes] = []
+        arrived = asyncio.Event()
+
+        def sink(piece: bytes) -> bool:
+            took.append(piece)
+            arrived.set()
+            return True
+
+        resp.relay_inline(sink)
+        reader = asyncio.ensure_future(resp.next_chunk())
+        go.set()
+        await asyncio.wait_for(arrived.wait(), 5)  # 6 of 8 bytes now
+        go.set()  # 3 more: over the limit, so the reader has them and says so
+        with pytest.raises(UpstreamResponseTooLarge):
+            await asyncio.wait_for(reader, 5)
+        assert took == [b"def"]
+    finally:
+        await up.close()
+
+
+async def test_a_fault_in_the_sink_is_the_gateways_not_the_upstreams(
+    serve: Callable[[Handler], Awaitable[Server]], client: Upstream
+) -> None:
+    go = asyncio.Event()
+    s = await paced_body(serve, [b"abc", b"def"], go)
+    resp = await client.send(provider(s.port), "/chat/completions", b"{}", [])
+    conn = resp._conn  # type: ignore[attr-defined]
+    assert await resp.next_chunk() == b"abc"
+
+    def sink(piece: bytes) -> bool:
+        raise KeyError("a bug")
+
+    resp.relay_inline(sink)
+    reader = asyncio.ensure_future(resp.next_chunk())
+    await asyncio.sleep(0)  # the reader waits
+    go.set()
+    with pytest.raises(RelayFault) as raised:
+        await asyncio.wait_for(reader, 5)
+    assert isinstance(raised.value.__cause__, KeyError)
+    assert conn.state.name == "CLOSED"  # mid-body: never pooled
+    assert not client.pool._idle.get(resp._origin)  # type: ignore[attr-defined]
 
 
 async def test_a_pooled_connection_keeps_no_sink(
