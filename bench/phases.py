@@ -529,7 +529,7 @@ def drive(args: argparse.Namespace) -> int:
                 argv = [PYTHON, str(BENCH / "phases.py"), "--serve", str(out), "--", "serve"]
                 argv += ["--routes", str(routes), "--keys", str(keys), "--port", str(port)]
                 argv += ["--drain-seconds", "1"]
-                env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+                env = run.gateway_env()  # this checkout's gateway, as make bench
                 with log.open("ab") as err:
                     proc = subprocess.Popen(
                         procs.argv(argv, "proxy"),

@@ -280,6 +280,16 @@ def ensure_tools() -> dict[str, str]:
     return {name: str(path) for name, path in tools.items()}
 
 
+def gateway_env() -> dict[str, str]:
+    """The gateway's environment: none of the caller's GATEWAY_ settings, and this
+    checkout's package first. The venv's editable install points at one checkout, so a
+    run from a git worktree would otherwise measure that one. A PYTHONPATH given by the
+    caller is kept (to measure another tree on purpose)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env.setdefault("PYTHONPATH", str(ROOT))
+    return env
+
+
 def gateway_command() -> list[str]:
     script = Path(PYTHON).parent / "gateway"
     return [str(script)] if script.exists() else [PYTHON, "-m", "gateway"]
@@ -492,7 +502,7 @@ class Bench:
 
     def start_gateway(self, port: int, log: Path) -> subprocess.Popen[bytes]:
         routes, keys = self.tmp / "routes.yaml", self.tmp / "keys.yaml"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env = gateway_env()
         argv = [*gateway_command(), "serve", "--routes", str(routes), "--keys", str(keys)]
         # The default log level: the access log (one line per request) is part of the cost.
         argv += ["--port", str(port), "--drain-seconds", "1"]
@@ -596,7 +606,7 @@ def workers_scenario(bench: Bench, seconds: int) -> None:
     one = bench.results.get("1_nonstream_c64", {}).get("gateway", {}).get("rps_per_core")
     port = free_ports(1)[0]
     routes, keys = bench.tmp / "routes.yaml", bench.tmp / "keys.yaml"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env()
     argv = [*gateway_command(), "serve", "--routes", str(routes), "--keys", str(keys)]
     argv += ["--port", str(port), "--workers", "2", "--drain-seconds", "1"]
     log = bench.tmp / "workers2.log"
@@ -657,7 +667,7 @@ def limits_scenario(bench: Bench, seconds: int) -> None:
     )  # fmt: skip
     wait_listening(redis_port, redis, redis_log)
     results: dict[str, Any] = {}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env = gateway_env()
     backends = {
         "none": "none",
         "file": str(bench.tmp / "limits.state"),
