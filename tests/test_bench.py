@@ -95,3 +95,22 @@ def test_summary_ttft_net_of_the_upstream_and_late_frames_and_gaps() -> None:
     got = sse_client.summarize(plan, [late], 1.0)
     assert got["late_frames"] == 3 and got["long_gaps"] == 1 and not got["held"]
     assert got["gap_ms"]["max"] == 250.0
+
+
+def test_ab_medians_per_tree_and_held_only_when_every_round_held() -> None:
+    kept = list(sys.path)
+    try:
+        ab = load("ab")  # it puts bench/ on sys.path for its own imports
+    finally:
+        sys.path[:] = kept
+
+    rounds = {
+        "new": [{"added_ttft_p50_ms": 0.7, "rung_1024_held": True},
+                {"added_ttft_p50_ms": 0.5, "rung_1024_held": True},
+                {"added_ttft_p50_ms": 0.9, "rung_1024_held": False}],
+        "old": [{"added_ttft_p50_ms": 0.8, "rung_1024_held": True}],
+    }  # fmt: skip
+    assert ab.medians(rounds) == {
+        "new": {"added_ttft_p50_ms": 0.7, "rung_1024_held": False},
+        "old": {"added_ttft_p50_ms": 0.8, "rung_1024_held": True},
+    }
