@@ -467,6 +467,8 @@ def main() -> int:
     parser.add_argument("--targets", action="store_true", help="the ready/check targets only")
     args = parser.parse_args()
     run.raise_fd_limit()
+    # This checkout's gateway in every process started (run.gateway_env says why).
+    os.environ.setdefault("PYTHONPATH", str(run.ROOT))
     try:
         result = asyncio.run(bench(args.quick, args.targets))
     except run.BenchError as exc:
