@@ -95,8 +95,19 @@ class Pool:
         self._slots[origin].release()
 
     def drop(self, origin: Origin) -> None:
-        """Free the slot of a connection that was aborted without a response."""
+        """Free the slot of a connection that was aborted without a response (or of one
+        taken with take_slot)."""
         self._slots[origin].release()
+
+    async def take_slot(self, origin: Origin, wait: float) -> None:
+        """One of `origin`'s slots for a connection the pool does not keep (an upstream
+        WebSocket, which holds it while open), given back with drop(). TimeoutError when
+        none frees up within `wait` seconds, as acquire."""
+        slots = self._slots.get(origin)
+        if slots is None:
+            slots = self._slots[origin] = asyncio.Semaphore(origin.limit)
+        async with asyncio.timeout(wait):
+            await slots.acquire()
 
     def close(self) -> None:
         for conns in self._idle.values():

@@ -128,6 +128,9 @@ class Link:
         self.state = LinkState.OPEN
         self.messages: list[bytes] = []  # parsed, not yet handed to the turn
         self.gone = False  # the upstream's close frame came: nothing more will
+        # Gives back the provider's connection slot (max_connections) the link holds
+        # while open; called once, by close().
+        self.release: Callable[[], None] | None = None
 
     def send(self, payload: bytes) -> None:
         self.writer.write(encode_frame(Opcode.TEXT, payload, mask=os.urandom(4)))
@@ -173,6 +176,9 @@ class Link:
             if not self.writer.is_closing():
                 self.writer.write(encode_close(1000, mask=os.urandom(4)))
             self.writer.close()
+            release, self.release = self.release, None
+            if release is not None:
+                release()
 
 
 class TurnResponse:
@@ -286,6 +292,30 @@ class UpstreamSockets:
         return TurnResponse(link, deadline)
 
     async def _open(self, provider: Provider, headers: Headers, deadline: float) -> Link | Refused:
+        """A new link, holding one of the provider's connection slots (max_connections)
+        while it is open, as a pooled HTTP connection does while in use: a slot that does
+        not free up within the connect timeout fails the attempt like a connect timeout."""
+        pool, origin = self.upstream.pool, self.upstream.target(provider).origin
+        loop = asyncio.get_running_loop()
+        wait = max(0.0, min(provider.timeout.connect, deadline - loop.time()))
+        try:
+            await pool.take_slot(origin, wait)
+        except TimeoutError as exc:
+            raise translate(exc, started=False) from None
+        try:
+            opened = await self._connect(provider, headers, deadline)
+        except BaseException:
+            pool.drop(origin)
+            raise
+        if isinstance(opened, Refused):
+            pool.drop(origin)
+        else:
+            opened.release = lambda: pool.drop(origin)
+        return opened
+
+    async def _connect(
+        self, provider: Provider, headers: Headers, deadline: float
+    ) -> Link | Refused:
         upstream = self.upstream
         target = upstream.target(provider)
         auth = provider.auth

@@ -187,3 +187,47 @@ async def test_a_turn_ends_at_its_terminal_event_type_not_at_a_word_in_it(
     assert second[1]["delta"] == 'error "response.completed" 2'
     assert len(ws_upstream.handshakes) == 1
     await ws.close()
+
+
+async def test_an_open_link_holds_one_of_the_providers_connection_slots(
+    gateway: GatewayFactory, ws_upstream: WsUpstream
+) -> None:
+    """`max_connections` bounds a provider's WebSockets as its HTTP connections: a link
+    holds a slot while open, another socket's turn waits at most the connect timeout for
+    one, and a closed link gives its slot back."""
+    config = yaml.safe_load(routes(ws_upstream))
+    config["providers"]["ws"] |= {"max_connections": 1, "timeout": {"connect": 0.3}}
+    gw = await gateway(yaml.safe_dump(config))
+    first, second = Client(gw), Client(gw)
+    await first.next()
+    await second.next()
+    assert (await first.turn(model="m", input="one"))[-1]["type"] == "response.completed"
+    [error] = await second.turn(model="m", input="two")  # the one slot is first's link
+    assert error["type"] == "error" and error["error"]["code"] == "upstream_timeout", error
+    assert len(ws_upstream.handshakes) == 1
+    await first.close()  # its link closes, and the slot is free again
+    events = await second.turn(model="m", input="three")
+    assert events[-1]["type"] == "response.completed", events[-1]
+    assert len(ws_upstream.handshakes) == 2
+    await second.close()
+
+
+async def test_a_refused_or_broken_link_gives_its_slot_back(
+    gateway: GatewayFactory, ws_upstream: WsUpstream
+) -> None:
+    config = yaml.safe_load(routes(ws_upstream))
+    config["providers"]["ws"] |= {"max_connections": 1, "timeout": {"connect": 0.3}}
+    gw = await gateway(yaml.safe_dump(config))
+    ws = Client(gw)
+    await ws.next()
+    ws_upstream.refuse = 401
+    [error] = await ws.turn(model="m", input="refused")
+    assert error["status"] == 401
+    ws_upstream.refuse, ws_upstream.cut_after = None, 1
+    [error] = await ws.turn(model="m", input="cut")  # its first frame: the socket is cut
+    assert error["status"] == 502
+    ws_upstream.cut_after = None
+    events = await ws.turn(model="m", input="again")  # a slot is free for a third link
+    assert events[-1]["type"] == "response.completed", events[-1]
+    assert len(ws_upstream.handshakes) == 3
+    await ws.close()
