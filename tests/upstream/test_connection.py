@@ -337,6 +337,19 @@ async def paced_body(
     return await serve(handler)
 
 
+class Taken:
+    """A sink that takes every piece and says when one arrived."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.arrived = asyncio.Event()
+
+    def sink(self, piece: bytes) -> bool:
+        self.pieces.append(piece)
+        self.arrived.set()
+        return True
+
+
 async def test_inline_sink_takes_pieces_while_the_reader_waits(
     serve: Callable[[Handler], Awaitable[Server]], client: Upstream
 ) -> None:
@@ -344,15 +357,9 @@ async def test_inline_sink_takes_pieces_while_the_reader_waits(
     s = await paced_body(serve, [b"abc", b"def", b"ghi"], go)
     resp = await client.send(provider(s.port), "/chat/completions", b"{}", [])
     assert await resp.next_chunk() == b"abc"
-    took: list[bytes] = []
-    arrived = asyncio.Event()
-
-    def sink(piece: bytes) -> bool:
-        took.append(piece)
-        arrived.set()
-        return True
-
-    resp.relay_inline(sink)
+    taken = Taken()
+    took, arrived = taken.pieces, taken.arrived
+    resp.relay_inline(taken.sink)
     reader = asyncio.ensure_future(resp.next_chunk())
     for want in (b"def", b"ghi"):
         go.set()
@@ -446,15 +453,9 @@ async def test_the_response_limit_counts_pieces_taken_inline(
         s = await paced_body(serve, [b"abc", b"def", b"ghi"], go)
         resp = await up.send(provider(s.port), "/chat/completions", b"{}", [])
         assert await resp.next_chunk() == b"abc"
-        took: list[bytes] = []
-        arrived = asyncio.Event()
-
-        def sink(piece: bytes) -> bool:
-            took.append(piece)
-            arrived.set()
-            return True
-
-        resp.relay_inline(sink)
+        taken = Taken()
+        took, arrived = taken.pieces, taken.arrived
+        resp.relay_inline(taken.sink)
         reader = asyncio.ensure_future(resp.next_chunk())
         go.set()
         await asyncio.wait_for(arrived.wait(), 5)  # 6 of 8 bytes now
